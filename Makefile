@@ -1,0 +1,25 @@
+# The two commands of the README. `make demo` installs and runs the main job on
+# built-in defaults; `make test` installs and runs the test suite (what CI runs).
+PY ?= python
+PIP := $(PY) -m pip
+
+.PHONY: install demo test bench clean
+
+# torch 2.14.1 is the CUDA 13.0 build matching nvcc 13.0; the extension is built
+# against the installed torch, hence --no-build-isolation.
+install:
+	$(PIP) install "torch==2.14.1" "triton" ninja pybind11 numpy pytest pytest-benchmark
+	$(PIP) install --no-build-isolation -e .
+
+demo: install
+	$(PY) -m fastctx.info
+	$(PY) bench/bench_acm.py
+
+test: install
+	$(PY) -m pytest tests
+
+bench: install
+	$(PY) -m pytest bench --benchmark-only
+
+clean:
+	rm -rf build *.egg-info fastctx/_C*.so

@@ -1,0 +1,49 @@
+#pragma once
+// Scalar activations shared by the CPU and CUDA backends. All arithmetic is in
+// the accumulation type (float for fp32/fp16/bf16 inputs, double for fp64).
+#include <cmath>
+
+#include "macros.h"
+
+namespace fastctx {
+
+// Overflow-free logistic: exp of a non-positive argument only.
+template <typename acc_t>
+FASTCTX_HOST_DEVICE acc_t stable_sigmoid(acc_t v) {
+  if (v >= acc_t(0)) {
+    return acc_t(1) / (acc_t(1) + exp(-v));
+  }
+  const acc_t e = exp(v);
+  return e / (acc_t(1) + e);
+}
+
+// d sigmoid / d logit expressed through the activation itself.
+template <typename acc_t>
+FASTCTX_HOST_DEVICE acc_t sigmoid_grad_from_output(acc_t a) {
+  return a * (acc_t(1) - a);
+}
+
+template <typename acc_t>
+FASTCTX_HOST_DEVICE acc_t relu(acc_t v) {
+  return v > acc_t(0) ? v : acc_t(0);
+}
+
+// Residual epilogue of the Adaptive Context Module:
+//   u = y*scale + shift (BatchNorm as an affine map), out = relu(relu(u) + r).
+template <typename acc_t>
+FASTCTX_HOST_DEVICE acc_t residual_relu(acc_t y, acc_t r, acc_t scale, acc_t shift) {
+  return relu(relu(y * scale + shift) + r);
+}
+
+// Gradient of residual_relu. `out` is the forward output; the inner mask is
+// recomputed from y. Returns d/du (to be scaled by `scale` for dy and
+// accumulated for dscale/dshift) and d/dr.
+template <typename acc_t>
+FASTCTX_HOST_DEVICE void residual_relu_grad(
+    acc_t grad, acc_t y, acc_t out, acc_t scale, acc_t shift, acc_t* grad_u, acc_t* grad_r) {
+  const acc_t g = out > acc_t(0) ? grad : acc_t(0);
+  *grad_r = g;
+  *grad_u = (y * scale + shift) > acc_t(0) ? g : acc_t(0);
+}
+
+}  // namespace fastctx

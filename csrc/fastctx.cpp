@@ -1,0 +1,37 @@
+// fastctx._C: every schema of the C++/CUDA kernels lives here; the device
+// implementations register themselves from csrc/cpu/*.cpp and csrc/cuda/*.cu.
+//
+// These are raw kernels ("<op>_fwd" / "<op>_bwd"): no autograd, no fake kernel.
+// The public, differentiable ops ("fastctx::<op>") are defined in
+// fastctx/ops/*.py and call these from their implementation. Shapes and the
+// exact contract of every kernel are documented in docs/kernels.md.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing fastctx._C runs the static TORCH_LIBRARY initialisers below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "fastctx C++/CUDA kernels (see torch.ops.fastctx)", -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(fastctx, m) {
+  // Adaptive average pooling of x [B, C, H, W] to every scale in one pass.
+  // out [B, C, sum(s*s)]: scale i's s*s bins (row-major) at offset sum_{j<i} s_j^2.
+  m.def("pyramid_pool_fwd(Tensor x, int[] scales) -> Tensor");
+  m.def("pyramid_pool_bwd(Tensor grad, int[] scales, int height, int width) -> Tensor");
+  // Z_g = sigmoid(X_g^T W_g^T + bias_g) P_g for every group g (one per pool scale).
+  m.def(
+      "gla_context_fwd(Tensor x, Tensor weight, Tensor bias, Tensor pooled, int[] group_sizes)"
+      " -> Tensor");
+  m.def(
+      "gla_context_bwd(Tensor grad, Tensor x, Tensor weight, Tensor bias, Tensor pooled,"
+      " int[] group_sizes) -> (Tensor, Tensor, Tensor, Tensor)");
+  // out = relu(relu(y * scale[c] + shift[c]) + residual): BN(affine) + ReLU + residual + ReLU.
+  m.def("residual_relu_fwd(Tensor y, Tensor residual, Tensor scale, Tensor shift) -> Tensor");
+  m.def(
+      "residual_relu_bwd(Tensor grad, Tensor y, Tensor out, Tensor scale, Tensor shift)"
+      " -> (Tensor, Tensor, Tensor, Tensor)");
+}

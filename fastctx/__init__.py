@@ -1,0 +1,7 @@
+"""fastctx: fused kernels for the context heads of segmentation networks."""
+__version__ = "0.1.0"
+
+from ._backend import BACKENDS, BackendUnavailableError, available_backends, use_backend
+from . import ops, nn
+
+__all__ = ["BACKENDS", "BackendUnavailableError", "available_backends", "use_backend", "ops", "nn", "__version__"]

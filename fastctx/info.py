@@ -1,0 +1,61 @@
+"""`python -m fastctx.info`: what is built and which backends can run here."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+
+import torch
+
+from . import _backend
+
+
+def _cuda_archs() -> list[str]:
+    """Architectures compiled into fastctx._C (read from the binary's fatbin)."""
+    if _backend._C is None or not _backend.HAS_CUDA_KERNELS:
+        return []
+    tool = shutil.which("cuobjdump")
+    if tool is None:
+        try:
+            import triton
+
+            candidate = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+            tool = candidate if os.path.exists(candidate) else None
+        except ImportError:
+            pass
+    if tool is None:
+        return ["unknown (cuobjdump not found)"]
+    out = subprocess.run([tool, "--list-elf", _backend._C.__file__], capture_output=True, text=True)
+    return sorted(set(re.findall(r"sm_\d+", out.stdout)))
+
+
+def report() -> str:
+    lines = [
+        f"fastctx        {__import__('fastctx').__version__}",
+        f"torch          {torch.__version__} (CUDA build {torch.version.cuda or 'none'})",
+        f"CUDA device    {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}",
+        f"extension      {_backend._C.__file__ if _backend._C else 'not loaded: ' + str(_backend._C_ERROR)}",
+        f"  cpu kernels  {'yes' if _backend.HAS_CPU_KERNELS else 'no'}",
+        f"  cuda kernels {'yes, archs ' + ', '.join(_cuda_archs()) if _backend.HAS_CUDA_KERNELS else 'no'}",
+        f"triton         {_backend.TRITON_VERSION or 'not installed'}"
+        f" (interpreter {'on' if _backend.TRITON_INTERPRET else 'off'})",
+        f"override       {_backend.current_override() or 'none (automatic)'}",
+        "backends that run here:",
+    ]
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for dev in devices:
+        for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            runs = _backend.available_backends(dev, dtype)
+            chosen = _backend.select_backend(torch.device(dev), dtype) if _backend.current_override() is None else None
+            auto = f"  (automatic: {chosen})" if chosen else ""
+            lines.append(f"  {dev:4s} {str(dtype).replace('torch.', ''):8s} {', '.join(runs)}{auto}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    print(report())
+
+
+if __name__ == "__main__":
+    main()

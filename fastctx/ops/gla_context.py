@@ -1,0 +1,106 @@
+"""GLA context of APCNet's Adaptive Context Module, every pool scale in one op.
+
+    z_g = sigmoid(x_g^T W_g^T + bias_g) P_g        (per group g = pool scale)
+
+The [B, H*W, S] affinity is never stored: the fused backends compute it per
+pixel tile and recompute it in the backward. `bias` is the per-image logit bias
+`W (global context) + b_gla` (DESIGN 2.1: the global term of `gla(x + g)` is a
+bias), so gradients reach the global context through it.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import reference
+from ._common import backend_for, check_same, check_scales, check_tensor, kernels
+
+
+@torch.library.custom_op("fastctx::gla_context", mutates_args=())
+def _gla_context(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pooled: torch.Tensor,
+    group_sizes: list[int], backend: str,
+) -> torch.Tensor:
+    if x.shape[0] == 0:
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+    return kernels(backend).gla_context_fwd(
+        x.contiguous(), weight.contiguous(), bias.contiguous(), pooled.contiguous(), group_sizes
+    )
+
+
+@_gla_context.register_fake
+def _(x, weight, bias, pooled, group_sizes, backend):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("fastctx::gla_context_backward", mutates_args=())
+def _gla_context_backward(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+    pooled: torch.Tensor, group_sizes: list[int], backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if x.shape[0] == 0:
+        return (torch.zeros_like(x, memory_format=torch.contiguous_format), torch.zeros_like(weight),
+                bias.new_zeros(bias.shape), pooled.new_zeros(pooled.shape))
+    return kernels(backend).gla_context_bwd(
+        grad.contiguous(), x.contiguous(), weight.contiguous(), bias.contiguous(),
+        pooled.contiguous(), group_sizes,
+    )
+
+
+@_gla_context_backward.register_fake
+def _(grad, x, weight, bias, pooled, group_sizes, backend):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight),
+            torch.empty_like(bias), torch.empty_like(pooled))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, pooled, group_sizes, backend = inputs
+    ctx.save_for_backward(x, weight, bias, pooled)
+    ctx.group_sizes, ctx.backend = group_sizes, backend
+
+
+def _backward(ctx, grad):
+    x, weight, bias, pooled = ctx.saved_tensors
+    grads = _gla_context_backward(grad, x, weight, bias, pooled, ctx.group_sizes, ctx.backend)
+    return (*grads, None, None)
+
+
+_gla_context.register_autograd(_backward, setup_context=_setup_context)
+
+
+def gla_context(x, weight, bias, pooled, group_sizes) -> torch.Tensor:
+    """Affinity-weighted context of the Adaptive Context Module for G groups at once.
+
+    Args:
+        x: [B, G*C, H, W] reduced features; group g owns channels [g*C, (g+1)*C).
+        weight: [S_tot, C] `gla` 1x1 conv weights of all groups, stacked
+            (group g's S_g rows at offset sum_{j<g} S_j).
+        bias: [B, S_tot] per-image logit bias (W_g g_b + b_gla).
+        pooled: [B, C, S_tot] pooled sub-region features of all groups.
+        group_sizes: (S_0, ..., S_{G-1}), e.g. (1, 4, 9, 36) for scales (1, 2, 3, 6).
+    Returns:
+        z [B, G*C, H, W] with z_g[b, :, n] = sum_k sigmoid(L[b, n, k]) pooled[b, :, k].
+    """
+    check_tensor(x, "x", 4, "of shape [B, G*C, H, W]")
+    check_tensor(weight, "weight", 2, "of shape [S_tot, C]")
+    check_tensor(bias, "bias", 2, "of shape [B, S_tot]")
+    check_tensor(pooled, "pooled", 3, "of shape [B, C, S_tot]")
+    check_same({"x": x, "weight": weight, "bias": bias, "pooled": pooled})
+    group_sizes = check_scales(group_sizes, "group_sizes")
+    batch, channels_all, height, width = x.shape
+    groups, total = len(group_sizes), sum(group_sizes)
+    if channels_all % groups:
+        raise ValueError(f"x has {channels_all} channels, not a multiple of the {groups} groups")
+    channels = channels_all // groups
+    expected = {"weight": (total, channels), "bias": (batch, total), "pooled": (batch, channels, total)}
+    for name, t in (("weight", weight), ("bias", bias), ("pooled", pooled)):
+        if tuple(t.shape) != expected[name]:
+            raise ValueError(
+                f"{name} must have shape {expected[name]} for x {tuple(x.shape)} and group_sizes "
+                f"{group_sizes} (C = {channels}, S_tot = {total}), got {tuple(t.shape)}"
+            )
+    if height == 0 or width == 0:
+        raise ValueError(f"x must have a non-empty spatial size, got shape {tuple(x.shape)}")
+    backend = backend_for(x)
+    if backend == "reference":
+        return reference.gla_context(x, weight, bias, pooled, group_sizes)
+    return _gla_context(x, weight, bias, pooled, group_sizes, backend)

@@ -1,0 +1,73 @@
+"""Pyramid pooling: adaptive average pools of x at several scales from one read of x."""
+from __future__ import annotations
+
+import torch
+
+from .. import reference
+from ._common import backend_for, check_scales, check_tensor, kernels
+
+
+@torch.library.custom_op("fastctx::pyramid_pool", mutates_args=())
+def _pyramid_pool(x: torch.Tensor, scales: list[int], backend: str) -> torch.Tensor:
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        return x.new_zeros(x.shape[0], x.shape[1], sum(s * s for s in scales))
+    return kernels(backend).pyramid_pool_fwd(x.contiguous(), scales)
+
+
+@_pyramid_pool.register_fake
+def _(x, scales, backend):
+    return x.new_empty(x.shape[0], x.shape[1], sum(s * s for s in scales))
+
+
+@torch.library.custom_op("fastctx::pyramid_pool_backward", mutates_args=())
+def _pyramid_pool_backward(
+    grad: torch.Tensor, scales: list[int], height: int, width: int, backend: str
+) -> torch.Tensor:
+    if grad.shape[0] == 0 or grad.shape[1] == 0:
+        return grad.new_zeros(grad.shape[0], grad.shape[1], height, width)
+    return kernels(backend).pyramid_pool_bwd(grad.contiguous(), scales, height, width)
+
+
+@_pyramid_pool_backward.register_fake
+def _(grad, scales, height, width, backend):
+    return grad.new_empty(grad.shape[0], grad.shape[1], height, width)
+
+
+def _setup_context(ctx, inputs, output):
+    x, scales, backend = inputs
+    ctx.scales, ctx.backend, ctx.size = scales, backend, (x.shape[2], x.shape[3])
+
+
+def _backward(ctx, grad):
+    height, width = ctx.size
+    return _pyramid_pool_backward(grad, ctx.scales, height, width, ctx.backend), None, None
+
+
+_pyramid_pool.register_autograd(_backward, setup_context=_setup_context)
+
+
+def pyramid_pool(x: torch.Tensor, scales=(1, 2, 3, 6)) -> torch.Tensor:
+    """Adaptive average pooling of `x` [B, C, H, W] to every scale in `scales`.
+
+    Returns [B, C, sum(s*s)]: scale i's s*s bins, row-major, at offset
+    sum_{j<i} s_j^2. Bin edges are exactly `F.adaptive_avg_pool2d`'s (bins
+    overlap when H or W is not a multiple of s). The fused backends read x once
+    for all scales.
+    """
+    check_tensor(x, "x", 4, "of shape [B, C, H, W]")
+    scales = check_scales(scales)
+    if x.shape[2] == 0 or x.shape[3] == 0:
+        raise ValueError(f"x must have a non-empty spatial size, got shape {tuple(x.shape)}")
+    backend = backend_for(x)
+    if backend == "reference":
+        return reference.pyramid_pool(x, scales)
+    return _pyramid_pool(x, scales, backend)
+
+
+def split_scales(pooled: torch.Tensor, scales) -> list[torch.Tensor]:
+    """Views [B, C, s, s] of each scale's bins in pyramid_pool's output."""
+    out, offset = [], 0
+    for s in scales:
+        out.append(pooled[:, :, offset:offset + s * s].unflatten(2, (s, s)))
+        offset += s * s
+    return out

@@ -1,0 +1,90 @@
+"""Residual epilogue of the Adaptive Context Module: relu(relu(BN(y)) + residual).
+
+BatchNorm enters as a per-channel affine map (scale, shift) that the caller
+derives from batch statistics (train) or running statistics (eval); because
+scale and shift are ordinary autograd tensors, the gradient through the batch
+statistics is handled by autograd outside this op.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import reference
+from ._common import backend_for, check_same, check_tensor, kernels
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("fastctx::residual_relu", mutates_args=())
+def _residual_relu(
+    y: torch.Tensor, residual: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, backend: str
+) -> torch.Tensor:
+    if y.numel() == 0:
+        return torch.empty_like(y, memory_format=torch.contiguous_format)
+    return kernels(backend).residual_relu_fwd(y.contiguous(), residual.contiguous(), scale.contiguous(), shift.contiguous())
+
+
+@_residual_relu.register_fake
+def _(y, residual, scale, shift, backend):
+    return torch.empty_like(y, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("fastctx::residual_relu_backward", mutates_args=())
+def _residual_relu_backward(
+    grad: torch.Tensor, y: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if y.numel() == 0:
+        zero = torch.zeros_like(y, memory_format=torch.contiguous_format)
+        return zero, zero.clone(), torch.zeros_like(scale), torch.zeros_like(shift)
+    return kernels(backend).residual_relu_bwd(
+        grad.contiguous(), y.contiguous(), out.contiguous(), scale.contiguous(), shift.contiguous()
+    )
+
+
+@_residual_relu_backward.register_fake
+def _(grad, y, out, scale, shift, backend):
+    return (torch.empty_like(y, memory_format=torch.contiguous_format),
+            torch.empty_like(y, memory_format=torch.contiguous_format),
+            torch.empty_like(scale), torch.empty_like(shift))
+
+
+def _setup_context(ctx, inputs, output):
+    y, residual, scale, shift, backend = inputs
+    ctx.save_for_backward(y, output, scale, shift)
+    ctx.backend = backend
+
+
+def _backward(ctx, grad):
+    y, out, scale, shift = ctx.saved_tensors
+    return (*_residual_relu_backward(grad, y, out, scale, shift, ctx.backend), None)
+
+
+_residual_relu.register_autograd(_backward, setup_context=_setup_context)
+
+
+def residual_relu(y, residual, scale, shift) -> torch.Tensor:
+    """relu(relu(y * scale[c] + shift[c]) + residual), fused in one pass.
+
+    y, residual: [B, C, H, W] of one dtype; scale, shift: [C] in float32
+    (float64 for float64 y), e.g. a BatchNorm folded to an affine map.
+    """
+    check_tensor(y, "y", 4, "of shape [B, C, H, W]")
+    check_tensor(residual, "residual", 4, "of shape [B, C, H, W]")
+    check_tensor(scale, "scale", 1, "of shape [C]")
+    check_tensor(shift, "shift", 1, "of shape [C]")
+    check_same({"y": y, "residual": residual})
+    check_same({"scale": scale, "shift": shift})
+    if residual.shape != y.shape:
+        raise ValueError(f"residual must have y's shape {tuple(y.shape)}, got {tuple(residual.shape)}")
+    if scale.shape != (y.shape[1],) or shift.shape != (y.shape[1],):
+        raise ValueError(f"scale and shift must have shape ({y.shape[1]},), got {tuple(scale.shape)}, {tuple(shift.shape)}")
+    if scale.device != y.device:
+        raise ValueError(f"scale is on {scale.device} but y is on {y.device}: put all inputs on one device")
+    backend = backend_for(y)
+    if backend == "reference":
+        return reference.residual_relu(y, residual, scale, shift)
+    acc = _acc_dtype(y.dtype)
+    return _residual_relu(y, residual, scale.to(acc), shift.to(acc), backend)

@@ -1,0 +1,104 @@
+"""ACM / APCHead modules: fused path vs mmseg's eager maths with the same weights."""
+import copy
+
+import pytest
+import torch
+
+import fastctx
+from fastctx.nn import ACM, APCHead
+from tolerances import assert_close
+
+
+def _randomise(module: torch.nn.Module, seed: int = 0) -> None:
+    """Non-trivial BN statistics and affine parameters, so BN bugs cannot hide."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+            if isinstance(m, torch.nn.Conv2d) and m.bias is not None:
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+
+
+def _run(module, x, train: bool, seed: int = 0):
+    module.train(train)
+    x = x.clone().requires_grad_(True)
+    torch.manual_seed(seed)  # same Dropout2d mask on both sides
+    out = module(x)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    (out * weights).sum().backward()
+    grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    return out.detach(), x.grad, grads, {n: b.clone() for n, b in module.named_buffers()}
+
+
+def _compare(fused, unfused, x, train, dtype, backend):
+    with fastctx.use_backend(backend):
+        out_f, gx_f, grads_f, bufs_f = _run(fused, x, train)
+    out_r, gx_r, grads_r, bufs_r = _run(unfused, x, train)
+    assert_close(out_f, out_r, dtype, "output")
+    assert_close(gx_f, gx_r, dtype, "grad of input")
+    assert grads_f.keys() == grads_r.keys()
+    for name in grads_r:
+        assert_close(grads_f[name], grads_r[name], dtype, f"grad of {name}")
+    for name in bufs_r:
+        assert_close(bufs_f[name].double(), bufs_r[name].double(), dtype, f"buffer {name}")
+
+
+BACKENDS = ["reference", "cpu", "triton"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize(
+    "batch,in_ch,ch,hw,scales,fusion",
+    [
+        (2, 12, 8, (33, 45), (1, 2, 3, 6), True),
+        (3, 6, 4, (7, 5), (1, 3, 5), False),
+        (2, 5, 3, (1, 1), (1, 2), True),
+    ],
+)
+def test_apc_head_matches_mmseg_maths(backend, train, batch, in_ch, ch, hw, scales, fusion):
+    from conftest import require_backend
+
+    require_backend(backend, dtype=torch.float64)
+    torch.manual_seed(0)
+    head = APCHead(in_ch, ch, num_classes=5, pool_scales=scales, fusion=fusion, dropout_ratio=0.1).double()
+    _randomise(head)
+    reference = copy.deepcopy(head)
+    reference.fused = False
+    x = torch.randn(batch, in_ch, *hw, dtype=torch.float64)
+    _compare(head, reference, x, train, torch.float64, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_acm_single_scale_batch1_eval(backend):
+    from conftest import require_backend
+
+    require_backend(backend, dtype=torch.float64)
+    torch.manual_seed(0)
+    acm = ACM(3, True, 6, 4).double()
+    _randomise(acm)
+    reference = copy.deepcopy(acm)
+    reference.fused = False
+    _compare(acm, reference, torch.randn(1, 6, 9, 11, dtype=torch.float64), False, torch.float64, backend)
+
+
+@pytest.mark.parametrize("dtype,train", [(torch.float32, False), (torch.float64, True)])
+def test_apc_head_realistic_channels(dtype, train):
+    """mmseg's channel counts (2048 -> 512), automatic backend.
+
+    Training is compared in float64: with batch 2 the scale-1 pooled features
+    and the global context are BatchNorm-ed over 2 values per channel, a
+    gradient so ill-conditioned that fp32 rounding of *any* two summation
+    orders (eager vs eager included) differs in the third digit.
+    """
+    torch.manual_seed(0)
+    head = APCHead(2048, 512, num_classes=19).to(dtype)
+    _randomise(head)
+    reference = copy.deepcopy(head)
+    reference.fused = False
+    x = torch.randn(2, 2048, 16, 16, dtype=dtype)
+    _compare(head, reference, x, train, dtype, None)
