@@ -11,19 +11,25 @@ import torch
 from . import _backend
 
 
+def _cuda_tool(name: str) -> str | None:
+    """A CUDA binary utility: on PATH, in CUDA_HOME, or the copy triton ships."""
+    candidates = [shutil.which(name)]
+    if os.environ.get("CUDA_HOME"):
+        candidates.append(os.path.join(os.environ["CUDA_HOME"], "bin", name))
+    try:
+        import triton
+
+        candidates.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name))
+    except ImportError:
+        pass
+    return next((c for c in candidates if c and os.path.exists(c)), None)
+
+
 def _cuda_archs() -> list[str]:
     """Architectures compiled into fastctx._C (read from the binary's fatbin)."""
     if _backend._C is None or not _backend.HAS_CUDA_KERNELS:
         return []
-    tool = shutil.which("cuobjdump")
-    if tool is None:
-        try:
-            import triton
-
-            candidate = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-            tool = candidate if os.path.exists(candidate) else None
-        except ImportError:
-            pass
+    tool = _cuda_tool("cuobjdump")
     if tool is None:
         return ["unknown (cuobjdump not found)"]
     out = subprocess.run([tool, "--list-elf", _backend._C.__file__], capture_output=True, text=True)

@@ -1,0 +1,87 @@
+"""Backend selection, overrides, error messages and `python -m fastctx.info`."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastctx
+from fastctx import _backend, ops
+from conftest import EXTENSION_REQUIRED
+
+
+def test_automatic_choice_on_cpu():
+    expected = "cpu" if _backend.HAS_CPU_KERNELS else "reference"
+    assert _backend.select_backend(torch.device("cpu"), torch.float32) == expected
+    # no fused CPU kernel for half precision: the reference runs it
+    assert _backend.select_backend(torch.device("cpu"), torch.float16) == "reference"
+
+
+def test_extension_present_when_built():
+    if EXTENSION_REQUIRED:
+        assert _backend.HAS_CPU_KERNELS, _backend._C_ERROR
+
+
+def test_use_backend_nests_and_restores():
+    assert _backend.current_override() is None
+    with fastctx.use_backend("reference"):
+        assert _backend.current_override() == "reference"
+        with fastctx.use_backend("triton"):
+            assert _backend.current_override() == "triton"
+        assert _backend.current_override() == "reference"
+    assert _backend.current_override() is None
+
+
+def test_unknown_backend_is_rejected():
+    with pytest.raises(ValueError, match="unknown backend 'cudnn'"):
+        with fastctx.use_backend("cudnn"):
+            pass
+
+
+def test_unrunnable_backend_says_why():
+    x = torch.randn(1, 2, 4, 4)
+    with fastctx.use_backend("cuda"):
+        with pytest.raises(fastctx.BackendUnavailableError, match="runs CUDA tensors, got a cpu tensor"):
+            ops.pyramid_pool(x, (1, 2))
+    with fastctx.use_backend("cpu"):
+        with pytest.raises(fastctx.BackendUnavailableError, match="supports float32, float64, got float16"):
+            ops.pyramid_pool(x.half(), (1, 2))
+
+
+def test_reference_backend_runs_everything():
+    x = torch.randn(1, 2, 4, 4, dtype=torch.bfloat16)
+    with fastctx.use_backend("reference"):
+        assert ops.pyramid_pool(x, (1, 2)).dtype == torch.bfloat16
+
+
+def _python(code, **env):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=300)
+
+
+def test_environment_variable_override():
+    out = _python("import fastctx._backend as b; print(b.current_override())", FASTCTX_BACKEND="reference")
+    assert out.stdout.strip() == "reference", out.stderr
+    out = _python("import fastctx", FASTCTX_BACKEND="nonsense")
+    assert out.returncode != 0 and "FASTCTX_BACKEND='nonsense'" in out.stderr
+
+
+def test_triton_needs_interpreter_for_cpu_tensors():
+    out = _python(
+        "import torch, fastctx\n"
+        "with fastctx.use_backend('triton'):\n"
+        "    fastctx.ops.pyramid_pool(torch.randn(1, 1, 2, 2), (1,))",
+        TRITON_INTERPRET="0",
+    )
+    assert out.returncode != 0 and "TRITON_INTERPRET=1" in out.stderr
+
+
+def test_info_reports_build():
+    out = subprocess.run([sys.executable, "-m", "fastctx.info"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "triton" in out.stdout and "interpreter" in out.stdout
+    if EXTENSION_REQUIRED:
+        assert "cpu kernels  yes" in out.stdout
+    if _backend.HAS_CUDA_KERNELS:
+        assert "sm_80" in out.stdout and "sm_90" in out.stdout
