@@ -3,7 +3,7 @@
 PY ?= python
 PIP := $(PY) -m pip
 
-.PHONY: install demo test bench clean
+.PHONY: install test-deps demo test bench clean
 
 # torch 2.14.1 is the CUDA 13.0 build matching nvcc 13.0; the extension is built
 # against the installed torch, hence --no-build-isolation.
@@ -15,7 +15,12 @@ demo: install
 	$(PY) -m fastctx.info
 	$(PY) bench/bench_acm.py
 
-test: install
+# mmsegmentation's own heads are the parity oracle of tests/test_mmseg_parity.py
+# (mmcv-lite: no compiled mmcv ops needed; the tests stand in for mmcv.ops).
+test-deps:
+	$(PIP) install "mmsegmentation==1.2.2" mmengine "mmcv-lite==2.1.0" ftfy regex
+
+test: install test-deps
 	$(PY) -m pytest tests
 
 bench: install
