@@ -34,4 +34,10 @@ TORCH_LIBRARY(fastctx, m) {
   m.def(
       "residual_relu_bwd(Tensor grad, Tensor y, Tensor out, Tensor scale, Tensor shift)"
       " -> (Tensor, Tensor, Tensor, Tensor)");
+  // EncNet Encoding layer: E[b,k] = sum_i softmax_k(s_k ||x_i - c_k||^2) (x_i - c_k).
+  // x is [B, D, N] when channels_first (an NCHW feature map, flattened) else [B, N, D].
+  m.def("encoding_fwd(Tensor x, Tensor codewords, Tensor scale, bool channels_first) -> Tensor");
+  m.def(
+      "encoding_bwd(Tensor grad, Tensor x, Tensor codewords, Tensor scale, bool channels_first)"
+      " -> (Tensor, Tensor, Tensor)");
 }
