@@ -1,5 +1,6 @@
 """Drop-in modules with mmsegmentation 1.x parameter names."""
 from .apc_head import ACM, APCHead
 from .conv_module import ConvModule
+from .enc_head import EncHead, EncModule, Encoding, se_loss, se_targets
 
-__all__ = ["ACM", "APCHead", "ConvModule"]
+__all__ = ["ACM", "APCHead", "ConvModule", "EncHead", "EncModule", "Encoding", "se_loss", "se_targets"]

@@ -1,0 +1,93 @@
+"""EncNet's Encoding layer, fused: scaled-L2 assignment + softmax + residual aggregation.
+
+    L[b, i, k] = s_k ||x_i - c_k||^2,   A = softmax_k(L),   E[b, k] = sum_i A[b, i, k] (x_i - c_k)
+
+The fused backends never build mmseg's [B, N, K, D] tensors: the [N, K]
+assignment exists per pixel tile only and is recomputed in the backward.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import reference
+from ._common import backend_for, check_same, check_tensor, kernels
+
+
+@torch.library.custom_op("fastctx::encoding", mutates_args=())
+def _encoding(x: torch.Tensor, codewords: torch.Tensor, scale: torch.Tensor, channels_first: bool,
+              backend: str) -> torch.Tensor:
+    batch = x.shape[0]
+    num_codes, channels = codewords.shape
+    pixels = x.shape[2] if channels_first else x.shape[1]
+    if batch == 0 or pixels == 0:
+        # no pixels: every sum is empty
+        return x.new_zeros(batch, num_codes, channels)
+    return kernels(backend).encoding_fwd(x.contiguous(), codewords.contiguous(), scale.contiguous(), channels_first)
+
+
+@_encoding.register_fake
+def _(x, codewords, scale, channels_first, backend):
+    return x.new_empty(x.shape[0], codewords.shape[0], codewords.shape[1])
+
+
+@torch.library.custom_op("fastctx::encoding_backward", mutates_args=())
+def _encoding_backward(grad: torch.Tensor, x: torch.Tensor, codewords: torch.Tensor, scale: torch.Tensor,
+                       channels_first: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    pixels = x.shape[2] if channels_first else x.shape[1]
+    if x.shape[0] == 0 or pixels == 0:
+        return (torch.zeros_like(x, memory_format=torch.contiguous_format), torch.zeros_like(codewords),
+                torch.zeros_like(scale))
+    return kernels(backend).encoding_bwd(grad.contiguous(), x.contiguous(), codewords.contiguous(),
+                                         scale.contiguous(), channels_first)
+
+
+@_encoding_backward.register_fake
+def _(grad, x, codewords, scale, channels_first, backend):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(codewords),
+            torch.empty_like(scale))
+
+
+def _setup_context(ctx, inputs, output):
+    x, codewords, scale, channels_first, backend = inputs
+    ctx.save_for_backward(x, codewords, scale)
+    ctx.channels_first, ctx.backend = channels_first, backend
+
+
+def _backward(ctx, grad):
+    x, codewords, scale = ctx.saved_tensors
+    return (*_encoding_backward(grad, x, codewords, scale, ctx.channels_first, ctx.backend), None, None)
+
+
+_encoding.register_autograd(_backward, setup_context=_setup_context)
+
+
+def encoding(x: torch.Tensor, codewords: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Encoding layer E [B, K, D] of features x.
+
+    Args:
+        x: [B, D, H, W] feature map (read in place, no transpose copy) or [B, N, D] pixels.
+        codewords: [K, D].
+        scale: [K] smoothing factors (mmseg initialises them in [-1, 0)).
+    """
+    check_tensor(x, "x", (3, 4), "of shape [B, D, H, W] or [B, N, D]")
+    check_tensor(codewords, "codewords", 2, "of shape [K, D]")
+    check_tensor(scale, "scale", 1, "of shape [K]")
+    check_same({"x": x, "codewords": codewords, "scale": scale})
+    num_codes, channels = codewords.shape
+    channels_first = x.dim() == 4
+    x_channels = x.shape[1] if channels_first else x.shape[2]
+    if x_channels != channels:
+        layout = "[B, D, H, W]" if channels_first else "[B, N, D]"
+        raise ValueError(f"x {layout} has D = {x_channels} channels but codewords are [K, D] = {tuple(codewords.shape)}")
+    if scale.shape != (num_codes,):
+        raise ValueError(f"scale must have shape ({num_codes},) for {num_codes} codewords, got {tuple(scale.shape)}")
+    if num_codes == 0 or channels == 0:
+        raise ValueError(f"codewords must be non-empty, got shape {tuple(codewords.shape)}")
+    backend = backend_for(x)
+    if backend == "reference":
+        return reference.encoding(x, codewords, scale)
+    if channels_first and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        # a channels_last map is [B, N, D] pixels in memory: read it as such, no copy
+        return _encoding(x.permute(0, 2, 3, 1).flatten(1, 2), codewords, scale, False, backend)
+    pixels = x.flatten(2) if channels_first else x  # [B, D, N] view of an NCHW map
+    return _encoding(pixels, codewords, scale, channels_first, backend)
