@@ -1,0 +1,161 @@
+"""Pyramid (multi-scale adaptive average) pooling as 0/1 membership matmuls.
+
+Pixel n belongs to bin k when h0[k] <= n // W < h1[k] and w0[k] <= n % W < w1[k].
+The membership tile M[n, k] is rebuilt on the fly from a tiny bin table
+(``bins``: int32 [S_tot, 4] = h0, h1, w0, w1), so every scale comes out of one
+read of x and the tensor cores do the summing:
+
+    forward   pooled[c, k]  = sum_n x[c, n] M[n, k] * inv_area[k]
+    backward  grad_x[c, n]  = sum_k M[n, k] (grad[c, k] * inv_area[k])
+
+M is exact in every dtype, so with 16-bit data the products are exact and
+the fp32 accumulation is as good as a plain fp32 sum. For fp32 data
+(DOT_PRECISION "tf32x3") only the data operand needs splitting: v = hi + lo
+with hi = v rounded to tf32, and two tf32 MMAs give ~2**-22 relative error,
+cheaper than a general 3-pass tf32x3 product. Bins are processed in blocks
+of S_BLOCK (one block for the default scales).
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _membership(offs_n, W, bins_ptr, offs_k, mask_k, dtype: tl.constexpr):
+    """M[BLOCK_N, S_BLOCK] as 0/1 in ``dtype``; padded bins have an empty range."""
+    h0 = tl.load(bins_ptr + offs_k * 4 + 0, mask=mask_k, other=0)
+    h1 = tl.load(bins_ptr + offs_k * 4 + 1, mask=mask_k, other=0)
+    w0 = tl.load(bins_ptr + offs_k * 4 + 2, mask=mask_k, other=0)
+    w1 = tl.load(bins_ptr + offs_k * 4 + 3, mask=mask_k, other=0)
+    h = offs_n // W
+    w = offs_n - h * W
+    inside = (h[:, None] >= h0[None, :]) & (h[:, None] < h1[None, :])
+    inside = inside & (w[:, None] >= w0[None, :]) & (w[:, None] < w1[None, :])
+    return inside.to(dtype)
+
+
+@triton.jit
+def _tf32_hi(v):
+    """v rounded to the nearest tf32 (low 13 mantissa bits cleared); v - hi is exact."""
+    return ((v.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _dot_data_member(v, m, acc, DOT_PRECISION: tl.constexpr):
+    """acc + v @ m for data v and exact 0/1 m."""
+    if DOT_PRECISION == "tf32x3":
+        v_hi = _tf32_hi(v)
+        acc = tl.dot(v - v_hi, m, acc, input_precision="tf32")
+        acc = tl.dot(v_hi, m, acc, input_precision="tf32")
+    else:
+        acc = tl.dot(v, m, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _dot_member_data(m, v, acc, DOT_PRECISION: tl.constexpr):
+    """acc + m @ v for exact 0/1 m and data v."""
+    if DOT_PRECISION == "tf32x3":
+        v_hi = _tf32_hi(v)
+        acc = tl.dot(m, v - v_hi, acc, input_precision="tf32")
+        acc = tl.dot(m, v_hi, acc, input_precision="tf32")
+    else:
+        acc = tl.dot(m, v, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def pyramid_pool_fwd_kernel(
+    x_ptr, bins_ptr, inv_area_ptr, out_ptr,
+    C, N, W, S_tot, n_kb, n_per_split, split_stride,
+    BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, S_BLOCK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """grid = (cdiv(C, BLOCK_C) * n_kb, n_split, B).
+
+    Each program owns BLOCK_C channels x S_BLOCK bins of one image and streams
+    the pixels [split * n_per_split, (split + 1) * n_per_split). With n_split > 1,
+    ``out`` is an fp32 partial buffer [n_split, B, C, S_tot] (split_stride =
+    B*C*S_tot) that the launcher sums in a fixed order; else the output itself.
+    """
+    if x_ptr.dtype.element_ty == tl.float64:
+        acc_dtype: tl.constexpr = tl.float64
+    else:
+        acc_dtype: tl.constexpr = tl.float32
+    pid = tl.program_id(0)
+    cb = pid // n_kb
+    kb = pid % n_kb
+    split = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+
+    offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    offs_k = kb * S_BLOCK + tl.arange(0, S_BLOCK)
+    mask_k = offs_k < S_tot
+    # int64 row bases: B*C*N can pass 2**31; offsets inside a row stay int32.
+    x_rows = x_ptr + (b * C + offs_c) * N
+
+    n_lo = split * n_per_split
+    n_hi = tl.minimum(N, n_lo + n_per_split)
+    acc = tl.zeros([BLOCK_C, S_BLOCK], dtype=acc_dtype)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < n_hi
+        x = tl.load(x_rows[:, None] + offs_n[None, :],
+                    mask=mask_c[:, None] & mask_n[None, :], other=0.0)
+        m = _membership(offs_n, W, bins_ptr, offs_k, mask_k, x.dtype)
+        acc = _dot_data_member(x, m, acc, DOT_PRECISION)
+
+    inv_area = tl.load(inv_area_ptr + offs_k, mask=mask_k, other=0.0)
+    res = acc * inv_area[None, :]
+    out_rows = out_ptr + split.to(tl.int64) * split_stride + (b * C + offs_c) * S_tot
+    tl.store(out_rows[:, None] + offs_k[None, :], res.to(out_ptr.dtype.element_ty),
+             mask=mask_c[:, None] & mask_k[None, :])
+
+
+@triton.jit
+def pyramid_pool_bwd_kernel(
+    grad_ptr, bins_ptr, inv_area_ptr, gx_ptr,
+    C, N, W, S_tot, c_per_prog,
+    BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, S_BLOCK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ACCUMULATE: tl.constexpr,
+):
+    """grid = (cdiv(N, BLOCK_N), cdiv(C, c_per_prog), B).
+
+    Each program owns one pixel tile and c_per_prog channels, so the membership
+    tile is built once per bin block and reused across channel chunks. It is
+    the A operand (grad_x^T = M G^T), split over warps rather than replicated.
+    ACCUMULATE (several bin blocks): later blocks read-modify-write grad_x
+    written by earlier ones in the same program (an fp32 buffer for 16-bit data).
+    """
+    if grad_ptr.dtype.element_ty == tl.float64:
+        acc_dtype: tl.constexpr = tl.float64
+    else:
+        acc_dtype: tl.constexpr = tl.float32
+    dtype: tl.constexpr = grad_ptr.dtype.element_ty
+    pid_n = tl.program_id(0)
+    c_lo = tl.program_id(1) * c_per_prog
+    c_hi = tl.minimum(C, c_lo + c_per_prog)
+    b = tl.program_id(2).to(tl.int64)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    for k0 in range(0, S_tot, S_BLOCK):
+        offs_k = k0 + tl.arange(0, S_BLOCK)
+        mask_k = offs_k < S_tot
+        m = _membership(offs_n, W, bins_ptr, offs_k, mask_k, dtype)
+        inv_area = tl.load(inv_area_ptr + offs_k, mask=mask_k, other=0.0)
+        if ACCUMULATE:
+            # grad_x written by the previous bin block must be visible to all threads.
+            tl.debug_barrier()
+        for c0 in range(c_lo, c_hi, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            mask_c = offs_c < c_hi
+            g_t = tl.load(grad_ptr + ((b * C + offs_c) * S_tot)[None, :] + offs_k[:, None],
+                          mask=mask_k[:, None] & mask_c[None, :], other=0.0)
+            g_t = (g_t.to(acc_dtype) * inv_area[:, None]).to(dtype)
+            gx = _dot_member_data(m, g_t, tl.zeros([BLOCK_N, BLOCK_C], dtype=acc_dtype), DOT_PRECISION)
+            mask = mask_n[:, None] & mask_c[None, :]
+            ptrs = gx_ptr + ((b * C + offs_c) * N)[None, :] + offs_n[:, None]
+            if ACCUMULATE:
+                gx += tl.load(ptrs, mask=mask & (k0 > 0), other=0.0).to(acc_dtype)
+            tl.store(ptrs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
