@@ -1,0 +1,178 @@
+// CPU backend of residual_relu (see docs/kernels.md, "residual_relu"):
+//   out = relu(relu(y * scale[c] + shift[c]) + residual)
+// Forward and backward are one pass each over (b, c) planes. The backward's
+// channel sums (grad_scale, grad_shift) are first summed per plane into a
+// [B, C] partial buffer, then over b in a fixed order: deterministic, no
+// atomics. The scalar maths is common/activation.h, shared with CUDA.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+
+#include "common/activation.h"
+
+namespace fastctx {
+namespace {
+
+// Lanes of the per-plane sums: independent accumulators the compiler can keep
+// in one vector register; reduced in a fixed order at the end of the plane.
+constexpr int kLanes = 8;
+
+int64_t plane_grain(int64_t plane_size) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, plane_size));
+}
+
+void check_data(const at::Tensor& t, const char* name, const at::Tensor& like) {
+  TORCH_CHECK(t.device().is_cpu(), "residual_relu (cpu): ", name, " must be a CPU tensor, got ",
+              t.device());
+  TORCH_CHECK(t.dim() == 4, "residual_relu: ", name, " must be 4-D [B, C, H, W], got shape ",
+              t.sizes());
+  TORCH_CHECK(t.is_contiguous(), "residual_relu: ", name, " must be contiguous (NCHW)");
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
+              "residual_relu (cpu): ", name, " must be float32 or float64, got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "residual_relu: ", name, " has dtype ",
+              t.scalar_type(), ", expected ", like.scalar_type());
+  TORCH_CHECK(t.sizes() == like.sizes(), "residual_relu: ", name, " must have shape ", like.sizes(),
+              ", got ", t.sizes());
+}
+
+// scale/shift are "acc" tensors: float32 for float32 data, float64 for float64.
+void check_affine(const at::Tensor& t, const char* name, const at::Tensor& y) {
+  const auto acc = y.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(t.device().is_cpu(), "residual_relu (cpu): ", name, " must be a CPU tensor, got ",
+              t.device());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == y.size(1), "residual_relu: ", name, " must be [C=",
+              y.size(1), "], got shape ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), "residual_relu: ", name, " must be contiguous");
+  TORCH_CHECK(t.scalar_type() == acc, "residual_relu: ", name, " must be ", acc, " for ",
+              y.scalar_type(), " data, got ", t.scalar_type());
+}
+
+at::Tensor residual_relu_fwd(const at::Tensor& y, const at::Tensor& residual,
+                             const at::Tensor& scale, const at::Tensor& shift) {
+  check_data(y, "y", y);
+  check_data(residual, "residual", y);
+  check_affine(scale, "scale", y);
+  check_affine(shift, "shift", y);
+  auto out = at::empty_like(y);
+  const int64_t C = y.size(1), N = y.size(2) * y.size(3), planes = y.size(0) * C;
+  if (out.numel() == 0) return out;
+
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "residual_relu_fwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* yp = y.const_data_ptr<scalar_t>();
+    const scalar_t* rp = residual.const_data_ptr<scalar_t>();
+    const acc_t* scp = scale.const_data_ptr<acc_t>();
+    const acc_t* shp = shift.const_data_ptr<acc_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, planes, plane_grain(N), [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const acc_t sc = scp[p % C], sh = shp[p % C];
+        const scalar_t* yy = yp + p * N;
+        const scalar_t* rr = rp + p * N;
+        scalar_t* oo = op + p * N;
+        for (int64_t n = 0; n < N; ++n) {
+          oo[n] = static_cast<scalar_t>(
+              residual_relu<acc_t>(static_cast<acc_t>(yy[n]), static_cast<acc_t>(rr[n]), sc, sh));
+        }
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_relu_bwd(
+    const at::Tensor& grad, const at::Tensor& y, const at::Tensor& out, const at::Tensor& scale,
+    const at::Tensor& shift) {
+  check_data(y, "y", y);
+  check_data(grad, "grad", y);
+  check_data(out, "out", y);
+  check_affine(scale, "scale", y);
+  check_affine(shift, "shift", y);
+  const int64_t B = y.size(0), C = y.size(1), N = y.size(2) * y.size(3);
+  auto grad_y = at::empty_like(y);
+  auto grad_residual = at::empty_like(y);
+  auto grad_scale = at::zeros_like(scale);
+  auto grad_shift = at::zeros_like(shift);
+  if (grad_y.numel() == 0) return {grad_y, grad_residual, grad_scale, grad_shift};
+  // Per-plane sums, [2, B, C]: sum gu*y, then sum gu.
+  auto partial = at::empty({2, B, C}, scale.options());
+
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "residual_relu_bwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+    const scalar_t* yp = y.const_data_ptr<scalar_t>();
+    const scalar_t* op = out.const_data_ptr<scalar_t>();
+    const acc_t* scp = scale.const_data_ptr<acc_t>();
+    const acc_t* shp = shift.const_data_ptr<acc_t>();
+    scalar_t* gyp = grad_y.mutable_data_ptr<scalar_t>();
+    scalar_t* grp = grad_residual.mutable_data_ptr<scalar_t>();
+    acc_t* part_scale = partial.mutable_data_ptr<acc_t>();
+    acc_t* part_shift = part_scale + B * C;
+
+    at::parallel_for(0, B * C, plane_grain(N), [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const acc_t sc = scp[p % C], sh = shp[p % C];
+        const scalar_t* gg = gp + p * N;
+        const scalar_t* yy = yp + p * N;
+        const scalar_t* oo = op + p * N;
+        scalar_t* gy = gyp + p * N;
+        scalar_t* gr = grp + p * N;
+        acc_t sum_gy[kLanes] = {}, sum_g[kLanes] = {};
+        const int64_t n_vec = N - N % kLanes;
+        for (int64_t n = 0; n < n_vec; n += kLanes) {
+          for (int j = 0; j < kLanes; ++j) {
+            const acc_t yv = static_cast<acc_t>(yy[n + j]);
+            acc_t gu, g;
+            residual_relu_grad<acc_t>(static_cast<acc_t>(gg[n + j]), yv,
+                                      static_cast<acc_t>(oo[n + j]), sc, sh, &gu, &g);
+            gr[n + j] = static_cast<scalar_t>(g);
+            gy[n + j] = static_cast<scalar_t>(gu * sc);
+            sum_gy[j] += gu * yv;
+            sum_g[j] += gu;
+          }
+        }
+        acc_t s_gy = 0, s_g = 0;
+        for (int j = 0; j < kLanes; ++j) {
+          s_gy += sum_gy[j];
+          s_g += sum_g[j];
+        }
+        for (int64_t n = n_vec; n < N; ++n) {
+          const acc_t yv = static_cast<acc_t>(yy[n]);
+          acc_t gu, g;
+          residual_relu_grad<acc_t>(static_cast<acc_t>(gg[n]), yv, static_cast<acc_t>(oo[n]), sc,
+                                    sh, &gu, &g);
+          gr[n] = static_cast<scalar_t>(g);
+          gy[n] = static_cast<scalar_t>(gu * sc);
+          s_gy += gu * yv;
+          s_g += gu;
+        }
+        part_scale[p] = s_gy;
+        part_shift[p] = s_g;
+      }
+    });
+
+    // Fixed-order sum over the batch.
+    acc_t* gsc = grad_scale.mutable_data_ptr<acc_t>();
+    acc_t* gsh = grad_shift.mutable_data_ptr<acc_t>();
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t c = 0; c < C; ++c) {
+        gsc[c] += part_scale[b * C + c];
+        gsh[c] += part_shift[b * C + c];
+      }
+    }
+  });
+  return {grad_y, grad_residual, grad_scale, grad_shift};
+}
+
+}  // namespace
+}  // namespace fastctx
+
+TORCH_LIBRARY_IMPL(fastctx, CPU, m) {
+  m.impl("residual_relu_fwd", &fastctx::residual_relu_fwd);
+  m.impl("residual_relu_bwd", &fastctx::residual_relu_bwd);
+}
