@@ -449,3 +449,8 @@ def compile_specs() -> list[dict]:
                         constexprs=constexprs, attrs=attrs, num_warps=warps, num_stages=stages,
                     ))
     return specs
+
+
+# The Encoding layer's launchers live beside their kernels' compile specs; the
+# public ops find every Triton launcher here.
+from .triton_encoding import encoding_bwd, encoding_fwd  # noqa: E402,F401

@@ -1,0 +1,262 @@
+"""EncNet's Encoding layer, fused: scaled-L2 assignment, softmax over K, residual aggregation.
+
+Contract: docs/kernels.md "encoding"; launchers in ``fastctx.ops.triton_encoding``.
+
+All maths uses centred values x' = x - m, c' = c - m (m = mean_k c_k, from the
+launcher): distances are translation invariant and, centred,
+``||x'||^2 - 2 x'.c' + ||c'||^2`` does not cancel catastrophically when the
+features have a large norm and sit near the codewords.
+
+A program owns one image and its pixel tiles pid, pid + n_split, ... Per tile:
+
+    pass 1 (D chunks):  cross = X' (-2 C')^T (tl.dot), xx = ||x'||^2     [BLOCK_N, K_PAD]
+    registers:          A = softmax_k(s * max(xx + cross + ||c'||^2, 0))
+    pass 2 (D chunks):  re-read the tile (just read, so L2-hot) and form its
+                        products with A, as [BLOCK_D, .] tiles so that D, not
+                        K, is the MMA M dimension (wgmma wants M >= 64)
+
+The [N, K] assignment only ever exists as this register tile. Cross-tile sums
+go to the program's private fp32 slot: stored on its first tile, read-added-
+stored on later ones (no atomics, no zero-fill); the launcher sums the slots in
+a fixed order, so results are deterministic.
+
+Dot operands are in the input dtype (16-bit inputs use their native MMA; the
+launcher rounds c' to it) with fp32 accumulation (fp64 for fp64 under the
+interpreter); for fp32 inputs DOT_PRECISION picks the tensor-core precision.
+``xx`` is taken from the same rounded x' the dot sees, so a distance is that
+of two (slightly rounded) points instead of a mix of roundings.
+Offsets inside an image are int32 (the launcher checks N * D < 2^31); image
+and slot bases are int64.
+"""
+import triton
+import triton.language as tl
+
+_LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def _centred_tile(x_img, mean_ptr, offs_n, offs_d, mask_n, mask_d, N, D,
+                  CHANNELS_FIRST: tl.constexpr, acc_dtype: tl.constexpr):
+    """x' = x - m as [BLOCK_N, BLOCK_D] in acc_dtype, exactly 0 outside the image.
+
+    x_img points at the image's first element. channels_first reads [D, N]
+    (pixels contiguous), else [N, D]; masked loads give 0, and so does the
+    where() after subtracting m, so padding adds nothing to any sum.
+    """
+    mask = mask_n[:, None] & mask_d[None, :]
+    if CHANNELS_FIRST:
+        ptrs = x_img + offs_d[None, :] * N + offs_n[:, None]
+    else:
+        ptrs = x_img + offs_n[:, None] * D + offs_d[None, :]
+    x = tl.load(ptrs, mask=mask, other=0.0).to(acc_dtype)
+    m = tl.load(mean_ptr + offs_d, mask=mask_d, other=0.0)
+    return tl.where(mask, x - m[None, :], 0.0)
+
+
+@triton.jit
+def _centred_tile_t(x_img, mean_ptr, offs_d, offs_n, mask_d, mask_n, N, D,
+                    CHANNELS_FIRST: tl.constexpr, acc_dtype: tl.constexpr):
+    """x'^T as [BLOCK_D, BLOCK_N]: the second pass keeps D as the MMA M dimension."""
+    mask = mask_d[:, None] & mask_n[None, :]
+    if CHANNELS_FIRST:
+        ptrs = x_img + offs_d[:, None] * N + offs_n[None, :]
+    else:
+        ptrs = x_img + offs_n[None, :] * D + offs_d[:, None]
+    x = tl.load(ptrs, mask=mask, other=0.0).to(acc_dtype)
+    m = tl.load(mean_ptr + offs_d, mask=mask_d, other=0.0)
+    return tl.where(mask, x - m[:, None], 0.0)
+
+
+@triton.jit
+def _assignment(cross, xx, cc, s, mask_n, mask_k):
+    """A = softmax_k(s_k * clamp(||x'_i - c'_k||^2, 0)); rows outside the image are 0.
+
+    cross = -2 x'_i . c'_k (the dot against -2 c', exact scaling of c').
+    Returns (A, dist). Padded codewords get -inf logits (weight 0); the row max
+    is subtracted before exp2 so no logit overflows.
+    """
+    dist = xx[:, None] + cross + cc[None, :]
+    dist = tl.maximum(dist, 0.0)
+    logits = tl.where(mask_k[None, :], dist * s[None, :], float("-inf"))
+    row_max = tl.max(logits, axis=1)
+    p = tl.exp2((logits - row_max[:, None]) * _LOG2E)
+    a = p / tl.sum(p, axis=1)[:, None]
+    a = tl.where(mask_n[:, None], a, 0.0)
+    return a, dist
+
+
+@triton.jit
+def encoding_fwd_kernel(
+    x_ptr, cw_ptr, cc_ptr, mean_ptr, scale_ptr, e_part_ptr, a_part_ptr,
+    N, D, K, n_split,
+    CHANNELS_FIRST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    K_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """grid = (n_split, B).
+
+    x: T [B, N, D] or [B, D, N] (CHANNELS_FIRST); cw: -2 c' in the dot dtype [K, D];
+    cc: ||c'||^2 acc [K]; mean: m acc [D]; scale: T [K].
+    Writes e_part acc [B, n_split, D, K] = sum over the program's pixels of x'_i A_ik
+    and a_part acc [B, n_split, K] = sum of A_ik; the launcher forms
+    E = sum e_part - (sum a_part) c'.
+    """
+    if x_ptr.dtype.element_ty == tl.float64:
+        acc_dtype: tl.constexpr = tl.float64
+    else:
+        acc_dtype: tl.constexpr = tl.float32
+    dot_dtype: tl.constexpr = cw_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    x_img = x_ptr + b * N * D
+    slot = b * n_split + pid
+    e_slot = e_part_ptr + slot * K * D
+
+    offs_k = tl.arange(0, K_PAD)
+    mask_k = offs_k < K
+    s = tl.load(scale_ptr + offs_k, mask=mask_k, other=0.0).to(acc_dtype)
+    cc = tl.load(cc_ptr + offs_k, mask=mask_k, other=0.0)
+    colsum = tl.zeros([K_PAD], dtype=acc_dtype)
+
+    for tile in range(pid, tl.cdiv(N, BLOCK_N), n_split):
+        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+
+        cross = tl.zeros([BLOCK_N, K_PAD], dtype=acc_dtype)
+        xx = tl.zeros([BLOCK_N], dtype=acc_dtype)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            mask_d = offs_d < D
+            xc = _centred_tile(x_img, mean_ptr, offs_n, offs_d, mask_n, mask_d, N, D,
+                               CHANNELS_FIRST, acc_dtype).to(dot_dtype)
+            xr = xc.to(acc_dtype)
+            xx += tl.sum(xr * xr, axis=1)
+            c_t = tl.load(cw_ptr + offs_k[None, :] * D + offs_d[:, None],
+                          mask=mask_k[None, :] & mask_d[:, None], other=0.0)
+            cross = tl.dot(xc, c_t, cross, input_precision=DOT_PRECISION)
+        a, _ = _assignment(cross, xx, cc, s, mask_n, mask_k)
+        colsum += tl.sum(a, axis=0)
+        a_op = a.to(dot_dtype)
+
+        # The slot written for the previous tile is read back below, possibly
+        # by other threads of the block.
+        tl.debug_barrier()
+        later_tile = tile > pid
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            mask_d = offs_d < D
+            # X'^T A as [BLOCK_D, K_PAD]: D, not K, is the MMA M dimension (wgmma needs M >= 64).
+            xt = _centred_tile_t(x_img, mean_ptr, offs_d, offs_n, mask_d, mask_n, N, D,
+                                 CHANNELS_FIRST, acc_dtype).to(dot_dtype)
+            part = tl.dot(xt, a_op, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
+            ptrs = e_slot + offs_d[:, None] * K + offs_k[None, :]
+            pmask = mask_d[:, None] & mask_k[None, :]
+            part += tl.load(ptrs, mask=pmask & later_tile, other=0.0)
+            tl.store(ptrs, part, mask=pmask)
+
+    tl.store(a_part_ptr + slot * K + offs_k, colsum, mask=mask_k)
+
+
+@triton.jit
+def encoding_bwd_kernel(
+    g_ptr, x_ptr, cc_ptr, mean_ptr, scale_ptr, cde_ptr,
+    gx_ptr, gc_part_ptr, vec_part_ptr,
+    N, D, K, n_split,
+    CHANNELS_FIRST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    K_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """grid = (n_split, B); A is recomputed per tile from x, as in the forward.
+
+    g: dot dtype [B, 2K, D], rows interleaved: g[b, 2k] = -2 c'_k, g[b, 2k+1] = dE_bk.
+    One operand serves both passes, so each pass is one MMA over 2*K_PAD columns:
+
+        pass 1:  X' G^T  ->  (cross = -2 x'.c'_k, x'.dE_k)          [BLOCK_N, 2 K_PAD]
+        pass 2:  grad_x^T = G^T [W | A]^T + x'^T 2 rowsum(W)        (stored in x's layout)
+                 gc_part += X'^T W                                   acc [B, n_split, D, K]
+
+    with cde = c'_k . dE_bk (acc [B, K]), dA = x'.dE - cde, dL = A (dA - rowsum(A dA)),
+    W = dL * s; grad_x = A dE + 2 rowsum(W) x' - 2 W C'. vec_part acc
+    [B, n_split, 3, K] = (colsum A, colsum W, colsum dL*dist); the launcher
+    finishes grad_c = -(sum A) dE - 2 sum gc_part + 2 (sum W) c', grad_s = sum dL*dist.
+    """
+    if x_ptr.dtype.element_ty == tl.float64:
+        acc_dtype: tl.constexpr = tl.float64
+    else:
+        acc_dtype: tl.constexpr = tl.float32
+    dot_dtype: tl.constexpr = g_ptr.dtype.element_ty
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    x_img = x_ptr + b * N * D
+    gx_img = gx_ptr + b * N * D
+    g_img = g_ptr + b * 2 * K * D
+    slot = b * n_split + pid
+    gc_slot = gc_part_ptr + slot * K * D
+
+    offs_k = tl.arange(0, K_PAD)
+    mask_k = offs_k < K
+    offs_g = tl.arange(0, 2 * K_PAD)
+    mask_g = offs_g < 2 * K
+    s = tl.load(scale_ptr + offs_k, mask=mask_k, other=0.0).to(acc_dtype)
+    cc = tl.load(cc_ptr + offs_k, mask=mask_k, other=0.0)
+    cde = tl.load(cde_ptr + b * K + offs_k, mask=mask_k, other=0.0)
+    sum_a = tl.zeros([K_PAD], dtype=acc_dtype)
+    sum_w = tl.zeros([K_PAD], dtype=acc_dtype)
+    sum_s = tl.zeros([K_PAD], dtype=acc_dtype)
+
+    for tile in range(pid, tl.cdiv(N, BLOCK_N), n_split):
+        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+
+        both = tl.zeros([BLOCK_N, 2 * K_PAD], dtype=acc_dtype)
+        xx = tl.zeros([BLOCK_N], dtype=acc_dtype)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            mask_d = offs_d < D
+            xc = _centred_tile(x_img, mean_ptr, offs_n, offs_d, mask_n, mask_d, N, D,
+                               CHANNELS_FIRST, acc_dtype).to(dot_dtype)
+            xr = xc.to(acc_dtype)
+            xx += tl.sum(xr * xr, axis=1)
+            g_t = tl.load(g_img + offs_g[None, :] * D + offs_d[:, None],
+                          mask=mask_g[None, :] & mask_d[:, None], other=0.0)
+            both = tl.dot(xc, g_t, both, input_precision=DOT_PRECISION)
+        cross, xde = tl.split(tl.reshape(both, [BLOCK_N, K_PAD, 2]))
+        a, dist = _assignment(cross, xx, cc, s, mask_n, mask_k)
+        # dA_ik = dE_k . (x'_i - c'_k); padded rows / codewords have A = 0, so dL = 0 there.
+        d_a = xde - cde[None, :]
+        d_l = a * (d_a - tl.sum(a * d_a, axis=1)[:, None])
+        w = d_l * s[None, :]
+        w_row2 = 2.0 * tl.sum(w, axis=1)
+        sum_a += tl.sum(a, axis=0)
+        sum_w += tl.sum(w, axis=0)
+        sum_s += tl.sum(d_l * dist, axis=0)
+        w_op = w.to(dot_dtype)
+        wa_t = tl.trans(tl.reshape(tl.join(w, a), [BLOCK_N, 2 * K_PAD]).to(dot_dtype))
+
+        tl.debug_barrier()  # the slot written for the previous tile is read back below
+        later_tile = tile > pid
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            mask_d = offs_d < D
+            # Transposed tiles: D is the MMA M dimension (wgmma needs M >= 64).
+            xt = _centred_tile_t(x_img, mean_ptr, offs_d, offs_n, mask_d, mask_n, N, D,
+                                 CHANNELS_FIRST, acc_dtype).to(dot_dtype)
+            g_t = tl.load(g_img + offs_g[None, :] * D + offs_d[:, None],
+                          mask=mask_g[None, :] & mask_d[:, None], other=0.0)
+            gx = tl.dot(g_t, wa_t, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
+            gx += xt.to(acc_dtype) * w_row2[None, :]
+            mask = mask_d[:, None] & mask_n[None, :]
+            if CHANNELS_FIRST:
+                gx_ptrs = gx_img + offs_d[:, None] * N + offs_n[None, :]
+            else:
+                gx_ptrs = gx_img + offs_n[None, :] * D + offs_d[:, None]
+            tl.store(gx_ptrs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
+
+            part = tl.dot(xt, w_op, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
+            ptrs = gc_slot + offs_d[:, None] * K + offs_k[None, :]
+            pmask = mask_d[:, None] & mask_k[None, :]
+            part += tl.load(ptrs, mask=pmask & later_tile, other=0.0)
+            tl.store(ptrs, part, mask=pmask)
+
+    vec = vec_part_ptr + slot * 3 * K + offs_k
+    tl.store(vec, sum_a, mask=mask_k)
+    tl.store(vec + K, sum_w, mask=mask_k)
+    tl.store(vec + 2 * K, sum_s, mask=mask_k)
