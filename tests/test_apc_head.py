@@ -86,14 +86,17 @@ def test_acm_single_scale_batch1_eval(backend):
     _compare(acm, reference, torch.randn(1, 6, 9, 11, dtype=torch.float64), False, torch.float64, backend)
 
 
-@pytest.mark.parametrize("dtype,train", [(torch.float32, False), (torch.float64, True)])
+@pytest.mark.parametrize("dtype,train", [(torch.float64, True), (torch.float64, False), (torch.float32, False)])
 def test_apc_head_realistic_channels(dtype, train):
     """mmseg's channel counts (2048 -> 512), automatic backend.
 
-    Training is compared in float64: with batch 2 the scale-1 pooled features
-    and the global context are BatchNorm-ed over 2 values per channel, a
-    gradient so ill-conditioned that fp32 rounding of *any* two summation
-    orders (eager vs eager included) differs in the third digit.
+    Gradients are compared in float64 only. In fp32 any two summation orders
+    (eager vs eager included) flip a few ReLU masks among the ~10^6 activations
+    whose pre-activation lies within rounding of 0, each flip moving gradient
+    sums by one element's contribution; and in training, batch 2 BatchNorm-s the
+    scale-1 pooled features and the global context over 2 values per channel,
+    an ill-conditioned gradient. The fp32 forward is continuous, so it is
+    compared at fp32 tolerance.
     """
     torch.manual_seed(0)
     head = APCHead(2048, 512, num_classes=19).to(dtype)
@@ -101,4 +104,9 @@ def test_apc_head_realistic_channels(dtype, train):
     reference = copy.deepcopy(head)
     reference.fused = False
     x = torch.randn(2, 2048, 16, 16, dtype=dtype)
-    _compare(head, reference, x, train, dtype, None)
+    if dtype == torch.float64:
+        _compare(head, reference, x, train, dtype, None)
+        return
+    head.train(train)
+    reference.train(train)
+    assert_close(head(x), reference(x), dtype, "output")
