@@ -1,0 +1,73 @@
+#pragma once
+// Scalar maths of EncNet's Encoding layer (docs/kernels.md, "encoding"),
+// shared by the CPU backend and any CUDA kernel. No ATen types: plain
+// pointers and the accumulation type acc_t (float for fp32 data, double for
+// fp64).
+//
+// All distances are taken between *centred* values x' = x - m, c' = c - m with
+// m = mean_k c_k. The squared distance is translation invariant, and with
+// centred operands ||x'||^2 - 2 x'.c' + ||c'||^2 has small terms, so it does
+// not cancel catastrophically when ||x|| is large and x lies near the
+// codewords.
+#include <cmath>
+#include <cstdint>
+
+#include "macros.h"
+
+namespace fastctx {
+
+// exp in acc_t precision on host and device (an unqualified exp(float) on the
+// host may resolve to the double overload).
+template <typename acc_t>
+FASTCTX_HOST_DEVICE acc_t encoding_exp(acc_t v) {
+#if defined(__CUDA_ARCH__)
+  return exp(v);
+#else
+  return std::exp(v);
+#endif
+}
+
+// exp of a non-positive argument (a softmax logit minus the row max). Where the
+// result would be denormal, return 0: libm's underflow path is several times
+// slower, peaked softmaxes hit it for most entries, and the difference
+// (< 1.2e-38 in fp32) is invisible next to a row sum >= 1.
+template <typename acc_t>
+FASTCTX_HOST_DEVICE acc_t encoding_exp_nonpos(acc_t v) {
+  const acc_t lo = sizeof(acc_t) == 4 ? acc_t(-87.0f) : acc_t(-708.0);
+  return v < lo ? acc_t(0) : encoding_exp(v);
+}
+
+// ||x' - c'||^2 from its expanded terms, clamped at 0: rounding can still
+// leave a tiny negative value when x' == c', and a negative distance would
+// flip the sign of its contribution to grad_scale.
+template <typename acc_t>
+FASTCTX_HOST_DEVICE acc_t encoding_sq_dist(acc_t x_sq, acc_t x_dot_c, acc_t c_sq) {
+  const acc_t d = x_sq - acc_t(2) * x_dot_c + c_sq;
+  return d > acc_t(0) ? d : acc_t(0);
+}
+
+// In-place softmax of one pixel's K logits (stride 1). Subtracting the row
+// maximum keeps exp() <= 1 so nothing overflows, whatever the scale's sign
+// or size; the maximum term contributes exp(0) = 1, so the sum is >= 1.
+template <typename acc_t>
+FASTCTX_HOST_DEVICE void encoding_softmax_row(acc_t* v, int64_t K) {
+  acc_t mx = v[0];
+  for (int64_t k = 1; k < K; ++k) mx = v[k] > mx ? v[k] : mx;
+  acc_t sum = acc_t(0);
+  for (int64_t k = 0; k < K; ++k) {
+    const acc_t e = encoding_exp_nonpos(v[k] - mx);
+    v[k] = e;
+    sum += e;
+  }
+  const acc_t inv = acc_t(1) / sum;
+  for (int64_t k = 0; k < K; ++k) v[k] *= inv;
+}
+
+// Softmax backward for one entry: dL_ik = A_ik (dA_ik - sum_j A_ij dA_ij),
+// where a_dot_da is that row sum.
+template <typename acc_t>
+FASTCTX_HOST_DEVICE acc_t encoding_softmax_grad(acc_t a, acc_t da, acc_t a_dot_da) {
+  return a * (da - a_dot_da);
+}
+
+}  // namespace fastctx
