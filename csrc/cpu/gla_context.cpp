@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "common/activation.h"
+#include "cpu/blas.h"
 
 // The hand-written kernels are compiled for AVX-512, AVX2 and baseline x86-64,
 // picked at load time (the extension itself is built for baseline x86-64).
@@ -41,28 +42,11 @@
 #define FASTCTX_SIMD_CLONES
 #endif
 
-// ---------------------------------------------------------------------------
-// BLAS
-//
-// libtorch_cpu does not export the float/double overloads of
-// at::native::cpublas::gemm (they are not TORCH_API), but it does export the
-// Fortran BLAS entry points of the BLAS it was built with (MKL here), which is
-// what those overloads call. They are declared weak so the extension still
-// loads against a torch without them; then at::mm on views of the same memory
-// is used (correct, but pays the dispatcher per tile).
-extern "C" {
-void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k,
-            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-            const float* beta, float* c, const int* ldc) __attribute__((weak));
-void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k,
-            const double* alpha, const double* a, const int* lda, const double* b,
-            const int* ldb, const double* beta, double* c, const int* ldc) __attribute__((weak));
-int MKL_Set_Num_Threads_Local(int n) __attribute__((weak));
-}
-
 namespace fastctx {
 namespace {
 
+using cpu::blas_gemm;
+using cpu::SingleThreadedBlas;
 using at::native::TransposeType;
 constexpr auto kN = TransposeType::NoTranspose;
 constexpr auto kT = TransposeType::Transpose;
@@ -77,66 +61,6 @@ constexpr int64_t kTileBwd = 128;
 // parallel slack while the partials stay a few MiB at most (they are fresh
 // memory on every call, and page faults are not free).
 constexpr int64_t kTargetChunks = 64;
-
-// BLAS inside a task must run single-threaded and with the same blocking
-// whatever the outer thread count, or results would change with
-// torch.set_num_threads. MKL picks its blocking from its own thread setting,
-// so pin it to 1 for the task's lifetime (no-op with other BLAS).
-struct SingleThreadedBlas {
-  int previous = 0;
-  SingleThreadedBlas() {
-    if (&MKL_Set_Num_Threads_Local != nullptr) previous = MKL_Set_Num_Threads_Local(1);
-  }
-  ~SingleThreadedBlas() {
-    if (&MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(previous);
-  }
-  SingleThreadedBlas(const SingleThreadedBlas&) = delete;
-  SingleThreadedBlas& operator=(const SingleThreadedBlas&) = delete;
-};
-
-// Column-major [rows x cols] matrix with leading dimension ld, seen as its
-// row-major transpose [cols, rows].
-template <typename scalar_t>
-at::Tensor col_major_t(const scalar_t* p, int64_t rows, int64_t cols, int64_t ld) {
-  return at::from_blob(const_cast<scalar_t*>(p), {cols, rows}, {ld, 1},
-                       at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value));
-}
-
-// Column-major GEMM on raw pointers: C = op(A) op(B) + beta C, C is [m x n].
-template <typename scalar_t>
-void blas_gemm(TransposeType ta, TransposeType tb, int64_t m, int64_t n, int64_t k,
-               const scalar_t* a, int64_t lda, const scalar_t* b, int64_t ldb, scalar_t beta,
-               scalar_t* c, int64_t ldc) {
-  if (m <= 0 || n <= 0) return;
-  auto* fn = [] {
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      return &sgemm_;
-    } else {
-      return &dgemm_;
-    }
-  }();
-#ifndef FASTCTX_FORCE_MM_FALLBACK
-  if (fn != nullptr) {
-    const char cta = ta == kN ? 'N' : 'T', ctb = tb == kN ? 'N' : 'T';
-    const int im = static_cast<int>(m), in = static_cast<int>(n), ik = static_cast<int>(k);
-    const int ilda = static_cast<int>(lda), ildb = static_cast<int>(ldb),
-              ildc = static_cast<int>(ldc);
-    const scalar_t one = 1;
-    fn(&cta, &ctb, &im, &in, &ik, &one, a, &ilda, b, &ildb, &beta, c, &ildc);
-    return;
-  }
-#endif
-  (void)fn;
-  // C^T [n, m] = op(B)^T [n, k] @ op(A)^T [k, m], all as row-major views.
-  at::Tensor at_ = ta == kN ? col_major_t(a, m, k, lda) : col_major_t(a, k, m, lda).t();
-  at::Tensor bt_ = tb == kN ? col_major_t(b, k, n, ldb) : col_major_t(b, n, k, ldb).t();
-  at::Tensor ct_ = col_major_t<scalar_t>(c, m, n, ldc);
-  if (beta == scalar_t(0)) {
-    ct_.copy_(at::mm(bt_, at_));
-  } else {
-    ct_.mul_(beta).add_(at::mm(bt_, at_));
-  }
-}
 
 // ---------------------------------------------------------------------------
 // Hand-written kernels (GCC vector extensions: 32-byte vectors, which the
@@ -392,8 +316,8 @@ at::Tensor gla_context_fwd(const at::Tensor& x, const at::Tensor& weight, const 
         const int64_t S_g = groups.size[g], o_g = groups.offset[g];
         const int64_t tile_off = (b * G + g) * C * N + n0;  // x/z[b, g*C, n0]
         // L^T [n_cur x S_g] (col-major, ld kTileFwd) = X_t^T [n_cur x C] W_g^T [C x S_g]
-        blas_gemm(kN, kN, n_cur, S_g, C, xp + tile_off, N, wp + o_g * C, C, scalar_t(0), a,
-                  kTileFwd);
+        blas_gemm(kN, kN, n_cur, S_g, C, scalar_t(1), xp + tile_off, N, wp + o_g * C, C,
+                  scalar_t(0), a, kTileFwd);
         bias_sigmoid(a, kTileFwd, S_g, n_cur, bp + b * S + o_g);
         // z[c, n] = sum_k pooled[b, c, o_g + k] A[k, n]
         rank_update(C, S_g, n_cur, pp + b * C * S + o_g, S, 1, a, kTileFwd, zp + tile_off, N);
@@ -476,15 +400,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gla_context_bwd(
           pack_tile(xt, kTileBwd, xp + tile_off, N, C, n_cur);
           pack_tile(gt, kTileBwd, gp + tile_off, N, C, n_cur);
           // A = sigmoid(W_g X_t + bias), recomputed.
-          blas_gemm(kN, kN, n_cur, S_g, C, xt, kTileBwd, w_g, C, scalar_t(0), a, kTileBwd);
+          blas_gemm(kN, kN, n_cur, S_g, C, scalar_t(1), xt, kTileBwd, w_g, C, scalar_t(0), a,
+                    kTileBwd);
           bias_sigmoid(a, kTileBwd, S_g, n_cur, bp + b * S + o_g);
           // dA^T [n_cur x S_g] = G_t^T [n_cur x C] P_g [C x S_g]
-          blas_gemm(kN, kT, n_cur, S_g, C, gt, kTileBwd, p_g, S, scalar_t(0), d, kTileBwd);
+          blas_gemm(kN, kT, n_cur, S_g, C, scalar_t(1), gt, kTileBwd, p_g, S, scalar_t(0), d,
+                    kTileBwd);
           sigmoid_backward(d, a, kTileBwd, S_g, n_cur, pb);
           // grad_pooled^T partial [C x S_g] += G_t [C x n_cur] A^T [n_cur x S_g]
-          blas_gemm(kT, kN, C, S_g, n_cur, gt, kTileBwd, a, kTileBwd, scalar_t(1), pq, C);
+          blas_gemm(kT, kN, C, S_g, n_cur, scalar_t(1), gt, kTileBwd, a, kTileBwd, scalar_t(1),
+                    pq, C);
           // grad_weight^T partial [C x S_g] += X_t dL^T
-          blas_gemm(kT, kN, C, S_g, n_cur, xt, kTileBwd, d, kTileBwd, scalar_t(1), pw, C);
+          blas_gemm(kT, kN, C, S_g, n_cur, scalar_t(1), xt, kTileBwd, d, kTileBwd, scalar_t(1),
+                    pw, C);
           // grad_x[c, n] = sum_k weight[o_g + k, c] dL[k, n]
           rank_update(C, S_g, n_cur, w_g, 1, C, d, kTileBwd, gxp + tile_off, N);
         }
