@@ -36,17 +36,18 @@ config runs. ``compile_specs()`` lists every config for sm_80/sm_90 checks.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
-from triton.runtime.interpreter import InterpretedFunction
 
 from fastctx.kernels import encoding as _k
+from ._triton_common import AUTOTUNE as _AUTOTUNE
+from ._triton_common import INTERPRET as _INTERPRET
+from ._triton_common import TORCH_TO_TRITON as _TORCH_TO_TRITON
+from ._triton_common import acc_dtype as _acc_dtype
+from ._triton_common import dot_precision as _dot_precision
+from ._triton_common import sm_count as _sm_count
 
-_INTERPRET = isinstance(_k.encoding_fwd_kernel, InterpretedFunction)
-_AUTOTUNE = os.environ.get("FASTCTX_TRITON_AUTOTUNE", "1") != "0"
-FP32_DOT_PRECISION = os.environ.get("FASTCTX_TRITON_FP32_DOT", "tf32x3")
 
 K_MAX = 64  # codewords held in one register tile
 
@@ -120,11 +121,6 @@ def _max_block_n(name: str, dtype: torch.dtype, k_pad: int) -> int:
     return max(cfg[0] for cfg in _configs(name, dtype, k_pad))
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _n_split(name: str, x: torch.Tensor, batch: int, n: int, d: int, k: int, k_pad: int) -> int:
     """Programs per image: fill the GPU, keep the slots <= x in size, >= 1 tile each."""
     if x.device.type == "cuda":
@@ -134,16 +130,6 @@ def _n_split(name: str, x: torch.Tensor, batch: int, n: int, d: int, k: int, k_p
         want = floor = triton.cdiv(INTERP_PROGRAMS, batch)
     mem_cap = max(floor, (n * d * x.element_size()) // (k * d * 4))
     return max(1, min(want, mem_cap, triton.cdiv(n, _max_block_n(name, x.dtype, k_pad))))
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float64:
-        return "ieee"
-    return FP32_DOT_PRECISION if dtype == torch.float32 else "tf32"  # ignored for 16-bit
 
 
 def _shapes(x: torch.Tensor, codewords: torch.Tensor, channels_first: bool):
@@ -223,7 +209,6 @@ def encoding_bwd(grad: torch.Tensor, x: torch.Tensor, codewords: torch.Tensor, s
 
 # ------------------------------------------------------------------ compile specs
 
-_TORCH_TO_TRITON = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 # "T" data pointer, "A" fp32 pointer; other strings are scalar types.
 _ARG_TYPES = {
     "encoding_fwd": dict(x_ptr="T", cw_ptr="T", cc_ptr="A", mean_ptr="A", scale_ptr="T",

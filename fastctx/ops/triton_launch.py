@@ -23,19 +23,20 @@ in gla_context, a cheaper 2-pass split of the data operand in pyramid_pool
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
-from triton.runtime.interpreter import InterpretedFunction
 
 from fastctx.kernels import gla_context as _gla
 from fastctx.kernels import pyramid_pool as _pool
 from fastctx.kernels import residual_relu as _rr
+from ._triton_common import AUTOTUNE as _AUTOTUNE
+from ._triton_common import INTERPRET as _INTERPRET
+from ._triton_common import TORCH_TO_TRITON as _TORCH_TO_TRITON
+from ._triton_common import acc_dtype as _acc_dtype
+from ._triton_common import dot_precision as _dot_precision
+from ._triton_common import sm_count as _sm_count
 
-_INTERPRET = isinstance(_gla.gla_context_fwd_kernel, InterpretedFunction)
-_AUTOTUNE = os.environ.get("FASTCTX_TRITON_AUTOTUNE", "1") != "0"
-FP32_DOT_PRECISION = "tf32x3"
 
 # Bins (pyramid_pool) / affinity columns (gla_context) per register tile;
 # more are processed in blocks. Tests lower it to reach the multi-block path.
@@ -138,26 +139,11 @@ def _launch(name: str, dtype: torch.dtype, grid, *args, **constexprs) -> None:
         _KERNELS[name][grid(meta)](*args, **meta, num_warps=warps, num_stages=stages)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _target_programs(device: torch.device) -> int:
     """How many programs a launch should have to fill the machine (a few waves)."""
     if device.type == "cuda":
         return 4 * _sm_count(device)
     return 4  # interpreter: small, but enough to exercise the split/partial paths
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float64:
-        return "ieee"
-    return FP32_DOT_PRECISION if dtype == torch.float32 else "tf32"  # ignored for 16-bit
 
 
 def _s_block(n: int, cap: int = 64) -> int:
@@ -368,7 +354,6 @@ def residual_relu_bwd(grad, y, out, scale, shift):
 
 # ------------------------------------------------------------------ compile specs
 
-_TORCH_TO_TRITON = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 # Argument types of each kernel: "T" = data pointer, "A" = acc pointer (fp32 on
 # GPU), "I" = int32 table pointer; plain strings are scalar types.
