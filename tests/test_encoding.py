@@ -8,7 +8,7 @@ import fastctx
 from fastctx import ops, reference
 from fastctx.nn import EncHead, se_loss, se_targets
 from conftest import require_backend
-from test_apc_head import _randomise, _run
+from test_apc_head import _randomise
 from test_ops_acm import FUSED, _check_fwd_bwd, _device
 from tolerances import assert_close
 

@@ -24,6 +24,7 @@ from .. import ops
 from ..reference.apc_head import acm_forward, apc_head_forward
 from ._batchnorm import affine_relu, batchnorm_affine
 from .conv_module import ConvModule
+from .decode_head import DecodeHead
 
 
 class ACM(nn.Module):
@@ -110,7 +111,7 @@ def fused_acm_forward(acms: Sequence[ACM], x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-class APCHead(nn.Module):
+class APCHead(DecodeHead):
     """APCNet decode head (mmseg `APCHead`): ACMs at several scales + 3x3 bottleneck + classifier.
 
     Args:
@@ -129,27 +130,20 @@ class APCHead(nn.Module):
     def __init__(self, in_channels: int = 2048, channels: int = 512, num_classes: int = 19,
                  pool_scales=(1, 2, 3, 6), fusion: bool = True, dropout_ratio: float = 0.1,
                  align_corners: bool = False, norm="BN", fused: bool = True, in_index: int = -1):
-        super().__init__()
+        super().__init__(channels, num_classes, dropout_ratio, align_corners)
         if isinstance(pool_scales, int):
             pool_scales = (pool_scales,)
         if not pool_scales:
             raise ValueError("pool_scales must name at least one scale")
         self.in_channels = in_channels
-        self.channels = channels
-        self.num_classes = num_classes
         self.pool_scales = tuple(int(s) for s in pool_scales)
         self.fusion = fusion
-        self.align_corners = align_corners
         self.in_index = in_index
         self._fused = fused
         self.acm_modules = nn.ModuleList(
             [ACM(s, fusion, in_channels, channels, norm=norm, fused=fused) for s in self.pool_scales]
         )
         self.bottleneck = ConvModule(in_channels + len(self.pool_scales) * channels, channels, 3, padding=1, norm=norm)
-        self.dropout = nn.Dropout2d(dropout_ratio) if dropout_ratio > 0 else None
-        self.conv_seg = nn.Conv2d(channels, num_classes, kernel_size=1)
-        nn.init.normal_(self.conv_seg.weight, 0, 0.01)
-        nn.init.constant_(self.conv_seg.bias, 0)
 
     @property
     def fused(self) -> bool:
@@ -160,11 +154,6 @@ class APCHead(nn.Module):
         self._fused = bool(value)
         for acm in self.acm_modules:
             acm.fused = self._fused
-
-    def cls_seg(self, feat: torch.Tensor) -> torch.Tensor:
-        if self.dropout is not None:
-            feat = self.dropout(feat)
-        return self.conv_seg(feat)
 
     def forward(self, inputs) -> torch.Tensor:
         x = inputs[self.in_index] if isinstance(inputs, (list, tuple)) else inputs

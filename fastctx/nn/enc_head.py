@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .. import ops, reference
 from .conv_module import ConvModule
+from .decode_head import DecodeHead
 
 
 class Encoding(nn.Module):
@@ -74,7 +75,7 @@ class EncModule(nn.Module):
         return encoding_feat, F.relu_(x + x * y)
 
 
-class EncHead(nn.Module):
+class EncHead(DecodeHead):
     """EncNet decode head (mmseg `EncHead`).
 
     Args:
@@ -97,10 +98,9 @@ class EncHead(nn.Module):
     def __init__(self, in_channels=2048, channels: int = 512, num_classes: int = 19, num_codes: int = 32,
                  use_se_loss: bool = True, add_lateral: bool = False, dropout_ratio: float = 0.1,
                  align_corners: bool = False, norm="BN", fused: bool = True, in_index=None):
-        super().__init__()
+        super().__init__(channels, num_classes, dropout_ratio, align_corners)
         self.in_channels = list(in_channels) if isinstance(in_channels, Sequence) else [int(in_channels)]
-        self.channels, self.num_classes, self.num_codes = channels, num_classes, num_codes
-        self.use_se_loss, self.add_lateral, self.align_corners = use_se_loss, add_lateral, align_corners
+        self.num_codes, self.use_se_loss, self.add_lateral = num_codes, use_se_loss, add_lateral
         n = len(self.in_channels)
         if in_index is None:
             in_index = tuple(range(-n, 0))
@@ -114,10 +114,6 @@ class EncHead(nn.Module):
         self.enc_module = EncModule(channels, num_codes=num_codes, norm=norm, fused=fused)
         if use_se_loss:
             self.se_layer = nn.Linear(channels, num_classes)
-        self.dropout = nn.Dropout2d(dropout_ratio) if dropout_ratio > 0 else None
-        self.conv_seg = nn.Conv2d(channels, num_classes, kernel_size=1)
-        nn.init.normal_(self.conv_seg.weight, 0, 0.01)
-        nn.init.constant_(self.conv_seg.bias, 0)
 
     @property
     def fused(self) -> bool:
@@ -140,11 +136,6 @@ class EncHead(nn.Module):
                 raise ValueError(f"EncHead expects features of shape [B, {c}, H, W] (in_channels "
                                  f"{self.in_channels}), got {shape}")
         return feats
-
-    def cls_seg(self, feat: torch.Tensor) -> torch.Tensor:
-        if self.dropout is not None:
-            feat = self.dropout(feat)
-        return self.conv_seg(feat)
 
     def forward(self, inputs):
         feats = self._select(inputs)
