@@ -16,10 +16,25 @@ import torch.distributed as dist
 import torch.nn as nn
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over processes; its gradient is the sum of the processes' gradients."""
+
+    @staticmethod
+    def forward(ctx, t):
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 def _sync_stats(mean, var, count: int):
     """Combine per-process (mean, biased var, count) into global ones, differentiably."""
-    from torch.distributed.nn.functional import all_reduce
-
+    all_reduce = _AllReduceSum.apply
     total = all_reduce(torch.tensor([float(count)], device=mean.device, dtype=mean.dtype))
     global_mean = all_reduce(mean * count) / total
     # sum_i n_i (var_i + (mean_i - mean)^2) / N: no E[x^2] - E[x]^2 cancellation.
