@@ -24,6 +24,25 @@ import triton.language as tl
 
 
 @triton.jit
+def _affinity_tile(x_ptr, w_ptr, bias_ptr, chan0, offs_n, mask_n, rows, mask_k, bias_row, C, N,
+                   BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, S_BLOCK: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, acc_dtype: tl.constexpr):
+    """A = sigmoid(X_tile^T W_rows^T + bias) [BLOCK_N, S_BLOCK] in acc_dtype, 0 outside the masks
+    (sigmoid(0) = 0.5 on padded bins would otherwise add 0.5 * padding of P)."""
+    logits = tl.zeros([BLOCK_N, S_BLOCK], dtype=acc_dtype)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mask_c = offs_c < C
+        x = tl.load(x_ptr + ((chan0 + offs_c) * N)[None, :] + offs_n[:, None],
+                    mask=mask_n[:, None] & mask_c[None, :], other=0.0)
+        w_t = tl.load(w_ptr + rows[None, :] * C + offs_c[:, None],
+                      mask=mask_c[:, None] & mask_k[None, :], other=0.0)
+        logits = tl.dot(x, w_t, logits, input_precision=DOT_PRECISION)
+    bias = tl.load(bias_ptr + bias_row + rows, mask=mask_k, other=0.0).to(acc_dtype)
+    return tl.where(mask_n[:, None] & mask_k[None, :], tl.sigmoid(logits + bias[None, :]), 0.0)
+
+
+@triton.jit
 def gla_context_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, p_ptr, z_ptr, groups_ptr,
     C, N, GC, S_tot,
@@ -52,19 +71,8 @@ def gla_context_fwd_kernel(
         mask_k = offs_k < s_g
         rows = o_g + offs_k
 
-        logits = tl.zeros([BLOCK_N, S_BLOCK], dtype=acc_dtype)
-        for c0 in range(0, C, BLOCK_C):
-            offs_c = c0 + tl.arange(0, BLOCK_C)
-            mask_c = offs_c < C
-            x = tl.load(x_ptr + ((chan0 + offs_c) * N)[None, :] + offs_n[:, None],
-                        mask=mask_n[:, None] & mask_c[None, :], other=0.0)
-            w_t = tl.load(w_ptr + rows[None, :] * C + offs_c[:, None],
-                          mask=mask_c[:, None] & mask_k[None, :], other=0.0)
-            logits = tl.dot(x, w_t, logits, input_precision=DOT_PRECISION)
-        bias = tl.load(bias_ptr + b * S_tot + rows, mask=mask_k, other=0.0).to(acc_dtype)
-        a = tl.sigmoid(logits + bias[None, :])
-        # sigmoid(0) = 0.5 on padded bins would add 0.5 * (padding of P) otherwise.
-        a = tl.where(mask_k[None, :], a, 0.0).to(dtype)
+        a = _affinity_tile(x_ptr, w_ptr, bias_ptr, chan0, offs_n, mask_n, rows, mask_k, b * S_tot, C, N,
+                           BLOCK_N, BLOCK_C, S_BLOCK, DOT_PRECISION, acc_dtype).to(dtype)
 
         if MULTI_KB:
             # z written by the previous bin block must be visible to all threads.
@@ -129,18 +137,9 @@ def gla_context_bwd_kernel(
             mask_k = offs_k < s_g
             rows = o_g + offs_k
 
-            logits = tl.zeros([BLOCK_N, S_BLOCK], dtype=acc_dtype)
-            for c0 in range(0, C, BLOCK_C):
-                offs_c = c0 + tl.arange(0, BLOCK_C)
-                mask_c = offs_c < C
-                x = tl.load(x_ptr + ((chan0 + offs_c) * N)[None, :] + offs_n[:, None],
-                            mask=mask_n[:, None] & mask_c[None, :], other=0.0)
-                w_t = tl.load(w_ptr + rows[None, :] * C + offs_c[:, None],
-                              mask=mask_c[:, None] & mask_k[None, :], other=0.0)
-                logits = tl.dot(x, w_t, logits, input_precision=DOT_PRECISION)
-            bias = tl.load(bias_ptr + b * S_tot + rows, mask=mask_k, other=0.0).to(acc_dtype)
             valid = mask_n[:, None] & mask_k[None, :]
-            a = tl.where(valid, tl.sigmoid(logits + bias[None, :]), 0.0)
+            a = _affinity_tile(x_ptr, w_ptr, bias_ptr, chan0, offs_n, mask_n, rows, mask_k, b * S_tot, C, N,
+                               BLOCK_N, BLOCK_C, S_BLOCK, DOT_PRECISION, acc_dtype)
             a_t = tl.trans(a.to(dtype))
 
             # Slots of the previous tile (and grad_x of the previous bin block)
