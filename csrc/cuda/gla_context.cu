@@ -225,6 +225,30 @@ __device__ __forceinline__ void logit_pass(acc_t (&acc)[TN / 32][KJ], const scal
   }
 }
 
+// A^T rows [0, kv) of one pixel tile for kv consecutive affinity rows:
+// sigmoid(W x + bias) over all C channels, written to As[k][TN]. The forward
+// and the backward (which recomputes A rather than storing it) share it.
+template <int TN, int KJ, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void affinity_rows(acc_t* As, const scalar_t* xg, int64_t N, int64_t n0, bool vec,
+                                              const scalar_t* w_rows, const scalar_t* bias_rows, int C, int kv,
+                                              acc_t* xs, acc_t* cs) {
+  constexpr int TM = TN / 32;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  acc_t acc[TM][KJ];
+  logit_pass<TN, KJ, false>(acc, xg, N, n0, vec, w_rows, 1, C, C, kv, xs, cs);
+#pragma unroll
+  for (int j = 0; j < KJ; ++j) {
+    const int k = warp * KJ + j;
+    if (k < kv) {
+      const acc_t bv = static_cast<acc_t>(bias_rows[k]);
+      acc_t a[TM];
+#pragma unroll
+      for (int i = 0; i < TM; ++i) a[i] = stable_sigmoid(acc[i][j] + bv);
+      sts(As + k * TN + lane * TM, a);
+    }
+  }
+}
+
 // acc[i][j] += sum_k mix[k][lane*TM + i] * coef[k][warp*8 + j] for k < k_count.
 template <int TM, typename acc_t>
 __device__ __forceinline__ void mix_rows(acc_t (&acc)[TM][8], const acc_t* mix, int ld_mix, const acc_t* coef,
@@ -354,20 +378,8 @@ __device__ __forceinline__ void fwd_tile(const FwdParams<scalar_t>& p, int S, in
 
   for (int kb = 0; kb < S; kb += KS) {
     const int kv = min(KS, S - kb);
-    acc_t acc[TM][KJ];
-    logit_pass<TN, KJ, false>(acc, xg, N, n0, p.vec, p.weight + static_cast<int64_t>(o + kb) * C, 1, C, C, kv,
-                              xs, cs);
-#pragma unroll
-    for (int j = 0; j < KJ; ++j) {
-      const int k = warp * KJ + j;
-      if (k < kv) {
-        const acc_t bv = static_cast<acc_t>(bias_b[o + kb + k]);
-        acc_t a[TM];
-#pragma unroll
-        for (int i = 0; i < TM; ++i) a[i] = stable_sigmoid(acc[i][j] + bv);
-        sts(As + (kb + k) * TN + lane * TM, a);
-      }
-    }
+    affinity_rows<TN, KJ>(As + kb * TN, xg, N, n0, p.vec, p.weight + static_cast<int64_t>(o + kb) * C,
+                          bias_b + o + kb, C, kv, xs, cs);
   }
   __syncthreads();
 
@@ -458,20 +470,9 @@ __device__ __forceinline__ void bwd_tile(const BwdParams<scalar_t, acc_t>& p, in
   // A values it wrote itself, so no barrier is needed between the two passes.
   for (int kb = 0; kb < S; kb += KS) {
     const int kv = min(KS, S - kb);
+    affinity_rows<TN, KJ>(As + kb * TN, xg, N, n0, p.vec, p.weight + static_cast<int64_t>(o + kb) * C,
+                          bias_b + o + kb, C, kv, xs, cs);
     acc_t acc[TM][KJ];
-    logit_pass<TN, KJ, false>(acc, xg, N, n0, p.vec, p.weight + static_cast<int64_t>(o + kb) * C, 1, C, C, kv,
-                              xs, cs);
-#pragma unroll
-    for (int j = 0; j < KJ; ++j) {
-      const int k = warp * KJ + j;
-      if (k < kv) {
-        const acc_t bv = static_cast<acc_t>(bias_b[o + kb + k]);
-        acc_t a[TM];
-#pragma unroll
-        for (int i = 0; i < TM; ++i) a[i] = stable_sigmoid(acc[i][j] + bv);
-        sts(As + (kb + k) * TN + lane * TM, a);
-      }
-    }
     logit_pass<TN, KJ, true>(acc, dzg, N, n0, p.vec, pooled_b + o + kb, p.S_tot, 1, C, kv, xs, cs);
 #pragma unroll
     for (int j = 0; j < KJ; ++j) {
