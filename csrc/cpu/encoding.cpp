@@ -43,10 +43,9 @@ namespace fastctx {
 namespace {
 
 using cpu::blas_gemm;
+using cpu::kN;
+using cpu::kT;
 using cpu::SingleThreadedBlas;
-using at::native::TransposeType;
-constexpr auto kN = TransposeType::NoTranspose;
-constexpr auto kT = TransposeType::Transpose;
 
 struct Shape {
   int64_t B, N, K, D;

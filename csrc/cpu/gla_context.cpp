@@ -20,7 +20,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/native/TransposeType.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -46,10 +45,9 @@ namespace fastctx {
 namespace {
 
 using cpu::blas_gemm;
+using cpu::kN;
+using cpu::kT;
 using cpu::SingleThreadedBlas;
-using at::native::TransposeType;
-constexpr auto kN = TransposeType::NoTranspose;
-constexpr auto kT = TransposeType::Transpose;
 
 // Pixels per tile. Rows of a tile are strided by N in memory; the forward
 // streams x once and wants long rows for the hardware prefetcher while its
