@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 # torch 2.14.1 is the CUDA 13.0 build matching nvcc 13.0; the extension is built
 # against the installed torch, hence --no-build-isolation.
 install:
-	$(PIP) install "torch==2.14.1" "triton" ninja pybind11 numpy pytest pytest-benchmark
+	$(PIP) install "torch==2.14.1" "triton" ninja pybind11 numpy pillow pyyaml matplotlib pytest pytest-benchmark
 	$(PIP) install --no-build-isolation -e .
 
 demo: install
