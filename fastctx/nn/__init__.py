@@ -2,5 +2,6 @@
 from .apc_head import ACM, APCHead
 from .conv_module import ConvModule
 from .enc_head import EncHead, EncModule, Encoding, se_loss, se_targets
+from .fcn_head import FCNHead
 
-__all__ = ["ACM", "APCHead", "ConvModule", "EncHead", "EncModule", "Encoding", "se_loss", "se_targets"]
+__all__ = ["ACM", "APCHead", "ConvModule", "EncHead", "EncModule", "Encoding", "FCNHead", "se_loss", "se_targets"]

@@ -1,0 +1,139 @@
+"""Model presets following mmsegmentation 1.x configs and `build_model`.
+
+`configs/_base_/models/{apcnet,encnet,fcn}_r50-d8.py`: a dilated ResNetV1c
+(output stride 8), the named decode head on layer4 and an auxiliary FCNHead on
+layer3 (in_index 2, one conv, no input concat, dropout 0.1, loss weight 0.4).
+r101 only changes the depth; r18 (mmseg's `fcn_r18-d8` recipe, applied to all
+three) shrinks the heads: decode in_channels 512 / channels 128 (EncNet:
+in_channels [128, 256, 512]), auxiliary in_channels 256 / channels 64.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import os
+from typing import Any
+
+import torch.nn as nn
+
+from ..nn import APCHead, EncHead, FCNHead
+from .resnet import ResNetV1c, load_pretrained
+from .segmentor import EncoderDecoder
+
+__all__ = ["MODEL_NAMES", "PRESETS", "HEADS", "get_preset", "build_model"]
+
+HEADS: dict[str, type[nn.Module]] = {"APCHead": APCHead, "EncHead": EncHead, "FCNHead": FCNHead}
+
+_SEGMENTOR_OPTIONS = ("align_corners", "decode_loss_weight", "aux_loss_weight", "se_loss_weight", "ignore_index")
+_SECTIONS = ("backbone", "decode_head", "auxiliary_head")
+
+
+def _backbone(depth: int) -> dict[str, Any]:
+    return dict(depth=depth, strides=(1, 2, 1, 1), dilations=(1, 1, 2, 4), out_indices=(0, 1, 2, 3),
+                contract_dilation=True, norm_eval=False)
+
+
+def _decode_head(kind: str, small: bool) -> dict[str, Any]:
+    channels = 128 if small else 512
+    last = 512 if small else 2048
+    if kind == "apcnet":
+        return dict(type="APCHead", in_channels=last, in_index=3, channels=channels, pool_scales=(1, 2, 3, 6),
+                    dropout_ratio=0.1)
+    if kind == "encnet":
+        return dict(type="EncHead", in_channels=[last // 4, last // 2, last], in_index=(1, 2, 3), channels=channels,
+                    num_codes=32, use_se_loss=True, add_lateral=False, dropout_ratio=0.1)
+    return dict(type="FCNHead", in_channels=last, in_index=3, channels=channels, num_convs=2, concat_input=True,
+                dropout_ratio=0.1)
+
+
+def _auxiliary_head(small: bool) -> dict[str, Any]:
+    return dict(type="FCNHead", in_channels=256 if small else 1024, in_index=2, channels=64 if small else 256,
+                num_convs=1, concat_input=False, dropout_ratio=0.1)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    f"{kind}_r{depth}-d8": dict(
+        backbone=_backbone(depth),
+        decode_head=_decode_head(kind, small=depth == 18),
+        auxiliary_head=_auxiliary_head(small=depth == 18),
+        align_corners=False, decode_loss_weight=1.0, aux_loss_weight=0.4, se_loss_weight=0.2, ignore_index=255,
+    )
+    for kind in ("apcnet", "encnet", "fcn")
+    for depth in (18, 50, 101)
+}
+MODEL_NAMES: tuple[str, ...] = tuple(PRESETS)
+
+
+def get_preset(name: str) -> dict[str, Any]:
+    """A copy of the preset `name` (sections "backbone", "decode_head", "auxiliary_head" + segmentor options)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}")
+    return copy.deepcopy(PRESETS[name])
+
+
+def _build(cls: type[nn.Module], section: str, options: dict[str, Any]) -> nn.Module:
+    valid = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(f"unknown {section} option(s) {unknown} for {cls.__name__}; valid: {', '.join(valid)}")
+    return cls(**options)
+
+
+def build_model(name: str, num_classes: int, fused: bool = True, norm: str | type[nn.Module] = "BN",
+                pretrained: str | os.PathLike | None = None, **overrides: Any) -> EncoderDecoder:
+    """Build the segmentor `name` (one of MODEL_NAMES), e.g. "apcnet_r50-d8".
+
+    Args:
+        name: preset name.
+        num_classes: classes predicted by the decode and auxiliary heads.
+        fused: run the decode head's fastctx kernels (APCHead, EncHead); FCNHead has none.
+        norm: "BN" or "SyncBN" (mmseg's configs use SyncBN for multi-GPU training), for backbone and heads.
+        pretrained: LOCAL checkpoint loaded with `load_pretrained` (an ImageNet
+            backbone or a whole segmentor); no download.
+        **overrides: `backbone=`, `decode_head=`, `auxiliary_head=` dicts
+            merged into those sections (`auxiliary_head=None` drops the auxiliary
+            head), or segmentor options: align_corners (applied to the heads too),
+            decode_loss_weight, aux_loss_weight, se_loss_weight, ignore_index.
+    """
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    cfg = get_preset(name)
+    unknown = sorted(set(overrides) - set(_SECTIONS) - set(_SEGMENTOR_OPTIONS))
+    if unknown:
+        raise TypeError(f"build_model got unknown override(s) {unknown}; "
+                        f"valid: {', '.join(_SECTIONS + _SEGMENTOR_OPTIONS)}")
+    for key, value in overrides.items():
+        if key in _SECTIONS and value is not None:
+            if not isinstance(value, dict):
+                raise TypeError(f"override {key}= must be a dict of {key} options (or None), "
+                                f"got {type(value).__name__}")
+            if key == "backbone" and "type" in value:
+                raise ValueError("the backbone is always ResNetV1c; change its depth with backbone=dict(depth=...)")
+            cfg[key] = {**cfg[key], **value}
+        else:
+            if key == "decode_head":
+                raise ValueError("decode_head cannot be None: every segmentor needs a decode head")
+            cfg[key] = value
+    align_corners = cfg["align_corners"]
+
+    backbone = _build(ResNetV1c, "backbone", {**cfg["backbone"], "norm": norm})
+    heads: dict[str, nn.Module | None] = {}
+    for section in ("decode_head", "auxiliary_head"):
+        options = cfg[section]
+        if options is None:
+            heads[section] = None
+            continue
+        options = dict(options)
+        kind = options.pop("type", None)
+        if kind not in HEADS:
+            raise ValueError(f"{section} type must be one of {', '.join(HEADS)}, got {kind!r}")
+        options.update(num_classes=num_classes, norm=norm, align_corners=align_corners)
+        if section == "decode_head" and "fused" in inspect.signature(HEADS[kind].__init__).parameters:
+            options["fused"] = fused
+        heads[section] = _build(HEADS[kind], section, options)
+
+    model = EncoderDecoder(backbone, heads["decode_head"], heads["auxiliary_head"], num_classes=num_classes,
+                           **{k: cfg[k] for k in _SEGMENTOR_OPTIONS})
+    if pretrained is not None:
+        load_pretrained(model, pretrained)
+    return model
