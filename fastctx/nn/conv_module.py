@@ -3,11 +3,17 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from ._batchnorm import SyncBatchNorm
+
 
 def make_norm(norm: str | type, channels: int) -> nn.Module:
-    """`norm`: "BN", "SyncBN" (mmseg's norm_cfg types) or a norm-layer class."""
+    """`norm`: "BN", "SyncBN" (mmseg's norm_cfg types) or a norm-layer class.
+
+    "SyncBN" gives fastctx's SyncBatchNorm: torch's nn.SyncBatchNorm (which it
+    subclasses) that also synchronises CPU tensors under a gloo process group.
+    """
     if isinstance(norm, str):
-        layers = {"bn": nn.BatchNorm2d, "batchnorm": nn.BatchNorm2d, "syncbn": nn.SyncBatchNorm}
+        layers = {"bn": nn.BatchNorm2d, "batchnorm": nn.BatchNorm2d, "syncbn": SyncBatchNorm}
         try:
             norm = layers[norm.lower()]
         except KeyError:

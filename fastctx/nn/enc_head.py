@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops, reference
+from ._batchnorm import SyncBatchNorm
 from .conv_module import ConvModule
 from .decode_head import DecodeHead
 
@@ -47,7 +48,7 @@ def _norm1d(norm, channels: int) -> nn.Module:
         if name in ("bn", "batchnorm"):
             return nn.BatchNorm1d(channels)
         if name == "syncbn":
-            return nn.SyncBatchNorm(channels)
+            return SyncBatchNorm(channels)  # fastctx's: also synchronises CPU (gloo) training
         raise ValueError(f"norm must be 'BN', 'SyncBN' or a norm-layer class, got {norm!r}")
     if norm is nn.BatchNorm2d:
         return nn.BatchNorm1d(channels)
