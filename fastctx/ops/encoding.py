@@ -10,18 +10,27 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from ._common import backend_for, check_same, check_tensor, kernels
+from ._common import (amp_dtype, check_same, check_tensor, compute_dtype, kernels, op_backend, reference_backward,
+                      reference_forward, wrapper_backend)
+
+
+def _reference_pixels(x, codewords, scale, channels_first: bool):
+    """The reference maths on the op's layouts ([B, D, N] read as [B, N, D] pixels when channels_first)."""
+    return reference.encoding(x.transpose(1, 2) if channels_first else x, codewords, scale)
 
 
 @torch.library.custom_op("fastctx::encoding", mutates_args=())
 def _encoding(x: torch.Tensor, codewords: torch.Tensor, scale: torch.Tensor, channels_first: bool,
               backend: str) -> torch.Tensor:
+    backend = op_backend(backend, x)
     batch = x.shape[0]
     num_codes, channels = codewords.shape
     pixels = x.shape[2] if channels_first else x.shape[1]
     if batch == 0 or pixels == 0:
         # no pixels: every sum is empty
         return x.new_zeros(batch, num_codes, channels)
+    if backend == "reference":
+        return reference_forward(_reference_pixels, [x, codewords, scale], channels_first)
     return kernels(backend).encoding_fwd(x.contiguous(), codewords.contiguous(), scale.contiguous(), channels_first)
 
 
@@ -33,10 +42,13 @@ def _(x, codewords, scale, channels_first, backend):
 @torch.library.custom_op("fastctx::encoding_backward", mutates_args=())
 def _encoding_backward(grad: torch.Tensor, x: torch.Tensor, codewords: torch.Tensor, scale: torch.Tensor,
                        channels_first: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    backend = op_backend(backend, x)
     pixels = x.shape[2] if channels_first else x.shape[1]
     if x.shape[0] == 0 or pixels == 0:
         return (torch.zeros_like(x, memory_format=torch.contiguous_format), torch.zeros_like(codewords),
                 torch.zeros_like(scale))
+    if backend == "reference":
+        return reference_backward(_reference_pixels, [x, codewords, scale], grad, channels_first)
     return kernels(backend).encoding_bwd(grad.contiguous(), x.contiguous(), codewords.contiguous(),
                                          scale.contiguous(), channels_first)
 
@@ -68,11 +80,15 @@ def encoding(x: torch.Tensor, codewords: torch.Tensor, scale: torch.Tensor) -> t
         x: [B, D, H, W] feature map (read in place, no transpose copy) or [B, N, D] pixels.
         codewords: [K, D].
         scale: [K] smoothing factors (mmseg initialises them in [-1, 0)).
+    Inside autocast the inputs may have mixed float dtypes and E has the
+    autocast dtype (CPU: computed by the fp32 kernel; CUDA: by the kernels in
+    the autocast dtype, accumulating in fp32).
     """
     check_tensor(x, "x", (3, 4), "of shape [B, D, H, W] or [B, N, D]")
     check_tensor(codewords, "codewords", 2, "of shape [K, D]")
     check_tensor(scale, "scale", 1, "of shape [K]")
-    check_same({"x": x, "codewords": codewords, "scale": scale})
+    amp = amp_dtype(x)
+    check_same({"x": x, "codewords": codewords, "scale": scale}, same_dtype=amp is None)
     num_codes, channels = codewords.shape
     channels_first = x.dim() == 4
     x_channels = x.shape[1] if channels_first else x.shape[2]
@@ -83,11 +99,15 @@ def encoding(x: torch.Tensor, codewords: torch.Tensor, scale: torch.Tensor) -> t
         raise ValueError(f"scale must have shape ({num_codes},) for {num_codes} codewords, got {tuple(scale.shape)}")
     if num_codes == 0 or channels == 0:
         raise ValueError(f"codewords must be non-empty, got shape {tuple(codewords.shape)}")
-    backend = backend_for(x)
+    compute = x.dtype if amp is None else compute_dtype(x.device, amp)
+    backend = wrapper_backend(x.device, compute)
     if backend == "reference":
         return reference.encoding(x, codewords, scale)
+    x, codewords, scale = x.to(compute), codewords.to(compute), scale.to(compute)  # no-ops outside autocast
     if channels_first and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         # a channels_last map is [B, N, D] pixels in memory: read it as such, no copy
-        return _encoding(x.permute(0, 2, 3, 1).flatten(1, 2), codewords, scale, False, backend)
-    pixels = x.flatten(2) if channels_first else x  # [B, D, N] view of an NCHW map
-    return _encoding(pixels, codewords, scale, channels_first, backend)
+        out = _encoding(x.permute(0, 2, 3, 1).flatten(1, 2), codewords, scale, False, backend)
+    else:
+        pixels = x.flatten(2) if channels_first else x  # [B, D, N] view of an NCHW map
+        out = _encoding(pixels, codewords, scale, channels_first, backend)
+    return out if amp is None else out.to(amp)

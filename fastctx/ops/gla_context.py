@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from ._common import backend_for, check_same, check_scales, check_tensor, kernels
+from ._common import (amp_dtype, check_same, check_scales, check_tensor, compute_dtype, kernels, op_backend,
+                      reference_backward, reference_forward, wrapper_backend)
 
 
 @torch.library.custom_op("fastctx::gla_context", mutates_args=())
@@ -20,8 +21,11 @@ def _gla_context(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pooled: torch.Tensor,
     group_sizes: list[int], backend: str,
 ) -> torch.Tensor:
+    backend = op_backend(backend, x)
     if x.shape[0] == 0:
         return torch.empty_like(x, memory_format=torch.contiguous_format)
+    if backend == "reference":
+        return reference_forward(reference.gla_context, [x, weight, bias, pooled], group_sizes)
     return kernels(backend).gla_context_fwd(
         x.contiguous(), weight.contiguous(), bias.contiguous(), pooled.contiguous(), group_sizes
     )
@@ -37,9 +41,12 @@ def _gla_context_backward(
     grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     pooled: torch.Tensor, group_sizes: list[int], backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    backend = op_backend(backend, x)
     if x.shape[0] == 0:
         return (torch.zeros_like(x, memory_format=torch.contiguous_format), torch.zeros_like(weight),
                 bias.new_zeros(bias.shape), pooled.new_zeros(pooled.shape))
+    if backend == "reference":
+        return reference_backward(reference.gla_context, [x, weight, bias, pooled], grad, group_sizes)
     return kernels(backend).gla_context_bwd(
         grad.contiguous(), x.contiguous(), weight.contiguous(), bias.contiguous(),
         pooled.contiguous(), group_sizes,
@@ -79,12 +86,16 @@ def gla_context(x, weight, bias, pooled, group_sizes) -> torch.Tensor:
         group_sizes: (S_0, ..., S_{G-1}), e.g. (1, 4, 9, 36) for scales (1, 2, 3, 6).
     Returns:
         z [B, G*C, H, W] with z_g[b, :, n] = sum_k sigmoid(L[b, n, k]) pooled[b, :, k].
+        Inside autocast the inputs may have mixed float dtypes and z has the
+        autocast dtype, as the matmul it replaces would (CPU: computed by the
+        fp32 kernel; CUDA: by the kernels in the autocast dtype).
     """
     check_tensor(x, "x", 4, "of shape [B, G*C, H, W]")
     check_tensor(weight, "weight", 2, "of shape [S_tot, C]")
     check_tensor(bias, "bias", 2, "of shape [B, S_tot]")
     check_tensor(pooled, "pooled", 3, "of shape [B, C, S_tot]")
-    check_same({"x": x, "weight": weight, "bias": bias, "pooled": pooled})
+    amp = amp_dtype(x)
+    check_same({"x": x, "weight": weight, "bias": bias, "pooled": pooled}, same_dtype=amp is None)
     group_sizes = check_scales(group_sizes, "group_sizes")
     batch, channels_all, height, width = x.shape
     groups, total = len(group_sizes), sum(group_sizes)
@@ -100,7 +111,9 @@ def gla_context(x, weight, bias, pooled, group_sizes) -> torch.Tensor:
             )
     if height == 0 or width == 0:
         raise ValueError(f"x must have a non-empty spatial size, got shape {tuple(x.shape)}")
-    backend = backend_for(x)
+    compute = x.dtype if amp is None else compute_dtype(x.device, amp)
+    backend = wrapper_backend(x.device, compute)
     if backend == "reference":
         return reference.gla_context(x, weight, bias, pooled, group_sizes)
-    return _gla_context(x, weight, bias, pooled, group_sizes, backend)
+    z = _gla_context(x.to(compute), weight.to(compute), bias.to(compute), pooled.to(compute), group_sizes, backend)
+    return z if amp is None else z.to(amp)

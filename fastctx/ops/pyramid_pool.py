@@ -4,13 +4,17 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from ._common import backend_for, check_scales, check_tensor, kernels
+from ._common import (amp_dtype, check_scales, check_tensor, compute_dtype, kernels, op_backend,
+                      reference_backward, reference_forward, wrapper_backend)
 
 
 @torch.library.custom_op("fastctx::pyramid_pool", mutates_args=())
 def _pyramid_pool(x: torch.Tensor, scales: list[int], backend: str) -> torch.Tensor:
+    backend = op_backend(backend, x)
     if x.shape[0] == 0 or x.shape[1] == 0:
         return x.new_zeros(x.shape[0], x.shape[1], sum(s * s for s in scales))
+    if backend == "reference":
+        return reference_forward(reference.pyramid_pool, [x], scales)
     return kernels(backend).pyramid_pool_fwd(x.contiguous(), scales)
 
 
@@ -23,8 +27,12 @@ def _(x, scales, backend):
 def _pyramid_pool_backward(
     grad: torch.Tensor, scales: list[int], height: int, width: int, backend: str
 ) -> torch.Tensor:
+    backend = op_backend(backend, grad)
     if grad.shape[0] == 0 or grad.shape[1] == 0:
         return grad.new_zeros(grad.shape[0], grad.shape[1], height, width)
+    if backend == "reference":
+        like = grad.new_zeros(grad.shape[0], grad.shape[1], height, width)  # pooling is linear: only the shape matters
+        return reference_backward(reference.pyramid_pool, [like], grad, scales)[0]
     return kernels(backend).pyramid_pool_bwd(grad.contiguous(), scales, height, width)
 
 
@@ -52,16 +60,19 @@ def pyramid_pool(x: torch.Tensor, scales=(1, 2, 3, 6)) -> torch.Tensor:
     Returns [B, C, sum(s*s)]: scale i's s*s bins, row-major, at offset
     sum_{j<i} s_j^2. Bin edges are exactly `F.adaptive_avg_pool2d`'s (bins
     overlap when H or W is not a multiple of s). The fused backends read x once
-    for all scales.
+    for all scales. Under autocast the result keeps x's dtype (as
+    `adaptive_avg_pool2d` does); on CPU the fp32 kernel computes it.
     """
     check_tensor(x, "x", 4, "of shape [B, C, H, W]")
     scales = check_scales(scales)
     if x.shape[2] == 0 or x.shape[3] == 0:
         raise ValueError(f"x must have a non-empty spatial size, got shape {tuple(x.shape)}")
-    backend = backend_for(x)
+    amp = amp_dtype(x)
+    compute = x.dtype if amp is None else compute_dtype(x.device, amp)
+    backend = wrapper_backend(x.device, compute)
     if backend == "reference":
         return reference.pyramid_pool(x, scales)
-    return _pyramid_pool(x, scales, backend)
+    return _pyramid_pool(x.to(compute), scales, backend).to(x.dtype)
 
 
 def split_scales(pooled: torch.Tensor, scales) -> list[torch.Tensor]:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from .. import reference
-from ._common import backend_for, check_same, check_tensor, kernels
+from ._common import (amp_dtype, check_same, check_tensor, compute_dtype, kernels, op_backend, reference_forward,
+                      wrapper_backend)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -21,8 +22,11 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def _residual_relu(
     y: torch.Tensor, residual: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, backend: str
 ) -> torch.Tensor:
+    backend = op_backend(backend, y)
     if y.numel() == 0:
         return torch.empty_like(y, memory_format=torch.contiguous_format)
+    if backend == "reference":
+        return reference_forward(reference.residual_relu, [y, residual, scale, shift])
     return kernels(backend).residual_relu_fwd(y.contiguous(), residual.contiguous(), scale.contiguous(), shift.contiguous())
 
 
@@ -36,12 +40,26 @@ def _residual_relu_backward(
     grad: torch.Tensor, y: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    backend = op_backend(backend, y)
     if y.numel() == 0:
         zero = torch.zeros_like(y, memory_format=torch.contiguous_format)
         return zero, zero.clone(), torch.zeros_like(scale), torch.zeros_like(shift)
+    if backend == "reference":
+        return _reference_backward(grad, y, out, scale, shift)
     return kernels(backend).residual_relu_bwd(
         grad.contiguous(), y.contiguous(), out.contiguous(), scale.contiguous(), shift.contiguous()
     )
+
+
+def _reference_backward(grad, y, out, scale, shift):
+    """The backward of docs/kernels.md in eager PyTorch (the op saves out, not the residual)."""
+    shape = (1, -1, 1, 1)
+    g = grad * (out > 0)
+    pre = y * scale.view(shape).to(y.dtype) + shift.view(shape).to(y.dtype)  # as reference.residual_relu
+    gu = g.to(scale.dtype) * (pre > 0)
+    grad_y = (gu * scale.view(shape)).to(y.dtype)
+    return (grad_y.contiguous(), g.contiguous(), (gu * y.to(scale.dtype)).sum(dim=(0, 2, 3)),
+            gu.sum(dim=(0, 2, 3)))
 
 
 @_residual_relu_backward.register_fake
@@ -69,22 +87,27 @@ def residual_relu(y, residual, scale, shift) -> torch.Tensor:
     """relu(relu(y * scale[c] + shift[c]) + residual), fused in one pass.
 
     y, residual: [B, C, H, W] of one dtype; scale, shift: [C] in float32
-    (float64 for float64 y), e.g. a BatchNorm folded to an affine map.
+    (float64 for float64 y), e.g. a BatchNorm folded to an affine map. Inside
+    autocast y and residual may differ in dtype; the result has their promoted
+    dtype, as the eager expression would (CPU: computed by the fp32 kernel).
     """
     check_tensor(y, "y", 4, "of shape [B, C, H, W]")
     check_tensor(residual, "residual", 4, "of shape [B, C, H, W]")
     check_tensor(scale, "scale", 1, "of shape [C]")
     check_tensor(shift, "shift", 1, "of shape [C]")
-    check_same({"y": y, "residual": residual})
-    check_same({"scale": scale, "shift": shift})
+    amp = amp_dtype(y)
+    check_same({"y": y, "residual": residual}, same_dtype=amp is None)
+    check_same({"scale": scale, "shift": shift}, same_dtype=amp is None)
     if residual.shape != y.shape:
         raise ValueError(f"residual must have y's shape {tuple(y.shape)}, got {tuple(residual.shape)}")
     if scale.shape != (y.shape[1],) or shift.shape != (y.shape[1],):
         raise ValueError(f"scale and shift must have shape ({y.shape[1]},), got {tuple(scale.shape)}, {tuple(shift.shape)}")
     if scale.device != y.device:
         raise ValueError(f"scale is on {scale.device} but y is on {y.device}: put all inputs on one device")
-    backend = backend_for(y)
+    compute = y.dtype if amp is None else compute_dtype(y.device, amp)
+    backend = wrapper_backend(y.device, compute)
     if backend == "reference":
         return reference.residual_relu(y, residual, scale, shift)
-    acc = _acc_dtype(y.dtype)
-    return _residual_relu(y, residual, scale.to(acc), shift.to(acc), backend)
+    acc = _acc_dtype(compute)
+    out = _residual_relu(y.to(compute), residual.to(compute), scale.to(acc), shift.to(acc), backend)
+    return out if amp is None else out.to(torch.promote_types(y.dtype, residual.dtype))
