@@ -1,0 +1,115 @@
+"""Interleaved timing: every provider once per round, rounds repeated, medians reported.
+
+Running the providers round-robin (and rotating who goes first) makes a burst of machine
+noise, a frequency change or another process hit all of them alike, which back-to-back
+blocks of repeats do not. Warm-up calls (first-call allocation, oneDNN primitive
+creation, torch.compile compilation, Triton autotuning) run before any timed round.
+
+CPU: wall-clock time of each call (``time.perf_counter``). CUDA: CUDA events around each
+call, with the L2 cache flushed before it (as ``triton.testing.do_bench`` does), so a
+provider does not profit from data its predecessor left in L2.
+"""
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class TimingStats:
+    """Seconds per call over the timed rounds."""
+
+    median: float
+    q25: float
+    q75: float
+    reps: int
+
+    @property
+    def iqr(self) -> float:
+        return self.q75 - self.q25
+
+    @classmethod
+    def of(cls, samples: list[float]) -> TimingStats:
+        if not samples:
+            raise ValueError("no timing samples: reps must be >= 1")
+        q25, median, q75 = np.percentile(np.asarray(samples, dtype=np.float64), [25, 50, 75])
+        return cls(float(median), float(q25), float(q75), len(samples))
+
+
+def time_interleaved(calls: dict[str, Callable[[], object]], reps: int, warmup: int = 1,
+                     device: torch.device | str = "cpu") -> dict[str, TimingStats]:
+    """Median and quartiles of each call, timed round-robin `reps` times after `warmup` rounds."""
+    if reps < 1:
+        raise ValueError(f"reps must be >= 1, got {reps}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    device = torch.device(device)
+    names = list(calls)
+    for _ in range(warmup):
+        for name in names:
+            calls[name]()
+    if device.type == "cuda":
+        samples = _cuda_rounds(calls, names, reps, device)
+    else:
+        samples = _cpu_rounds(calls, names, reps)
+    return {name: TimingStats.of(samples[name]) for name in names}
+
+
+def _round_order(names: list[str], round_index: int) -> list[str]:
+    shift = round_index % len(names)
+    return names[shift:] + names[:shift]
+
+
+def _cpu_rounds(calls, names, reps) -> dict[str, list[float]]:
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    gc_was_enabled = gc.isenabled()
+    try:
+        for r in range(reps):
+            gc.collect()
+            gc.disable()  # no collector pause inside a timed call
+            for name in _round_order(names, r):
+                start = time.perf_counter()
+                calls[name]()
+                samples[name].append(time.perf_counter() - start)
+            if gc_was_enabled:
+                gc.enable()
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return samples
+
+
+_L2_FLUSH_BYTES = 256 << 20  # larger than the L2 of any current GPU (H100: 50 MiB)
+
+
+def require_cuda(what: str) -> None:
+    """Raise a RuntimeError naming `what` when no CUDA device is present."""
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"{what} needs a CUDA device, and torch sees none on this machine "
+                           f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'})")
+
+
+def _cuda_rounds(calls, names, reps, device) -> dict[str, list[float]]:
+    require_cuda("CUDA-event timing")
+    flush = torch.empty(_L2_FLUSH_BYTES, dtype=torch.int8, device=device)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    torch.cuda.synchronize(device)
+    for r in range(reps):
+        events = []
+        for name in _round_order(names, r):
+            flush.zero_()
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            calls[name]()
+            end.record()
+            events.append((name, start, end))
+        torch.cuda.synchronize(device)
+        for name, start, end in events:
+            samples[name].append(start.elapsed_time(end) / 1e3)
+    return samples
