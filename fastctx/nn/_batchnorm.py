@@ -1,20 +1,13 @@
-"""BatchNorm layers folded into a per-channel affine map, with nn.BatchNorm2d's semantics.
+"""fastctx's SyncBatchNorm: torch's layer, plus cross-process statistics on CPU.
 
-The fused ACM path runs the BatchNorms of all pool scales at once on stacked
-channels and feeds BN into fused epilogues as (scale, shift). This module keeps
-the layers' exact behaviour: batch statistics (biased variance) in training,
-running statistics updated with the unbiased variance and each layer's momentum
-(cumulative average when momentum is None), running statistics in eval, and
-cross-process statistics for SyncBatchNorm under torch.distributed.
-
-It also holds fastctx's `SyncBatchNorm`: torch's nn.SyncBatchNorm refuses CPU
-tensors once a process group exists, so CPU (gloo) training could not use
-SyncBN at all; the subclass here synchronises CPU statistics with the same
-differentiable all-reduce as the fused path.
+torch's nn.SyncBatchNorm refuses CPU tensors once a process group exists, so
+CPU (gloo) training could not use SyncBN at all. The subclass here keeps
+torch's parameters, buffers and CUDA path, and on CPU combines the processes'
+batch statistics with a differentiable all-reduce: batch statistics (biased
+variance) normalise, running statistics are updated with the global unbiased
+variance and the layer's momentum (cumulative average when momentum is None).
 """
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -51,40 +44,6 @@ def _sync_stats(mean, var, count: int, group=None):
     return global_mean, global_var, int(total.item())
 
 
-def batchnorm_affine(norms: Sequence[nn.modules.batchnorm._BatchNorm], y: torch.Tensor):
-    """(scale, shift) per channel of y such that norm(y) == y * scale + shift.
-
-    `norms` are the BatchNorm layers of consecutive channel groups of y (their
-    channel counts add up to y.shape[1]). In training the statistics are y's
-    batch statistics (gradients flow through them) and the layers' running
-    statistics are updated as nn.BatchNorm2d.forward would.
-    """
-    channels = [n.num_features for n in norms]
-    if sum(channels) != y.shape[1]:
-        raise ValueError(f"BatchNorm layers cover {sum(channels)} channels, the input has {y.shape[1]}")
-    acc = torch.float64 if y.dtype == torch.float64 else torch.float32
-    training = norms[0].training
-    use_batch_stats = training or not norms[0].track_running_stats
-    if use_batch_stats:
-        count = y.numel() // y.shape[1]
-        var, mean = torch.var_mean(y.to(acc), dim=(0, 2, 3), unbiased=False)
-        if any(isinstance(n, nn.SyncBatchNorm) for n in norms) and dist.is_available() and dist.is_initialized() and training:
-            mean, var, count = _sync_stats(mean, var, count, group=getattr(norms[0], "process_group", None))
-        # after the sync: one value per process is fine when the processes together have more
-        if training and count == 1:
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(y.shape)}")
-        if training:
-            _update_running_stats(norms, mean.detach(), var.detach(), count)
-    else:
-        mean = torch.cat([n.running_mean for n in norms]).to(acc)
-        var = torch.cat([n.running_var for n in norms]).to(acc)
-    eps = torch.cat([y.new_full((c,), n.eps, dtype=acc) for n, c in zip(norms, channels)])
-    weight = torch.cat([n.weight if n.affine else y.new_ones(c, dtype=acc) for n, c in zip(norms, channels)]).to(acc)
-    bias = torch.cat([n.bias if n.affine else y.new_zeros(c, dtype=acc) for n, c in zip(norms, channels)]).to(acc)
-    scale = weight * torch.rsqrt(var + eps)
-    return scale, bias - mean * scale
-
-
 @torch.no_grad()
 def _update_running_stats(norms, mean, var, count: int):
     unbiased = var * (count / (count - 1)) if count > 1 else var
@@ -99,12 +58,6 @@ def _update_running_stats(norms, mean, var, count: int):
         n.running_mean.mul_(1 - factor).add_(mean[sl].to(n.running_mean.dtype), alpha=factor)
         n.running_var.mul_(1 - factor).add_(unbiased[sl].to(n.running_var.dtype), alpha=factor)
         offset += n.num_features
-
-
-def affine_relu(y, scale, shift):
-    """relu(y * scale + shift) per channel (a folded BatchNorm followed by ReLU)."""
-    shape = (1, -1, 1, 1)
-    return torch.relu(torch.addcmul(shift.view(shape).to(y.dtype), y, scale.view(shape).to(y.dtype)))
 
 
 class SyncBatchNorm(nn.SyncBatchNorm):
