@@ -41,8 +41,9 @@ class SyntheticScenes(SegmentationDataset):
          landmark -- a square of side ``landmark_size`` (fraction of the image side) in the scene's own colour
          (magenta / cyan / black) -- sits somewhere in the image. A sparse cue: one place in the image tells
          every other pixel what it is. Landmark pixels are labelled as the scene's background.
-    4. **Objects**: 1-3 (``objects``) objects, each a light-grey ellipse ("type A") or a yellow rectangle
-       ("type B") of random size (``object_size``, fractions of the image side) and position. They look the
+    4. **Objects**: 1-2 (``objects``) objects, each a light-grey ellipse ("type A") or a yellow rectangle
+       ("type B") of random position and size: semi-axes / half-sides drawn from ``object_size`` (fractions of
+       the image side), so 15-32 px across in a 64 px image, several stride-8 feature pixels. They look the
        same in every scene. With the mixture cue, placements that would make another material the most visible
        one (by less than half a cell) are redrawn; the landmark is drawn last and never hidden.
     5. **Noise**: i.i.d. Gaussian noise (std ``noise``) on every pixel and channel, clipped to 0..255.
@@ -56,8 +57,16 @@ class SyntheticScenes(SegmentationDataset):
     A model has to gather evidence from most of the image -- global pooling does that in one step (APCNet's
     ACM, EncNet's Encoding), a stack of local convolutions only approximately.
 
-    ``difficulty`` in [0, 1] sets the knobs' defaults: ``dominant_fraction = 0.70 - 0.25 * difficulty``,
-    ``noise = 4 + 12 * difficulty``, ``landmark_size = 0.22 - 0.10 * difficulty``; each can be given directly.
+    The defaults make that gap large for a dilated ResNet: 64 x 64 images, an 8 x 8 grid (a cell is one
+    stride-8 feature pixel) and ``dominant_fraction`` 0.40, i.e. 26 / 19 / 19 cells. The material histogram of
+    a 32 x 32 window (a quarter of the image) then names the scene only ~60 % of the time, of a 48 x 48 window
+    ~82 %, of the whole image always; the objects are large enough that segmenting them is not what limits a
+    stride-8 model. (Measured on the README's 600-iteration CPU recipe: APCNet-R18-D8 reaches ~0.85 mIoU with
+    the scene's background IoU ~0.95, FCN-R18-D8 ~0.35 with ~0.5.)
+
+    ``difficulty`` in [0, 1] sets the knobs' defaults: ``dominant_fraction = 0.46 - 0.12 * difficulty`` (29 /
+    18 / 17 cells at 0, 26 / 19 / 19 at 0.5, 22 / 21 / 21 at 1), ``noise = 4 + 12 * difficulty``,
+    ``landmark_size = 0.22 - 0.10 * difficulty``; each can be given directly.
 
     Splits: "train" and "val" draw from different seed streams (no shared images). The default pipeline is a
     random horizontal flip (training) and normalisation; any pipeline can be passed instead.
@@ -82,10 +91,10 @@ class SyntheticScenes(SegmentationDataset):
 
     def __init__(self, split: str = "train", num_images: int | None = None, size: int | Sequence[int] = DEFAULT_SIZE,
                  seed: int = 0, difficulty: float = 0.5, pipeline: Pipeline | Sequence[Pipeline] | None = None,
-                 augment: bool | None = None, *, cue: str = "mixture", grid: int = 4,
+                 augment: bool | None = None, *, cue: str = "mixture", grid: int = 8,
                  dominant_fraction: float | None = None, landmark_size: float | None = None,
-                 noise: float | None = None, objects: tuple[int, int] = (1, 3),
-                 object_size: tuple[float, float] = (0.08, 0.18), ignore_border: int = 0):
+                 noise: float | None = None, objects: tuple[int, int] = (1, 2),
+                 object_size: tuple[float, float] = (0.12, 0.25), ignore_border: int = 0):
         if split not in self._SPLIT_STREAM:
             raise ValueError(f"SyntheticScenes split must be one of {sorted(self._SPLIT_STREAM)}, got {split!r}")
         if not 0.0 <= difficulty <= 1.0:
@@ -100,7 +109,7 @@ class SyntheticScenes(SegmentationDataset):
         self.size = _pair(size, "size (h, w)")
         self.seed = int(seed)
         self.difficulty = float(difficulty)
-        self.dominant_fraction = 0.70 - 0.25 * difficulty if dominant_fraction is None else float(dominant_fraction)
+        self.dominant_fraction = 0.46 - 0.12 * difficulty if dominant_fraction is None else float(dominant_fraction)
         self.noise = 4.0 + 12.0 * difficulty if noise is None else float(noise)
         if grid < 2 or grid > min(self.size):
             raise ValueError(f"grid must be in [2, min(size)] = [2, {min(self.size)}], got {grid}")
