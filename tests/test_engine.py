@@ -187,7 +187,7 @@ def test_overrides_are_parsed_as_yaml_and_typed():
     ("data.name=kitti", r"data.name: unknown name 'kitti'; valid: .*cityscapes"),
     ("runtime.device=tpu", r"runtime.device: expected one of 'auto', 'cpu', 'cuda', 'cuda:N', got 'tpu'"),
     ("eval.tta_scales=[1, x]", r"eval.tta_scales: expected a list of numbers, got \[1, 'x'\]"),
-    ("schedule.warmup_iters=500", r"schedule.warmup_iters \(500\) must be smaller than train.iters \(400\)"),
+    ("schedule.warmup_iters=100000", r"schedule.warmup_iters \(100000\) must be smaller than train.iters \(\d+\)"),
     ("train.iters", r"override 'train.iters': expected section.key=value"),
     ("iters=3", r"override 'iters=3': the key must be section.key"),
 ])
