@@ -235,3 +235,17 @@ def test_op_under_cuda_autocast(case, dtype, monkeypatch):
     expected = REFERENCE_OF[name](*(t.float() for t in inputs))
     assert out.dtype == (dtype if out_dtype == BF16 else out_dtype)
     assert_close(out, expected, dtype, f"{name} under CUDA autocast")
+
+
+def test_modules_pass_fp32_parameters_to_the_op_under_cpu_autocast():
+    """Encoding's codewords and scale reach the fp32 kernel unrounded (no 16-bit detour)."""
+    require_backend("cpu")
+    from fastctx.nn import Encoding
+
+    torch.manual_seed(0)
+    layer = Encoding(16, 8)
+    x = torch.randn(2, 16, 5, 7).bfloat16()
+    with torch.autocast("cpu", torch.bfloat16):
+        out = layer(x)
+    expected = ops.encoding(x.float(), layer.codewords, layer.scale).to(torch.bfloat16)
+    assert torch.equal(out, expected)

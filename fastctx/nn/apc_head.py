@@ -93,7 +93,6 @@ def fused_acm_forward(acms: Sequence[ACM], x: torch.Tensor) -> torch.Tensor:
     fusion = acms[0].fusion
     if any(a.channels != channels or a.fusion != fusion for a in acms):
         raise ValueError("fused ACMs must share channels and fusion")
-    dtype = x.dtype
 
     # Sub-region features of every scale from one read of x.
     pooled_x = ops.pyramid_pool(x, scales)
@@ -114,7 +113,9 @@ def fused_acm_forward(acms: Sequence[ACM], x: torch.Tensor) -> torch.Tensor:
          for i, a in enumerate(acms)], dim=1,
     )
     weight = torch.cat([a.gla.weight.flatten(1) for a in acms])  # [S_tot, C]
-    context = ops.gla_context(reduced, weight.to(dtype), bias.to(dtype), pooled.to(dtype), sizes)
+    # No casts to x's dtype: outside autocast all four already share it, inside autocast the op
+    # takes mixed dtypes and rounding the fp32 gla weights to 16 bits first would only lose precision.
+    context = ops.gla_context(reduced, weight, bias, pooled, sizes)
 
     # residual_conv + BN + ReLU + x + ReLU: the BN (folded in eval) and the rest in one pass.
     res_pre = [a.residual_conv.conv(c) for a, c in zip(acms, context.split(channels, 1))]

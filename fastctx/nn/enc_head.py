@@ -35,7 +35,11 @@ class Encoding(nn.Module):
             raise ValueError(f"Encoding expects input of shape [B, {self.channels}, H, W], got {tuple(x.shape)}")
         if not self.fused:
             return reference.encoding(x, self.codewords, self.scale)
-        return ops.encoding(x, self.codewords.to(x.dtype), self.scale.to(x.dtype))
+        codewords, scale = self.codewords, self.scale
+        if not torch.is_autocast_enabled(x.device.type):
+            # inside autocast the op takes the fp32 parameters as they are (no 16-bit rounding of codewords)
+            codewords, scale = codewords.to(x.dtype), scale.to(x.dtype)
+        return ops.encoding(x, codewords, scale)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, num_codes={self.num_codes}"
