@@ -284,11 +284,22 @@ def test_model_rows_time_training_and_inference(tmp_path):
     assert all(r["op"] == "apcnet_r18-d8" and r["shape"] == "2x3x32x32" and r["median_ms"] > 0 for r in rows)
 
 
+def test_model_rows_default_to_the_smallest_batch_each_model_runs():
+    rows = bench.run(ops=[], shapes="tiny", modes=["fwd"], providers=["eager"], device=CPU,
+                     models=["apcnet_r18-d8", "encnet_r18-d8"], model_size=32, model_reps=1, out=None, warmup=1)
+    shapes = {(r["op"], r["mode"]): r["shape"] for r in rows}
+    # One image, except APCNet training: its ACM's BatchNorm over a 1x1 pool needs two.
+    assert shapes == {("apcnet_r18-d8", "train"): "2x3x32x32", ("apcnet_r18-d8", "infer"): "1x3x32x32",
+                      ("encnet_r18-d8", "train"): "1x3x32x32", ("encnet_r18-d8", "infer"): "1x3x32x32"}
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--ops", "nope"], "unknown op 'nope'"),
     (["--mode", "bwd"], "unknown mode 'bwd'"),
     (["--providers", "fastctx-cuda"], "'fastctx-cuda' cannot run on cpu"),
-    (["--models", "--model-batch", "1"], "needs >= 2 images"),
+    (["--models", "--model-batch", "1"], "training apcnet_r50-d8 needs at least 2 images"),
+    (["--models", "nope"], "unknown model 'nope'"),
+    (["--models", "encnet_r18-d8", "--model-batch", "0"], "--model-batch 0: must be >= 1"),
     (["--shapes", "huge"], "invalid choice: 'huge'"),
 ])
 def test_main_rejects_bad_arguments(argv, message, capsys):

@@ -25,7 +25,7 @@ import torch
 
 from .gpu import autotune_report, peak_bandwidth_gbps
 from .memory import MiB, measure_in_subprocess
-from .models import DEFAULT_MODELS, MODEL_MODES, build_model_instance, model_providers
+from .models import DEFAULT_MODELS, MODEL_MODES, build_model_instance, check_model_batch, model_providers
 from .providers import (
     ALL_OPS, ALL_PROVIDERS, MODES, build_instance, case_shapes, default_providers,
     provider_unavailable_reason,
@@ -59,9 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--models", nargs="?", const=",".join(DEFAULT_MODELS), default=None, metavar="NAMES",
                         help=f"also time whole models (default names: {','.join(DEFAULT_MODELS)})")
     parser.add_argument("--model-size", type=int, help="image side of the model rows (default: the shape set's)")
-    parser.add_argument("--model-batch", type=int, default=2,
-                        help="batch of the model rows (default: %(default)s; training needs >= 2: BatchNorm "
-                             "of the ACM's 1x1 pooled maps)")
+    parser.add_argument("--model-batch", type=int, default=None,
+                        help="batch of the model rows (default: the smallest each runs: 1, and 2 to train APCNet, "
+                             "whose ACM applies BatchNorm to each image's 1x1 global pool)")
     parser.add_argument("--model-reps", type=int, default=3, help="timed rounds of the model rows (default: 3)")
     parser.add_argument("--out", default="bench/results", help="results directory ('' for none; default: %(default)s)")
     parser.add_argument("--plot", action="store_true", help="write <out>/<device>.png: speedups vs eager")
@@ -121,11 +121,10 @@ def _resolve(args) -> dict:
     if args.reps < 1 or args.warmup < 1 or args.model_reps < 1:
         raise ValueError("--reps, --model-reps and --warmup must be >= 1 (the warm-up round is where "
                          "torch.compile compiles and Triton autotunes, outside the timing)")
-    if args.models and args.model_batch < 2:
-        raise ValueError(f"--model-batch {args.model_batch}: a training iteration needs >= 2 images (BatchNorm in "
-                         "train mode over APCNet's [B, C, 1, 1] pooled features needs more than one value)")
-    shapes = get_shape_set(args.shapes or ("realistic" if device.type == "cuda" else "cpu"))
     models = _csv_list(args.models) if args.models else []
+    for name in models:
+        check_model_batch(name, args.model_batch)
+    shapes = get_shape_set(args.shapes or ("realistic" if device.type == "cuda" else "cpu"))
     if args.plot and not args.out:
         raise ValueError("--plot needs an --out directory")
     return dict(ops=ops, shapes=shapes.name, modes=modes, providers=providers, device=device, dtype=dtype,
@@ -141,7 +140,7 @@ def _log(message: str) -> None:
 
 def run(ops: Sequence[str], shapes: str, modes: Sequence[str], providers: Sequence[str] | None,
         device: torch.device, dtype: torch.dtype = torch.float32, memory: bool = False,
-        models: Sequence[str] = (), model_size: int = 512, model_batch: int = 2, model_reps: int = 3,
+        models: Sequence[str] = (), model_size: int = 512, model_batch: int | None = None, model_reps: int = 3,
         out: str | None = "bench/results", plot: bool = False, autotune: bool = False, reps: int = 10,
         warmup: int = 1, threads: int | None = None, compile_backend: str = "inductor") -> list[dict]:
     """Benchmark `ops` at shape set `shapes` (and whole `models`), print the table, write
@@ -214,15 +213,15 @@ def _model_rows(models, shape_set, providers, device, size, batch, reps, warmup,
     for name in models:
         for mode in MODEL_MODES:
             names = [p for p in model_providers(device) if providers is None or p in providers]
-            _log(f"[model] {name} {batch}x3x{size}x{size} {mode}: {', '.join(names)}")
             inst = build_model_instance(name, mode, names, device, size=size, batch=batch,
                                         num_classes=shape_set.num_classes)
+            _log(f"[model] {name} {inst.shape} {mode}: {', '.join(names)}")
             stats = time_interleaved({n: functools.partial(inst.step, n) for n in names}, reps, warmup, device)
             for provider, st in stats.items():
                 rows.append(dict(op=name, shape=inst.shape, mode=mode, provider=provider, dtype="float32",
                                  **_times(st), traffic_bytes=None, lower_bound_bytes=None, **common))
                 memory_jobs.setdefault((name, provider), []).append(
-                    dict(model=name, size=size, batch=batch, mode=mode, num_classes=shape_set.num_classes))
+                    dict(model=name, size=size, batch=inst.img.shape[0], mode=mode, num_classes=shape_set.num_classes))
             del inst
     return rows, memory_jobs
 
