@@ -30,9 +30,13 @@ TORCH_LIBRARY(fastctx, m) {
       "gla_context_bwd(Tensor grad, Tensor x, Tensor weight, Tensor bias, Tensor pooled,"
       " int[] group_sizes) -> (Tensor, Tensor, Tensor, Tensor)");
   // out = relu(relu(y * scale[c] + shift[c]) + residual): BN(affine) + ReLU + residual + ReLU.
-  m.def("residual_relu_fwd(Tensor y, Tensor residual, Tensor scale, Tensor shift) -> Tensor");
+  // With save_mask, also out > 0 as uint8 [B, C, ceil(H*W/8)] bits (LSB first) for the backward;
+  // without, an empty mask.
   m.def(
-      "residual_relu_bwd(Tensor grad, Tensor y, Tensor out, Tensor scale, Tensor shift)"
+      "residual_relu_fwd(Tensor y, Tensor residual, Tensor scale, Tensor shift, bool save_mask)"
+      " -> (Tensor, Tensor)");
+  m.def(
+      "residual_relu_bwd(Tensor grad, Tensor y, Tensor mask, Tensor scale, Tensor shift)"
       " -> (Tensor, Tensor, Tensor, Tensor)");
   // EncNet Encoding layer: E[b,k] = sum_i softmax_k(s_k ||x_i - c_k||^2) (x_i - c_k).
   // x is [B, D, N] when channels_first (an NCHW feature map, flattened) else [B, N, D].

@@ -60,12 +60,14 @@ def test_residual_relu_traffic_matches_hand_count():
     b, h, w = case.params["batch"], case.params["height"], case.params["width"]
     c = len(case.params["pool_scales"]) * case.params["channels"]
     t, v = 4 * b * c * h * w, 4 * c  # one [B, C, H, W] map and one per-channel vector, fp32
+    m = b * c * ((h * w + 7) // 8)  # the saved out > 0 bits
     # eager: y*scale, +shift, relu, +residual, relu -- each reads its operands, writes a map
     assert _traffic("residual_relu", case, "fwd", "eager") == ((t + v) + (t + v) + t + 2 * t + t, 5 * t)
     # fused forward (kernel contract): reads y, residual, scale, shift; writes out
     assert _traffic("residual_relu", case, "fwd", "fastctx-cpu") == (2 * t + 2 * v, t)
-    # + backward: reads grad, y, out, scale, shift; writes grad_y, grad_residual, grad_scale, grad_shift
-    assert _traffic("residual_relu", case, "fwdbwd", "fastctx-cpu") == (5 * t + 4 * v, 3 * t + 2 * v)
+    # training forward also writes the mask; backward reads grad, y, mask, scale, shift and writes
+    # grad_y, grad_residual, grad_scale, grad_shift
+    assert _traffic("residual_relu", case, "fwdbwd", "fastctx-cpu") == (4 * t + m + 4 * v, 3 * t + m + 2 * v)
 
 
 def test_pyramid_pool_and_gla_context_traffic_match_hand_count():

@@ -168,7 +168,7 @@ def _op_cases():
         torch.randn(2, 3, 5, dtype=torch.float64), sizes)
     y = torch.randn(2, 3, 4, 5, dtype=torch.float64)
     yield torch.ops.fastctx.residual_relu.default, (
-        y, torch.randn_like(y), torch.rand(3, dtype=torch.float64) + 0.5, torch.randn(3, dtype=torch.float64))
+        y, torch.randn_like(y), torch.rand(3, dtype=torch.float64) + 0.5, torch.randn(3, dtype=torch.float64), True)
     yield torch.ops.fastctx.encoding.default, (
         torch.randn(2, 6, 20, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64),
         -torch.rand(4, dtype=torch.float64), True)
@@ -189,12 +189,16 @@ def test_in_op_reference_matches_kernels():
         results = {}
         for backend in ("reference", "cpu"):
             leaves = [a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
-            out = op(*leaves, backend)
+            result = op(*leaves, backend)
+            out, *saved = result if isinstance(result, tuple) else (result,)  # residual_relu: + its mask
             weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=out.dtype)
             (out * weights).sum().backward()
-            results[backend] = [out.detach()] + [a.grad for a in leaves if isinstance(a, torch.Tensor)]
+            results[backend] = [out.detach(), *saved] + [a.grad for a in leaves if isinstance(a, torch.Tensor)]
         for got, want in zip(results["reference"], results["cpu"], strict=True):
-            assert_close(got, want, torch.float64, str(op))
+            if got.is_floating_point():
+                assert_close(got, want, torch.float64, str(op))
+            else:  # the saved bit mask: exact
+                assert torch.equal(got, want), str(op)
 
 
 def test_op_rejects_unknown_backend():

@@ -9,6 +9,7 @@ import torch
 
 import fastctx
 from fastctx import ops, reference
+from fastctx.ops.residual_relu import pack_mask, unpack_mask
 from conftest import require_backend
 from tolerances import assert_close
 
@@ -119,6 +120,39 @@ def test_residual_relu(backend, shape):
     _check_fwd_bwd(backend, ops.residual_relu, reference.residual_relu, inputs, torch.float32)
 
 
+def test_pack_mask_layout():
+    """Pixel n = h*W + w of a plane is bit n % 8 (LSB first) of byte n // 8; spare bits are 0."""
+    active = torch.zeros(1, 2, 3, 4, dtype=torch.bool)  # 12 pixels: 2 bytes per plane
+    active[0, 0, 0, 0] = True  # n = 0
+    active[0, 0, 2, 1] = True  # n = 9
+    active[0, 1, 1, 3] = True  # n = 7
+    mask = pack_mask(active)
+    assert mask.dtype == torch.uint8 and mask.tolist() == [[[1, 2], [128, 0]]]
+    assert torch.equal(unpack_mask(mask, active.shape), active)
+    for shape in [(2, 3, 33, 45), (1, 1, 1, 1), (3, 2, 4, 2)]:
+        bits = torch.rand(shape, generator=torch.Generator().manual_seed(0)) > 0.5
+        assert torch.equal(unpack_mask(pack_mask(bits), shape), bits)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("shape", [(2, 3, 33, 45), (1, 1, 1, 1), (2, 64, 16, 16), (1, 5, 7, 3), (1, 2, 3, 43)])
+def test_residual_relu_saves_out_positive_as_bits(backend, shape):
+    """The forward's mask is exactly pack_mask(out > 0); inference writes none."""
+    require_backend(backend, _device(backend))
+    y, r, s, t = residual_inputs(*shape, device=_device(backend))
+    out, mask = torch.ops.fastctx.residual_relu.default(y, r, s, t, True, backend)
+    assert mask.shape == (shape[0], shape[1], (shape[2] * shape[3] + 7) // 8)
+    assert torch.equal(mask.cpu(), pack_mask(out.cpu() > 0))
+    out_only, no_mask = torch.ops.fastctx.residual_relu.default(y, r, s, t, False, backend)
+    assert torch.equal(out_only, out) and no_mask.numel() == 0
+
+
+def test_residual_relu_gradient_needs_the_mask():
+    y, r, s, t = residual_inputs(1, 2, 3, 3)
+    with pytest.raises(RuntimeError, match="save_mask=False"):
+        torch.ops.fastctx.residual_relu.default(y.requires_grad_(), r, s, t, False, "auto")
+
+
 # ----------------------------------------------------------------------------- float64 gradcheck
 
 GRADCHECK = {
@@ -150,7 +184,7 @@ def _opcheck_cases(backend, device):
     x, w, b, p = gla_inputs(2, 4, 5, 3, sizes, device=device)
     yield torch.ops.fastctx.gla_context.default, (x, w, b, p, sizes, backend)
     y, r, s, t = residual_inputs(2, 3, 4, 5, device=device)
-    yield torch.ops.fastctx.residual_relu.default, (y, r, s, t, backend)
+    yield torch.ops.fastctx.residual_relu.default, (y, r, s, t, True, backend)
 
 
 @pytest.mark.parametrize("backend", FUSED)
@@ -159,6 +193,9 @@ def test_opcheck(backend):
     for op, args in _opcheck_cases(backend, _device(backend)):
         args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in args)
         torch.library.opcheck(op, args)
+    # Inference form: no mask, so no gradient may be asked of it.
+    y, r, s, t = residual_inputs(2, 3, 4, 5, device=_device(backend))
+    torch.library.opcheck(torch.ops.fastctx.residual_relu.default, (y, r, s, t, False, backend))
 
 
 # ----------------------------------------------------------------------------- layouts, empty, bad input

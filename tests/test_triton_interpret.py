@@ -21,6 +21,7 @@ import torch.nn.functional as F  # noqa: E402
 pytest.importorskip("triton")
 
 from fastctx.ops import triton_launch  # noqa: E402
+from fastctx.ops.residual_relu import pack_mask  # noqa: E402
 from tolerances import assert_close  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
@@ -179,10 +180,14 @@ def test_residual_relu(shape, dtype):
     grad, = _inputs(shape, dtype=dtype, seed=3)
     ref.backward(grad.double())
 
-    out = triton_launch.residual_relu_fwd(y, residual, scale, shift)
+    out, mask = triton_launch.residual_relu_fwd(y, residual, scale, shift, True)
     assert out.dtype == dtype
     _check(out, ref.detach(), f"residual fwd {dtype} {shape}")
-    grads = triton_launch.residual_relu_bwd(grad, y, out, scale, shift)
+    # The saved bits are exactly out > 0 (the last byte's spare bits zero).
+    assert torch.equal(mask, pack_mask(out > 0)), f"residual mask {dtype} {shape}"
+    out_only, no_mask = triton_launch.residual_relu_fwd(y, residual, scale, shift, False)
+    assert torch.equal(out_only, out) and no_mask.numel() == 0
+    grads = triton_launch.residual_relu_bwd(grad, y, mask, scale, shift)
     for name, got, leaf, want_dtype in zip(("grad_y", "grad_residual", "grad_scale", "grad_shift"),
                                            grads, leaves, (dtype, dtype, acc, acc)):
         assert got.shape == leaf.shape and got.dtype == want_dtype, name

@@ -35,13 +35,13 @@ FASTCTX_HOST_DEVICE acc_t residual_relu(acc_t y, acc_t r, acc_t scale, acc_t shi
   return relu(relu(y * scale + shift) + r);
 }
 
-// Gradient of residual_relu. `out` is the forward output; the inner mask is
-// recomputed from y. Returns d/du (to be scaled by `scale` for dy and
-// accumulated for dscale/dshift) and d/dr.
+// Gradient of residual_relu. `active` is out > 0 (the forward's saved bit);
+// the inner mask is recomputed from y. Returns d/du (to be scaled by `scale`
+// for dy and accumulated for dscale/dshift) and d/dr.
 template <typename acc_t>
 FASTCTX_HOST_DEVICE void residual_relu_grad(
-    acc_t grad, acc_t y, acc_t out, acc_t scale, acc_t shift, acc_t* grad_u, acc_t* grad_r) {
-  const acc_t g = out > acc_t(0) ? grad : acc_t(0);
+    acc_t grad, acc_t y, bool active, acc_t scale, acc_t shift, acc_t* grad_u, acc_t* grad_r) {
+  const acc_t g = active ? grad : acc_t(0);
   *grad_r = g;
   *grad_u = (y * scale + shift) > acc_t(0) ? g : acc_t(0);
 }

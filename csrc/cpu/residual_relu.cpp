@@ -1,6 +1,8 @@
 // CPU backend of residual_relu (see docs/kernels.md, "residual_relu"):
 //   out = relu(relu(y * scale[c] + shift[c]) + residual)
-// Forward and backward are one pass each over (b, c) planes. The backward's
+// Forward and backward are one pass each over (b, c) planes. For the backward
+// the forward saves out > 0 as a bit mask (LSB first, ceil(H*W / 8) bytes per
+// plane): the backward then reads 1 bit per element instead of out. The backward's
 // channel sums (grad_scale, grad_shift) are first summed per plane into a
 // [B, C] partial buffer, then over b in a fixed order: deterministic, no
 // atomics. The scalar maths is common/activation.h, shared with CUDA.
@@ -11,16 +13,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <tuple>
 
 #include "common/activation.h"
 
 namespace fastctx {
 namespace {
-
-// Lanes of the per-plane sums: independent accumulators the compiler can keep
-// in one vector register; reduced in a fixed order at the end of the plane.
-constexpr int kLanes = 8;
 
 int64_t plane_grain(int64_t plane_size) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, plane_size));
@@ -52,15 +51,19 @@ void check_affine(const at::Tensor& t, const char* name, const at::Tensor& y) {
               y.scalar_type(), " data, got ", t.scalar_type());
 }
 
-at::Tensor residual_relu_fwd(const at::Tensor& y, const at::Tensor& residual,
-                             const at::Tensor& scale, const at::Tensor& shift) {
+std::tuple<at::Tensor, at::Tensor> residual_relu_fwd(const at::Tensor& y, const at::Tensor& residual,
+                                                     const at::Tensor& scale, const at::Tensor& shift,
+                                                     bool save_mask) {
   check_data(y, "y", y);
   check_data(residual, "residual", y);
   check_affine(scale, "scale", y);
   check_affine(shift, "shift", y);
   auto out = at::empty_like(y);
   const int64_t C = y.size(1), N = y.size(2) * y.size(3), planes = y.size(0) * C;
-  if (out.numel() == 0) return out;
+  const int64_t mask_bytes = (N + 7) / 8;
+  auto mask = save_mask ? at::empty({y.size(0), C, mask_bytes}, y.options().dtype(at::kByte))
+                        : at::empty({0}, y.options().dtype(at::kByte));
+  if (out.numel() == 0) return {out, mask};
 
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "residual_relu_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -69,31 +72,50 @@ at::Tensor residual_relu_fwd(const at::Tensor& y, const at::Tensor& residual,
     const acc_t* scp = scale.const_data_ptr<acc_t>();
     const acc_t* shp = shift.const_data_ptr<acc_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    uint8_t* mp = save_mask ? mask.mutable_data_ptr<uint8_t>() : nullptr;
     at::parallel_for(0, planes, plane_grain(N), [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
         const acc_t sc = scp[p % C], sh = shp[p % C];
         const scalar_t* yy = yp + p * N;
         const scalar_t* rr = rp + p * N;
         scalar_t* oo = op + p * N;
-        for (int64_t n = 0; n < N; ++n) {
-          oo[n] = static_cast<scalar_t>(
-              residual_relu<acc_t>(static_cast<acc_t>(yy[n]), static_cast<acc_t>(rr[n]), sc, sh));
-        }
+        uint8_t* mm = mp != nullptr ? mp + p * mask_bytes : nullptr;
+        // Eight pixels per step, one mask byte; `len` is the constant 8 in the
+        // main loop (unrolled, vectorised) and shorter only for the last byte.
+        const auto step = [&](int64_t n0, int len) {
+          uint8_t bits = 0;
+          for (int j = 0; j < len; ++j) {
+            const acc_t o = residual_relu<acc_t>(static_cast<acc_t>(yy[n0 + j]),
+                                                 static_cast<acc_t>(rr[n0 + j]), sc, sh);
+            oo[n0 + j] = static_cast<scalar_t>(o);
+            bits |= static_cast<uint8_t>(o > acc_t(0)) << j;
+          }
+          if (mm != nullptr) mm[n0 / 8] = bits;
+        };
+        const int64_t n_full = N - N % 8;
+        for (int64_t n0 = 0; n0 < n_full; n0 += 8) step(n0, 8);
+        if (n_full < N) step(n_full, static_cast<int>(N - n_full));
       }
     });
   });
-  return out;
+  return {out, mask};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_relu_bwd(
-    const at::Tensor& grad, const at::Tensor& y, const at::Tensor& out, const at::Tensor& scale,
+    const at::Tensor& grad, const at::Tensor& y, const at::Tensor& mask, const at::Tensor& scale,
     const at::Tensor& shift) {
   check_data(y, "y", y);
   check_data(grad, "grad", y);
-  check_data(out, "out", y);
   check_affine(scale, "scale", y);
   check_affine(shift, "shift", y);
   const int64_t B = y.size(0), C = y.size(1), N = y.size(2) * y.size(3);
+  const int64_t mask_bytes = (N + 7) / 8;
+  TORCH_CHECK(mask.device().is_cpu() && mask.scalar_type() == at::kByte && mask.is_contiguous(),
+              "residual_relu (cpu): mask must be a contiguous uint8 CPU tensor (the forward's), got ",
+              mask.scalar_type(), " on ", mask.device());
+  TORCH_CHECK(mask.dim() == 3 && mask.size(0) == B && mask.size(1) == C && mask.size(2) == mask_bytes,
+              "residual_relu: mask must be [B, C, ceil(H*W/8)] = [", B, ", ", C, ", ", mask_bytes,
+              "], got ", mask.sizes());
   auto grad_y = at::empty_like(y);
   auto grad_residual = at::empty_like(y);
   auto grad_scale = at::zeros_like(scale);
@@ -106,7 +128,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_relu_bwd(
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* gp = grad.const_data_ptr<scalar_t>();
     const scalar_t* yp = y.const_data_ptr<scalar_t>();
-    const scalar_t* op = out.const_data_ptr<scalar_t>();
+    const uint8_t* mp = mask.const_data_ptr<uint8_t>();
     const acc_t* scp = scale.const_data_ptr<acc_t>();
     const acc_t* shp = shift.const_data_ptr<acc_t>();
     scalar_t* gyp = grad_y.mutable_data_ptr<scalar_t>();
@@ -119,37 +141,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_relu_bwd(
         const acc_t sc = scp[p % C], sh = shp[p % C];
         const scalar_t* gg = gp + p * N;
         const scalar_t* yy = yp + p * N;
-        const scalar_t* oo = op + p * N;
+        const uint8_t* mm = mp + p * mask_bytes;
         scalar_t* gy = gyp + p * N;
         scalar_t* gr = grp + p * N;
-        acc_t sum_gy[kLanes] = {}, sum_g[kLanes] = {};
-        const int64_t n_vec = N - N % kLanes;
-        for (int64_t n = 0; n < n_vec; n += kLanes) {
-          for (int j = 0; j < kLanes; ++j) {
-            const acc_t yv = static_cast<acc_t>(yy[n + j]);
+        // Eight pixels (one mask byte) per step, `len` < 8 only for the last
+        // byte; lane j of the sums takes pixel j of each byte, and the lanes
+        // are added in a fixed order.
+        acc_t sum_gy[8] = {}, sum_g[8] = {};
+        const auto step = [&](int64_t n0, int len) {
+          const unsigned bits = mm[n0 / 8];
+          for (int j = 0; j < len; ++j) {
+            const acc_t yv = static_cast<acc_t>(yy[n0 + j]);
             acc_t gu, g;
-            residual_relu_grad<acc_t>(static_cast<acc_t>(gg[n + j]), yv,
-                                      static_cast<acc_t>(oo[n + j]), sc, sh, &gu, &g);
-            gr[n + j] = static_cast<scalar_t>(g);
-            gy[n + j] = static_cast<scalar_t>(gu * sc);
+            residual_relu_grad<acc_t>(static_cast<acc_t>(gg[n0 + j]), yv, (bits >> j) & 1u, sc, sh, &gu, &g);
+            gr[n0 + j] = static_cast<scalar_t>(g);
+            gy[n0 + j] = static_cast<scalar_t>(gu * sc);
             sum_gy[j] += gu * yv;
             sum_g[j] += gu;
           }
-        }
+        };
+        const int64_t n_full = N - N % 8;
+        for (int64_t n0 = 0; n0 < n_full; n0 += 8) step(n0, 8);
+        if (n_full < N) step(n_full, static_cast<int>(N - n_full));
         acc_t s_gy = 0, s_g = 0;
-        for (int j = 0; j < kLanes; ++j) {
+        for (int j = 0; j < 8; ++j) {
           s_gy += sum_gy[j];
           s_g += sum_g[j];
-        }
-        for (int64_t n = n_vec; n < N; ++n) {
-          const acc_t yv = static_cast<acc_t>(yy[n]);
-          acc_t gu, g;
-          residual_relu_grad<acc_t>(static_cast<acc_t>(gg[n]), yv, static_cast<acc_t>(oo[n]), sc,
-                                    sh, &gu, &g);
-          gr[n] = static_cast<scalar_t>(g);
-          gy[n] = static_cast<scalar_t>(gu * sc);
-          s_gy += gu * yv;
-          s_g += gu;
         }
         part_scale[p] = s_gy;
         part_shift[p] = s_g;

@@ -315,22 +315,30 @@ def _rows_tile(n: int) -> tuple[int, int]:
     return max(1, tile // block_n), block_n
 
 
-def residual_relu_fwd(y, residual, scale, shift) -> torch.Tensor:
-    """out = relu(relu(y * scale[c] + shift[c]) + residual)."""
+def residual_relu_fwd(y, residual, scale, shift, save_mask):
+    """-> (out, mask): out = relu(relu(y * scale[c] + shift[c]) + residual); mask = out > 0 as
+    [B, C, ceil(H*W / 8)] uint8 bits for the backward (empty without save_mask)."""
     batch, chans, height, width = y.shape
     n, rows = height * width, batch * chans
+    mask_bytes = triton.cdiv(n, 8)
     block_r, block_n = _rows_tile(n)
     out = torch.empty_like(y)
+    if save_mask:
+        mask = torch.empty(batch, chans, mask_bytes, dtype=torch.uint8, device=y.device)
+        mask_arg = mask
+    else:
+        mask = torch.empty(0, dtype=torch.uint8, device=y.device)
+        mask_arg = out.view(torch.uint8)  # a valid uint8 pointer the kernel never touches
     _launch(
         "residual_relu_fwd", y.dtype,
         lambda m: (triton.cdiv(rows, block_r), triton.cdiv(n, block_n)),
-        y, residual, scale, shift, out, chans, n, rows,
-        BLOCK_R=block_r, BLOCK_N=block_n,
+        y, residual, scale, shift, out, mask_arg, chans, n, rows, mask_bytes,
+        BLOCK_R=block_r, BLOCK_N=block_n, SAVE_MASK=save_mask,
     )
-    return out
+    return out, mask
 
 
-def residual_relu_bwd(grad, y, out, scale, shift):
+def residual_relu_bwd(grad, y, mask, scale, shift):
     """-> (grad_y, grad_residual, grad_scale, grad_shift); per-channel sums reduced in fixed order."""
     batch, chans, height, width = y.shape
     n, rows = height * width, batch * chans
@@ -343,8 +351,8 @@ def residual_relu_bwd(grad, y, out, scale, shift):
     _launch(
         "residual_relu_bwd", y.dtype,
         lambda m: (row_blocks, n_split),
-        grad, y, out, scale, shift, grad_y, grad_r, gscale_part, gshift_part,
-        chans, n, rows, n_per_split,
+        grad, y, mask, scale, shift, grad_y, grad_r, gscale_part, gshift_part,
+        chans, n, rows, triton.cdiv(n, 8), n_per_split,
         BLOCK_R=block_r, BLOCK_N=block_n,
     )
     grad_scale = gscale_part.view(n_split, batch, chans).sum(dim=(0, 1))
@@ -356,7 +364,8 @@ def residual_relu_bwd(grad, y, out, scale, shift):
 
 
 # Argument types of each kernel: "T" = data pointer, "A" = acc pointer (fp32 on
-# GPU), "I" = int32 table pointer; plain strings are scalar types.
+# GPU), "I" = int32 table pointer, "M" = uint8 mask pointer; plain strings are
+# scalar types.
 _ARG_TYPES = {
     "pyramid_pool_fwd": dict(x_ptr="T", bins_ptr="I", inv_area_ptr="A", out_ptr="T", C="i32", N="i32",
                              W="i32", S_tot="i32", n_kb="i32", n_per_split="i32", split_stride="i32"),
@@ -367,15 +376,15 @@ _ARG_TYPES = {
     "gla_context_bwd": dict(grad_ptr="T", x_ptr="T", w_ptr="T", bias_ptr="T", p_ptr="T", groups_ptr="I",
                             gx_ptr="T", dw_part_ptr="A", dp_part_ptr="A", db_part_ptr="A",
                             C="i32", N="i32", GC="i32", S_tot="i32", n_split="i32"),
-    "residual_relu_fwd": dict(y_ptr="T", r_ptr="T", scale_ptr="A", shift_ptr="A", out_ptr="T",
-                              C="i32", N="i32", R="i32"),
-    "residual_relu_bwd": dict(grad_ptr="T", y_ptr="T", out_ptr="T", scale_ptr="A", shift_ptr="A",
+    "residual_relu_fwd": dict(y_ptr="T", r_ptr="T", scale_ptr="A", shift_ptr="A", out_ptr="T", mask_ptr="M",
+                              C="i32", N="i32", R="i32", MB="i32"),
+    "residual_relu_bwd": dict(grad_ptr="T", y_ptr="T", mask_ptr="M", scale_ptr="A", shift_ptr="A",
                               gy_ptr="T", gr_ptr="T", gscale_part_ptr="A", gshift_part_ptr="A",
-                              C="i32", N="i32", R="i32", n_per_split="i32"),
+                              C="i32", N="i32", R="i32", MB="i32", n_per_split="i32"),
 }
 # Scalars that are multiples of 16 at realistic shapes (C = 512, N = 64*64 ..),
 # which the JIT would specialise on, as it does for 16-byte aligned pointers.
-_DIVISIBLE = {"C", "N", "W", "GC", "R", "n_per_split", "c_per_prog"}
+_DIVISIBLE = {"C", "N", "W", "GC", "R", "MB", "n_per_split", "c_per_prog"}
 
 
 def _spec_variants(name: str, dtype: torch.dtype, default_config: bool) -> list[dict]:
@@ -387,7 +396,11 @@ def _spec_variants(name: str, dtype: torch.dtype, default_config: bool) -> list[
     config only.
     """
     if name.startswith("residual_relu"):  # _rows_tile(N) for N >= 1024, and for a 7x5 map
-        return [dict(BLOCK_R=4, BLOCK_N=1024)] + ([dict(BLOCK_R=64, BLOCK_N=64)] if default_config else [])
+        blocks = [dict(BLOCK_R=4, BLOCK_N=1024)] + ([dict(BLOCK_R=64, BLOCK_N=64)] if default_config else [])
+        if name == "residual_relu_fwd":  # training saves the mask; inference does not
+            saves = (True, False) if default_config else (True,)
+            blocks = [{**b, "SAVE_MASK": save} for b in blocks for save in saves]
+        return blocks
     prec = dict(DOT_PRECISION=_dot_precision(dtype))
     if name == "pyramid_pool_fwd":
         blocks = [dict(S_BLOCK=64)] + ([dict(S_BLOCK=32), dict(S_BLOCK=16)] if default_config else [])
@@ -419,9 +432,9 @@ def compile_specs() -> list[dict]:
     for name, arg_types in _ARG_TYPES.items():
         fn = _KERNELS[name]
         attrs = {(fn.arg_names.index(arg),): [["tt.divisibility", 16]]
-                 for arg, kind in arg_types.items() if kind in ("T", "A", "I") or arg in _DIVISIBLE}
+                 for arg, kind in arg_types.items() if kind in ("T", "A", "I", "M") or arg in _DIVISIBLE}
         for dtype, tname in _TORCH_TO_TRITON.items():
-            base_sig = {arg: {"T": "*" + tname, "A": "*fp32", "I": "*i32"}.get(kind, kind)
+            base_sig = {arg: {"T": "*" + tname, "A": "*fp32", "I": "*i32", "M": "*u8"}.get(kind, kind)
                         for arg, kind in arg_types.items()}
             for i, (cfg, warps, stages) in enumerate(_CONFIGS[name][_dtype_class(dtype)]):
                 for variant in _spec_variants(name, dtype, i == 0):
