@@ -15,6 +15,11 @@
 #include <algorithm>
 #include <cstdint>
 #include <tuple>
+#include <type_traits>
+
+#ifdef __SSE2__
+#include <emmintrin.h>
+#endif
 
 #include "common/activation.h"
 
@@ -51,6 +56,53 @@ void check_affine(const at::Tensor& t, const char* name, const at::Tensor& y) {
               y.scalar_type(), " data, got ", t.scalar_type());
 }
 
+// bit_table<T>()[b][j] = bit j of byte b, as 0 or 1 of type T.
+template <typename acc_t>
+const acc_t (&bit_table())[256][8] {
+  struct Table {
+    acc_t v[256][8];
+  };
+  static const Table table = [] {
+    Table t;
+    for (int b = 0; b < 256; ++b) {
+      for (int j = 0; j < 8; ++j) t.v[b][j] = ((b >> j) & 1) != 0 ? acc_t(1) : acc_t(0);
+    }
+    return t;
+  }();
+  return table.v;
+}
+
+// mask bit n % 8 of byte n / 8 = (v[n] > 0), for n < N; the last byte's spare bits 0.
+template <typename scalar_t>
+void pack_positive(const scalar_t* v, int64_t N, uint8_t* mask) {
+  const int64_t full = N / 8;
+  int64_t i = 0;
+#ifdef __SSE2__
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    // Compare + movemask: 4 bits per instruction pair (the portable loop below
+    // costs as much as the forward's arithmetic).
+    const __m128 zero = _mm_setzero_ps();
+    for (; i < full; ++i) {
+      const float* p = v + 8 * i;
+      const int lo = _mm_movemask_ps(_mm_cmpgt_ps(_mm_loadu_ps(p), zero));
+      const int hi = _mm_movemask_ps(_mm_cmpgt_ps(_mm_loadu_ps(p + 4), zero));
+      mask[i] = static_cast<uint8_t>(lo | (hi << 4));
+    }
+  }
+#endif
+  for (; i < full; ++i) {
+    const scalar_t* p = v + 8 * i;
+    unsigned bits = 0;
+    for (int j = 0; j < 8; ++j) bits |= static_cast<unsigned>(p[j] > scalar_t(0)) << j;
+    mask[i] = static_cast<uint8_t>(bits);
+  }
+  if (N % 8 != 0) {
+    unsigned bits = 0;
+    for (int64_t n = 8 * full; n < N; ++n) bits |= static_cast<unsigned>(v[n] > scalar_t(0)) << (n % 8);
+    mask[full] = static_cast<uint8_t>(bits);
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> residual_relu_fwd(const at::Tensor& y, const at::Tensor& residual,
                                                      const at::Tensor& scale, const at::Tensor& shift,
                                                      bool save_mask) {
@@ -80,21 +132,11 @@ std::tuple<at::Tensor, at::Tensor> residual_relu_fwd(const at::Tensor& y, const 
         const scalar_t* rr = rp + p * N;
         scalar_t* oo = op + p * N;
         uint8_t* mm = mp != nullptr ? mp + p * mask_bytes : nullptr;
-        // Eight pixels per step, one mask byte; `len` is the constant 8 in the
-        // main loop (unrolled, vectorised) and shorter only for the last byte.
-        const auto step = [&](int64_t n0, int len) {
-          uint8_t bits = 0;
-          for (int j = 0; j < len; ++j) {
-            const acc_t o = residual_relu<acc_t>(static_cast<acc_t>(yy[n0 + j]),
-                                                 static_cast<acc_t>(rr[n0 + j]), sc, sh);
-            oo[n0 + j] = static_cast<scalar_t>(o);
-            bits |= static_cast<uint8_t>(o > acc_t(0)) << j;
-          }
-          if (mm != nullptr) mm[n0 / 8] = bits;
-        };
-        const int64_t n_full = N - N % 8;
-        for (int64_t n0 = 0; n0 < n_full; n0 += 8) step(n0, 8);
-        if (n_full < N) step(n_full, static_cast<int>(N - n_full));
+        for (int64_t n = 0; n < N; ++n) {  // plain elementwise loop: vectorised
+          oo[n] = static_cast<scalar_t>(
+              residual_relu<acc_t>(static_cast<acc_t>(yy[n]), static_cast<acc_t>(rr[n]), sc, sh));
+        }
+        if (mm != nullptr) pack_positive(oo, N, mm);
       }
     });
   });
@@ -144,25 +186,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_relu_bwd(
         const uint8_t* mm = mp + p * mask_bytes;
         scalar_t* gy = gyp + p * N;
         scalar_t* gr = grp + p * N;
-        // Eight pixels (one mask byte) per step, `len` < 8 only for the last
-        // byte; lane j of the sums takes pixel j of each byte, and the lanes
-        // are added in a fixed order.
+        // Eight pixels (one mask byte) per step. The byte selects a row of 0/1
+        // values from bit_table: contiguous loads keep this loop as vectorisable
+        // as an elementwise one (per-lane bit tests are not). Lane j of the sums
+        // takes pixel j of each byte (independent accumulators in one vector
+        // register), reduced in a fixed order after the loop.
+        const auto& table = bit_table<acc_t>();
         acc_t sum_gy[8] = {}, sum_g[8] = {};
-        const auto step = [&](int64_t n0, int len) {
-          const unsigned bits = mm[n0 / 8];
-          for (int j = 0; j < len; ++j) {
+        const int64_t n_full = N - N % 8;
+        for (int64_t n0 = 0; n0 < n_full; n0 += 8) {
+          const acc_t* active = table[mm[n0 / 8]];
+          for (int j = 0; j < 8; ++j) {
             const acc_t yv = static_cast<acc_t>(yy[n0 + j]);
             acc_t gu, g;
-            residual_relu_grad<acc_t>(static_cast<acc_t>(gg[n0 + j]), yv, (bits >> j) & 1u, sc, sh, &gu, &g);
+            residual_relu_grad<acc_t>(static_cast<acc_t>(gg[n0 + j]), yv, active[j] > acc_t(0), sc, sh, &gu, &g);
             gr[n0 + j] = static_cast<scalar_t>(g);
             gy[n0 + j] = static_cast<scalar_t>(gu * sc);
             sum_gy[j] += gu * yv;
             sum_g[j] += gu;
           }
-        };
-        const int64_t n_full = N - N % 8;
-        for (int64_t n0 = 0; n0 < n_full; n0 += 8) step(n0, 8);
-        if (n_full < N) step(n_full, static_cast<int>(N - n_full));
+        }
+        for (int64_t n = n_full; n < N; ++n) {  // the plane's last, partial byte
+          const acc_t yv = static_cast<acc_t>(yy[n]);
+          acc_t gu, g;
+          residual_relu_grad<acc_t>(static_cast<acc_t>(gg[n]), yv, ((mm[n / 8] >> (n % 8)) & 1u) != 0u, sc, sh,
+                                    &gu, &g);
+          gr[n] = static_cast<scalar_t>(g);
+          gy[n] = static_cast<scalar_t>(gu * sc);
+          sum_gy[n % 8] += gu * yv;
+          sum_g[n % 8] += gu;
+        }
         acc_t s_gy = 0, s_g = 0;
         for (int j = 0; j < 8; ++j) {
           s_gy += sum_gy[j];
