@@ -1,4 +1,4 @@
-"""CUDA kernels' device code run on the CPU through tests/cuda_emu/emu.h.
+"""CUDA kernels' device code run on the CPU through tests/cuda_emu/emu.h (residual_relu, pyramid_pool).
 
 nvcc only proves the CUDA kernels compile; their indexing, lane packing and
 warp/block reductions would first run on a GPU. Here the device part of a .cu
@@ -26,7 +26,8 @@ def device_code(cu_file: Path) -> str:
     start = src.index("namespace fastctx {")
     end = src.index(HOST_MARKER)
     includes = "".join(line + "\n" for line in src[:start].splitlines() if re.match(r'#include "common/', line))
-    return includes + src[start:end] + "}  // namespace\n}  // namespace fastctx\n"
+    body = re.sub(r"extern __shared__ [^;]*\bsmem_raw\[\];", "unsigned char* smem_raw = emu_dyn_smem;", src[start:end])
+    return includes + body + "}  // namespace\n}  // namespace fastctx\n"
 
 
 def _compiler() -> str:
@@ -36,7 +37,7 @@ def _compiler() -> str:
     return cxx
 
 
-@pytest.mark.parametrize("kernel", ["residual_relu"])
+@pytest.mark.parametrize("kernel", ["residual_relu", "pyramid_pool"])
 def test_cuda_device_code_under_emulation(kernel, tmp_path):
     (tmp_path / f"{kernel}.device.inc").write_text(device_code(ROOT / "csrc" / "cuda" / f"{kernel}.cu"))
     exe = tmp_path / kernel

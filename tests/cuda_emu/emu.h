@@ -32,6 +32,9 @@ struct dim3 {
 inline thread_local dim3 threadIdx;
 inline thread_local dim3 blockIdx;
 inline dim3 blockDim, gridDim;
+// The block's dynamic shared memory: the extraction in tests/test_cuda_emulation.py
+// turns `extern __shared__ ... smem_raw[]` into a pointer to this.
+inline unsigned char* emu_dyn_smem = nullptr;
 
 struct EmuBlock {
   std::unique_ptr<std::barrier<>> block;
@@ -80,8 +83,10 @@ using std::max;
 using std::min;
 
 // Runs kernel() for every block of `grid` with block.x threads each (the
-// kernels here are 1-D blocks of whole warps).
-inline void emu_launch(dim3 grid, dim3 block, const std::function<void()>& kernel) {
+// kernels here are 1-D blocks of whole warps) and `smem` bytes of dynamic
+// shared memory, filled with 0xFF (NaN as floats) so reads of shared memory
+// no thread wrote show up in the results.
+inline void emu_launch(dim3 grid, dim3 block, const std::function<void()>& kernel, size_t smem = 0) {
   gridDim = grid;
   blockDim = block;
   const int threads = static_cast<int>(block.x);
@@ -93,6 +98,8 @@ inline void emu_launch(dim3 grid, dim3 block, const std::function<void()>& kerne
         for (int w = 0; w < (threads + 31) / 32; ++w)
           eb.warp.push_back(std::make_unique<std::barrier<>>(std::min(32, threads - 32 * w)));
         emu_block = &eb;
+        std::vector<unsigned char> dyn(std::max<size_t>(smem, 1), 0xFF);
+        emu_dyn_smem = dyn.data();
         std::vector<std::thread> pool;
         pool.reserve(threads);
         for (int t = 0; t < threads; ++t)
