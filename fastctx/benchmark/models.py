@@ -30,30 +30,33 @@ def _build_model_fn():
     return build_model
 
 
-def min_batch(model: nn.Module, mode: str) -> int:
-    """Smallest batch `model` runs in `mode`: 1, but 2 to train a model with an ACM.
+def model_batch(name: str, model: nn.Module, mode: str, batch: int | None) -> int:
+    """The batch to run `model` (named `name`) at in `mode`: `batch`, or with None the smallest it
+    runs, 1, or 2 to train a model with an ACM. ValueError if `batch` is below that.
 
     The ACM applies BatchNorm to each image's 1x1 global pool; in training mode BatchNorm
     needs more than one value per channel, so one image cannot train (in mmseg too).
     """
     from fastctx.nn.apc_head import ACM
 
-    if mode == "train" and any(isinstance(m, ACM) for m in model.modules()):
-        return 2
-    return 1
+    if batch is not None and batch < 1:
+        raise ValueError(f"--model-batch {batch}: must be >= 1")
+    smallest = 2 if mode == "train" and any(isinstance(m, ACM) for m in model.modules()) else 1
+    if batch is None:
+        return smallest
+    if batch < smallest:
+        raise ValueError(f"--model-batch {batch}: training {name} needs at least {smallest} images (BatchNorm in "
+                         "training mode over the ACM's [B, C, 1, 1] global pool needs more than one value per channel)")
+    return batch
 
 
 def check_model_batch(name: str, batch: int | None) -> None:
     """ValueError unless model `name` exists and can run every mode at `batch` (None: its smallest)."""
     build_model = _build_model_fn()
-    if batch is not None and batch < 1:
-        raise ValueError(f"--model-batch {batch}: must be >= 1")
     with torch.device("meta"):  # the architecture only: no memory, no initialisation arithmetic
         model = build_model(name, 19)
-    smallest = min_batch(model, "train")
-    if batch is not None and batch < smallest:
-        raise ValueError(f"--model-batch {batch}: training {name} needs at least {smallest} images (BatchNorm in "
-                         "training mode over the ACM's [B, C, 1, 1] global pool needs more than one value per channel)")
+    for mode in MODEL_MODES:
+        model_batch(name, model, mode, batch)
 
 
 def model_providers(device: torch.device) -> list[str]:
@@ -104,7 +107,7 @@ def build_model_instance(name: str, mode: str, providers: Sequence[str], device:
                          seed: int = 0) -> ModelInstance:
     """Model `name` (e.g. "apcnet_r50-d8") with a random batch of `batch` size x size images.
 
-    `batch` None: the smallest batch the model runs in `mode` (see `min_batch`).
+    `batch` None: the smallest batch the model runs in `mode` (see `model_batch`).
     """
     if mode not in MODEL_MODES:
         raise ValueError(f"unknown model mode {mode!r}: expected one of {MODEL_MODES}")
@@ -124,12 +127,7 @@ def build_model_instance(name: str, mode: str, providers: Sequence[str], device:
     torch.manual_seed(seed)
     model = build_model(name, num_classes, fused=True).to(device)
     model.train(mode == "train")
-    smallest = min_batch(model, mode)
-    if batch is None:
-        batch = smallest
-    elif batch < smallest:
-        raise ValueError(f"training {name} needs a batch of at least {smallest}, got {batch} (BatchNorm in training "
-                         "mode over the ACM's [B, C, 1, 1] global pool needs more than one value per channel)")
+    batch = model_batch(name, model, mode, batch)
     gen = torch.Generator().manual_seed(seed)
     img = torch.randn(batch, 3, size, size, generator=gen).to(device)
     label = torch.randint(0, num_classes, (batch, size, size), generator=gen)

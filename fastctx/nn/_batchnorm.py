@@ -44,27 +44,11 @@ def _sync_stats(mean, var, count: int, group=None):
     return global_mean, global_var, int(total.item())
 
 
-@torch.no_grad()
-def _update_running_stats(norms, mean, var, count: int):
-    unbiased = var * (count / (count - 1)) if count > 1 else var
-    offset = 0
-    for n in norms:
-        if not n.track_running_stats:
-            offset += n.num_features
-            continue
-        n.num_batches_tracked.add_(1)
-        factor = n.momentum if n.momentum is not None else 1.0 / float(n.num_batches_tracked)
-        sl = slice(offset, offset + n.num_features)
-        n.running_mean.mul_(1 - factor).add_(mean[sl].to(n.running_mean.dtype), alpha=factor)
-        n.running_var.mul_(1 - factor).add_(unbiased[sl].to(n.running_var.dtype), alpha=factor)
-        offset += n.num_features
-
-
 class SyncBatchNorm(nn.SyncBatchNorm):
     """nn.SyncBatchNorm that also synchronises CPU tensors (e.g. gloo process groups).
 
     Same parameters and buffers as torch's layer (state_dicts are unchanged) and
-    an instance of nn.SyncBatchNorm, so the fused ACM path treats it as one. On
+    an instance of nn.SyncBatchNorm, so checks for torch's layer still hold. On
     CUDA, in eval, or without a multi-process group it is torch's layer. On CPU
     in training under a process group, the per-channel batch statistics of all
     processes are combined with a differentiable all-reduce (input gradients
@@ -105,7 +89,7 @@ class SyncBatchNorm(nn.SyncBatchNorm):
             raise ValueError(f"Expected more than 1 value per channel when training, got {total} over all "
                              f"processes (input size {tuple(input.shape)} here)")
         if self.track_running_stats:
-            _update_running_stats([self], mean.detach(), var.detach(), total)
+            self._update_running_stats(mean.detach(), var.detach(), total)
         shape = (1, channels) + (1,) * (input.dim() - 2)
         scale = torch.rsqrt(var + self.eps)
         if self.weight is not None:
@@ -114,6 +98,14 @@ class SyncBatchNorm(nn.SyncBatchNorm):
         if self.bias is not None:
             out = out + self.bias.to(acc).view(shape)
         return out.to(input.dtype)
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+        unbiased = var * (count / (count - 1))  # count > 1: checked by the caller
+        self.num_batches_tracked.add_(1)
+        factor = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        self.running_mean.mul_(1 - factor).add_(mean.to(self.running_mean.dtype), alpha=factor)
+        self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:

@@ -69,8 +69,8 @@ def _epilogue_bn(norms: Sequence[nn.modules.batchnorm._BatchNorm], pre: Sequence
     BatchNorm kernels: batch statistics, running-stat updates, SyncBatchNorm
     across processes) and the epilogue's affine map is the identity.
     """
-    y = torch.cat(list(pre), 1) if len(pre) > 1 else pre[0]
     if all(not n.training and n.track_running_stats for n in norms):
+        y = torch.cat(list(pre), 1) if len(pre) > 1 else pre[0]
         acc = torch.float64 if y.dtype == torch.float64 else torch.float32
         mean = torch.cat([n.running_mean for n in norms]).to(acc)
         var = torch.cat([n.running_var for n in norms]).to(acc)

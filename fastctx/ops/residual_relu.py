@@ -41,13 +41,11 @@ def unpack_mask(mask: torch.Tensor, shape) -> torch.Tensor:
     return bits.reshape(batch, chans, -1)[:, :, :height * width].reshape(shape).bool()
 
 
-def _empty_mask(y: torch.Tensor) -> torch.Tensor:
-    return torch.empty(0, dtype=torch.uint8, device=y.device)
-
-
-def _mask_like(y: torch.Tensor) -> torch.Tensor:
+def new_mask(y: torch.Tensor, save_mask: bool) -> torch.Tensor:
+    """The forward's mask output for y: uint8 [B, C, ceil(H*W / 8)], or [0] without save_mask."""
     batch, chans, height, width = y.shape
-    return torch.empty(batch, chans, mask_bytes(height, width), dtype=torch.uint8, device=y.device)
+    shape = (batch, chans, mask_bytes(height, width)) if save_mask else (0,)
+    return torch.empty(shape, dtype=torch.uint8, device=y.device)
 
 
 @torch.library.custom_op("fastctx::residual_relu", mutates_args=())
@@ -57,19 +55,17 @@ def _residual_relu(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     backend = op_backend(backend, y)
     if y.numel() == 0:
-        out = torch.empty_like(y, memory_format=torch.contiguous_format)
-        return out, (_mask_like(y) if save_mask else _empty_mask(y))
+        return torch.empty_like(y, memory_format=torch.contiguous_format), new_mask(y, save_mask)
     if backend == "reference":
         out = reference_forward(reference.residual_relu, [y, residual, scale, shift])
-        return out, (pack_mask(out > 0) if save_mask else _empty_mask(y))
+        return out, (pack_mask(out > 0) if save_mask else new_mask(y, False))
     return kernels(backend).residual_relu_fwd(y.contiguous(), residual.contiguous(), scale.contiguous(),
                                               shift.contiguous(), save_mask)
 
 
 @_residual_relu.register_fake
 def _(y, residual, scale, shift, save_mask, backend):
-    out = torch.empty_like(y, memory_format=torch.contiguous_format)
-    return out, (_mask_like(y) if save_mask else _empty_mask(y))
+    return torch.empty_like(y, memory_format=torch.contiguous_format), new_mask(y, save_mask)
 
 
 @torch.library.custom_op("fastctx::residual_relu_backward", mutates_args=())

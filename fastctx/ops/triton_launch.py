@@ -36,6 +36,7 @@ from ._triton_common import TORCH_TO_TRITON as _TORCH_TO_TRITON
 from ._triton_common import acc_dtype as _acc_dtype
 from ._triton_common import dot_precision as _dot_precision
 from ._triton_common import sm_count as _sm_count
+from .residual_relu import mask_bytes, new_mask
 
 
 # Bins (pyramid_pool) / affinity columns (gla_context) per register tile;
@@ -320,19 +321,14 @@ def residual_relu_fwd(y, residual, scale, shift, save_mask):
     [B, C, ceil(H*W / 8)] uint8 bits for the backward (empty without save_mask)."""
     batch, chans, height, width = y.shape
     n, rows = height * width, batch * chans
-    mask_bytes = triton.cdiv(n, 8)
     block_r, block_n = _rows_tile(n)
     out = torch.empty_like(y)
-    if save_mask:
-        mask = torch.empty(batch, chans, mask_bytes, dtype=torch.uint8, device=y.device)
-        mask_arg = mask
-    else:
-        mask = torch.empty(0, dtype=torch.uint8, device=y.device)
-        mask_arg = out.view(torch.uint8)  # a valid uint8 pointer the kernel never touches
+    mask = new_mask(y, save_mask)
+    mask_arg = mask if save_mask else out.view(torch.uint8)  # a valid uint8 pointer the kernel never touches
     _launch(
         "residual_relu_fwd", y.dtype,
         lambda m: (triton.cdiv(rows, block_r), triton.cdiv(n, block_n)),
-        y, residual, scale, shift, out, mask_arg, chans, n, rows, mask_bytes,
+        y, residual, scale, shift, out, mask_arg, chans, n, rows, mask_bytes(height, width),
         BLOCK_R=block_r, BLOCK_N=block_n, SAVE_MASK=save_mask,
     )
     return out, mask
@@ -352,7 +348,7 @@ def residual_relu_bwd(grad, y, mask, scale, shift):
         "residual_relu_bwd", y.dtype,
         lambda m: (row_blocks, n_split),
         grad, y, mask, scale, shift, grad_y, grad_r, gscale_part, gshift_part,
-        chans, n, rows, triton.cdiv(n, 8), n_per_split,
+        chans, n, rows, mask_bytes(height, width), n_per_split,
         BLOCK_R=block_r, BLOCK_N=block_n,
     )
     grad_scale = gscale_part.view(n_split, batch, chans).sum(dim=(0, 1))
