@@ -1,14 +1,19 @@
-"""Which implementation runs an op: backend registry, selection and availability.
+"""Which backends are built and may run here: extension loading, the override, build-level availability.
 
-Backends (DESIGN section 3):
+Backends (docs/design.md, "Backends"):
   reference  eager PyTorch, the oracle; runs anywhere.
-  cpu        fused C++ kernels in fastctx._C (CPU tensors, fp32/fp64).
-  cuda       CUDA C++ kernels in fastctx._C (CUDA tensors, fp32/fp16/bf16).
+  cpu        fused C++ kernels in fastctx._C (CPU tensors).
+  cuda       CUDA C++ kernels in fastctx._C_cuda (CUDA tensors).
   triton     Triton kernels (CUDA tensors; CPU tensors when TRITON_INTERPRET=1).
 
-The choice depends on tensor metadata only (device, dtype) plus an explicit
-override: `use_backend(name)` or the FASTCTX_BACKEND environment variable.
-The state is a plain module global so torch.compile can guard on it.
+This module answers the build-level question: is a backend's code here at
+all, and can it run tensors of a device type? What each op's backend accepts
+beyond that (dtypes, shape limits) is declared next to the op, in
+`fastctx/ops/<op>.py`, and evaluated by `fastctx.ops._dispatch`.
+
+The choice depends on tensor metadata only plus an explicit override:
+`use_backend(name)` or the FASTCTX_BACKEND environment variable. The override
+is a plain module global so torch.compile can guard on it.
 """
 from __future__ import annotations
 
@@ -20,29 +25,40 @@ import torch
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 
-_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-_DTYPES = {
-    "reference": _FLOATS,
-    "cpu": (torch.float32, torch.float64),
-    "cuda": (torch.float32, torch.float16, torch.bfloat16),
-    "triton": (torch.float32, torch.float16, torch.bfloat16),
-}
+# Data dtypes a backend computes in when an op declares nothing narrower.
+FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+CPU_FLOATS = (torch.float32, torch.float64)
+GPU_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+# The Triton interpreter computes in numpy: 16-bit dots and bf16 are not faithful there.
+INTERPRETER_FLOATS = (torch.float32, torch.float64)
 
 
 class BackendUnavailableError(RuntimeError):
-    """The requested backend cannot run these tensors; the message says why."""
+    """The requested backend cannot run this call; the message says why."""
 
 
-def _load_extension():
-    if os.environ.get("FASTCTX_NO_EXT", "0") == "1":
-        return None, "disabled by FASTCTX_NO_EXT=1"
+class BackendFallbackWarning(UserWarning):
+    """Automatic selection skipped a fused backend that cannot run a call (issued once per reason)."""
+
+
+def _import(module: str):
     try:
-        return importlib.import_module("fastctx._C"), None
-    except ImportError as exc:  # built without the extension, or a broken build
-        return None, f"fastctx._C failed to import ({exc}); reinstall with `make install`"
+        return importlib.import_module(module), None
+    except ImportError as exc:  # built without it, or a broken build
+        return None, f"{module} failed to import ({exc}); reinstall with `make install`"
 
 
-_C, _C_ERROR = _load_extension()
+def _load_extensions():
+    if os.environ.get("FASTCTX_NO_EXT", "0") == "1":
+        return None, "disabled by FASTCTX_NO_EXT=1", None, "disabled by FASTCTX_NO_EXT=1"
+    cpu, cpu_error = _import("fastctx._C")  # the schemas of every kernel live here: load it first
+    if cpu is None:
+        return None, cpu_error, None, "needs fastctx._C (the schemas), which failed to import"
+    cuda, cuda_error = _import("fastctx._C_cuda")
+    return cpu, cpu_error, cuda, cuda_error
+
+
+_C, _C_ERROR, _C_CUDA, _C_CUDA_ERROR = _load_extensions()
 
 
 def _has_kernel(dispatch_key: str) -> bool:
@@ -96,16 +112,10 @@ def current_override() -> str | None:
     return _override
 
 
-def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
-    """None if `backend` can run tensors of this device and dtype, else why not."""
+def build_reason(backend: str, device: torch.device) -> str | None:
+    """None if `backend` is built here and runs tensors on `device`'s type, else why not."""
     if backend not in BACKENDS:
         return f"unknown backend {backend!r}: expected one of {BACKENDS}"
-    dtypes = _DTYPES[backend]
-    if backend == "triton" and device.type == "cpu":
-        dtypes = dtypes + (torch.float64,)  # the interpreter computes in numpy
-    if dtype not in dtypes:
-        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
-        return f"backend {backend!r} supports {names}, got {str(dtype).replace('torch.', '')}"
     if backend == "reference":
         return None
     if backend == "cpu":
@@ -118,7 +128,8 @@ def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype) -
         if device.type != "cuda":
             return f"backend 'cuda' runs CUDA tensors, got a {device.type} tensor"
         if not HAS_CUDA_KERNELS:
-            return "fastctx._C was built without CUDA kernels (no nvcc or a CPU-only torch at build time)"
+            return ("the CUDA kernels are not available: "
+                    f"{_C_CUDA_ERROR or 'built without them (no nvcc or a CPU-only torch at build time)'}")
         return None
     # triton
     if TRITON_VERSION is None:
@@ -132,17 +143,45 @@ def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype) -
     return f"backend 'triton' does not run {device.type} tensors"
 
 
+def default_dtypes(backend: str, device: torch.device) -> tuple[torch.dtype, ...]:
+    """The data dtypes `backend` computes in on `device` unless an op declares otherwise."""
+    if backend == "reference":
+        return FLOATS
+    if backend == "cpu":
+        return CPU_FLOATS
+    if backend == "triton" and device.type == "cpu":
+        return INTERPRETER_FLOATS
+    return GPU_FLOATS
+
+
+def dtype_names(dtypes) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def unavailable_reason(backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """None if `backend` is built and computes in `dtype` on `device` (no op-specific limits), else why not."""
+    reason = build_reason(backend, device)
+    if reason is not None:
+        return reason
+    dtypes = default_dtypes(backend, device)
+    if dtype not in dtypes:
+        return f"backend {backend!r} supports {dtype_names(dtypes)} on {device.type}, got {dtype_names([dtype])}"
+    return None
+
+
+def automatic_order(device: torch.device) -> tuple[str, ...]:
+    """Fused backends automatic selection tries, best first (Triton uses tensor cores on GPU)."""
+    return ("triton", "cuda") if device.type == "cuda" else ("cpu",)
+
+
 def select_backend(device: torch.device, dtype: torch.dtype) -> str:
-    """The backend an op runs for tensors of this device and dtype."""
+    """The backend a call with tensors of this device and dtype runs on, before op-specific limits."""
     if _override is not None:
         reason = unavailable_reason(_override, device, dtype)
         if reason is not None:
             raise BackendUnavailableError(f"fastctx backend {_override!r} cannot run: {reason}")
         return _override
-    # Automatic: the fused backends first (triton uses tensor cores on GPU), the
-    # reference when nothing fused can run these tensors.
-    order = ("triton", "cuda") if device.type == "cuda" else ("cpu",)
-    for name in order:
+    for name in automatic_order(device):
         if unavailable_reason(name, device, dtype) is None:
             return name
     return "reference"

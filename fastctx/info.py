@@ -25,14 +25,20 @@ def _cuda_tool(name: str) -> str | None:
     return next((c for c in candidates if c and os.path.exists(c)), None)
 
 
+def cuda_binary() -> str | None:
+    """The file holding fastctx's CUDA kernels, or None."""
+    return _backend._C_CUDA.__file__ if _backend._C_CUDA is not None and _backend.HAS_CUDA_KERNELS else None
+
+
 def _cuda_archs() -> list[str]:
-    """Architectures compiled into fastctx._C (read from the binary's fatbin)."""
-    if _backend._C is None or not _backend.HAS_CUDA_KERNELS:
+    """Architectures compiled into the CUDA kernels (read from the binary's fatbin)."""
+    binary = cuda_binary()
+    if binary is None:
         return []
     tool = _cuda_tool("cuobjdump")
     if tool is None:
         return ["unknown (cuobjdump not found)"]
-    out = subprocess.run([tool, "--list-elf", _backend._C.__file__], capture_output=True, text=True)
+    out = subprocess.run([tool, "--list-elf", binary], capture_output=True, text=True)
     return sorted(set(re.findall(r"sm_\d+", out.stdout)))
 
 
@@ -41,9 +47,8 @@ def report() -> str:
         f"fastctx        {__import__('fastctx').__version__}",
         f"torch          {torch.__version__} (CUDA build {torch.version.cuda or 'none'})",
         f"CUDA device    {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}",
-        f"extension      {_backend._C.__file__ if _backend._C else 'not loaded: ' + str(_backend._C_ERROR)}",
-        f"  cpu kernels  {'yes' if _backend.HAS_CPU_KERNELS else 'no'}",
-        f"  cuda kernels {'yes, archs ' + ', '.join(_cuda_archs()) if _backend.HAS_CUDA_KERNELS else 'no'}",
+        f"cpu kernels    {_backend._C.__file__ if _backend.HAS_CPU_KERNELS else 'no: ' + str(_backend._C_ERROR)}",
+        f"cuda kernels   {'yes, archs ' + ', '.join(_cuda_archs()) if _backend.HAS_CUDA_KERNELS else 'no: ' + str(_backend._C_CUDA_ERROR)}",
         f"triton         {_backend.TRITON_VERSION or 'not installed'}"
         f" (interpreter {'on' if _backend.TRITON_INTERPRET else 'off'})",
         f"override       {_backend.current_override() or 'none (automatic)'}",
@@ -56,6 +61,15 @@ def report() -> str:
             chosen = _backend.select_backend(torch.device(dev), dtype) if _backend.current_override() is None else None
             auto = f"  (automatic: {chosen})" if chosen else ""
             lines.append(f"  {dev:4s} {str(dtype).replace('torch.', ''):8s} {', '.join(runs)}{auto}")
+    lines.append("what each op's fused backends accept (automatic choice: the first that accepts a call, "
+                 "else the next, else reference):")
+    from .ops import OPS
+
+    for dev in ("cpu", "cuda"):
+        device = torch.device(dev)
+        for name, op in OPS.items():
+            for backend, dtypes, limits in op.table(device):
+                lines.append(f"  {dev:4s} {name:14s} {backend:9s} {dtypes:33s} {limits}")
     return "\n".join(lines)
 
 

@@ -1,6 +1,6 @@
 """EncNet's Encoding layer, fused: scaled-L2 assignment, softmax over K, residual aggregation.
 
-Contract: docs/kernels.md "encoding"; launchers in ``fastctx.ops.triton_encoding``.
+Contract: docs/kernels.md "encoding"; launchers below the kernels.
 
 All maths uses centred values x' = x - m, c' = c - m (m = mean_k c_k, from the
 launcher): distances are translation invariant and, centred,
@@ -28,8 +28,11 @@ of two (slightly rounded) points instead of a mix of roundings.
 Offsets inside an image are int32 (the launcher checks N * D < 2^31); image
 and slot bases are int64.
 """
+import torch
 import triton
 import triton.language as tl
+
+from . import _launch
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -260,3 +263,165 @@ def encoding_bwd_kernel(
     tl.store(vec, sum_a, mask=mask_k)
     tl.store(vec + K, sum_w, mask=mask_k)
     tl.store(vec + 2 * K, sum_s, mask=mask_k)
+
+
+# ----------------------------------------------------------------------------- launchers
+#
+# Work split. Each program owns one image and every n_split-th pixel tile of it, and keeps its cross-tile
+# sums in a private fp32 slot of [B, n_split, D, K] that is summed here in a fixed order (deterministic,
+# no atomics). n_split is chosen to fill the GPU (a few waves), capped so the slots stay no larger than x
+# itself unless that would leave SMs idle, and never above the tile count of the largest BLOCK_N a config
+# may pick, so every slot is written whatever config runs.
+#
+# Numerics. m = mean_k c_k and c' = c - m are formed here in fp32 (fp64 for fp64), rounded once to the
+# input dtype for the dot operands; ||c'||^2 is taken from that rounded c' so distances are consistent
+# with the dot. fp32 dot precision: tf32x3 (~fp32 accuracy on tensor cores). Plain tf32 rounds x', c', A
+# to 10 mantissa bits; emulated at N = 4096, D = 512, K = 32 with codewords among the features, that moves
+# single assignments A by up to ~2e-3 and E by ~5e-5 relative. The price of tf32x3 (a hi and a lo copy of
+# every operand) is register pressure, hence the narrower fp32 tile configs. 16-bit inputs use their
+# native MMA with fp32 accumulation; A and the softmax-backward weights are rounded to the input dtype as
+# dot operands (as flash attention does).
+
+K_MAX = 64  # codewords held in one register tile
+
+# (BLOCK_N, BLOCK_D) per (input bits, K_PAD), the default first; all spill-free on sm_80 and sm_90. fp32
+# gets narrower D chunks and less pipelining: tf32x3 keeps a hi and a lo copy of every MMA operand, and on
+# sm_80 Triton holds whole operands in registers.
+def _cfg(*rows):
+    return _launch.configs(*((dict(BLOCK_N=bn, BLOCK_D=bd), w, st) for bn, bd, w, st in rows))
+
+
+FWD = _launch.Kernel(
+    encoding_fwd_kernel,
+    configs={
+        ("16", 32): _cfg((128, 64, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2)),
+        ("16", 64): _cfg((128, 32, 8, 2), (64, 64, 8, 2), (128, 64, 8, 2)),
+        ("32", 32): _cfg((128, 16, 8, 2), (64, 32, 4, 1), (128, 16, 8, 1)),
+        ("32", 64): _cfg((64, 16, 8, 2), (128, 16, 8, 1), (64, 16, 8, 1)),
+    },
+    interpret=dict(BLOCK_N=16, BLOCK_D=16), tune_key=["N", "D", "K", "CHANNELS_FIRST"], family_keys=("K_PAD",),
+)
+BWD = _launch.Kernel(
+    encoding_bwd_kernel,
+    configs={
+        ("16", 32): _cfg((64, 64, 8, 2), (64, 32, 8, 2), (32, 64, 8, 2)),
+        ("16", 64): _cfg((64, 32, 8, 2), (64, 64, 8, 1), (32, 64, 8, 2)),
+        ("32", 32): _cfg((64, 16, 8, 2), (64, 16, 8, 1), (32, 32, 8, 2)),
+        ("32", 64): _cfg((64, 16, 8, 1), (32, 16, 4, 1)),
+    },
+    interpret=dict(BLOCK_N=16, BLOCK_D=16), tune_key=["N", "D", "K", "CHANNELS_FIRST"], family_keys=("K_PAD",),
+)
+
+# Programs per launch under the interpreter: few, so that with B = 2 and the test shapes a program walks
+# more than one tile (the slot accumulate path).
+INTERP_PROGRAMS = 4
+
+
+def limits(facts) -> str | None:
+    """Calls these launchers cannot run: K above one register tile, a batch above grid axis 1,
+    an image above int32 tile offsets."""
+    if facts["K"] > K_MAX:
+        return f"K = {facts['K']} codewords > {K_MAX} (the codewords are one register tile)"
+    if facts["N"] * facts["D"] >= 2**31:
+        return f"one image has N * D = {facts['N'] * facts['D']} >= 2^31 elements (int32 tile offsets)"
+    return _launch.grid_reason((1, facts["B"]), ("", "batch"))
+
+
+def _k_pad(num_codes: int) -> int:
+    """Codewords per register tile: 32 or 64.
+
+    Not 16 for K <= 16 although that is the smallest MMA size: the fp32 backward spills at K_PAD = 16
+    (Triton picks worse layouts for the narrow tiles), and with two values every launchable kernel is
+    compiled by the tests. The padding costs MMA work only for K < 32, which EncNet does not use.
+    """
+    if num_codes > K_MAX:
+        raise ValueError(f"the Triton encoding kernels hold K <= {K_MAX} codewords, got K = {num_codes}")
+    return max(32, triton.next_power_of_2(num_codes))
+
+
+def _n_split(kernel: _launch.Kernel, x: torch.Tensor, batch: int, n: int, d: int, k: int, k_pad: int) -> int:
+    """Programs per image: fill the GPU, keep the slots <= x in size, >= 1 tile each."""
+    if _launch.on_gpu_path():
+        programs = _launch.target_programs(x.device)
+        want, floor = triton.cdiv(programs, batch), triton.cdiv(programs // 4, batch)
+    else:
+        want = floor = triton.cdiv(INTERP_PROGRAMS, batch)
+    mem_cap = max(floor, (n * d * x.element_size()) // (k * d * 4))
+    return max(1, min(want, mem_cap, triton.cdiv(n, kernel.block_max(x.dtype, "BLOCK_N", K_PAD=k_pad))))
+
+
+def _shapes(x: torch.Tensor, codewords: torch.Tensor, channels_first: bool):
+    num_codes, chans = codewords.shape
+    batch, n = x.shape[0], (x.shape[2] if channels_first else x.shape[1])
+    return batch, n, chans, num_codes, _k_pad(num_codes)
+
+
+def _centre(codewords: torch.Tensor):
+    """(m acc [D], c' in the input dtype [K, D], c' acc [K, D], ||c'||^2 acc [K])."""
+    acc = _launch.acc_dtype(codewords.dtype)
+    c = codewords.to(acc)
+    mean = c.mean(dim=0)
+    cw = (c - mean).to(codewords.dtype)
+    cw_acc = cw.to(acc)
+    return mean.contiguous(), cw, cw_acc, cw_acc.pow(2).sum(dim=1).contiguous()
+
+
+def encoding_fwd(x: torch.Tensor, codewords: torch.Tensor, scale: torch.Tensor,
+                 channels_first: bool) -> torch.Tensor:
+    """E [B, K, D] = sum_i A_ik (x_i - c_k), A = softmax_k(s_k ||x_i - c_k||^2); x is [B, N, D], or
+    [B, D, N] when channels_first (an NCHW map, read in place)."""
+    batch, n, d, k, k_pad = _shapes(x, codewords, channels_first)
+    if batch == 0 or n == 0:
+        return x.new_zeros(batch, k, d)  # empty sums (the kernel would leave its slots unwritten)
+    acc = _launch.acc_dtype(x.dtype)
+    mean, cw, cw_acc, cc = _centre(codewords)
+    n_split = _n_split(FWD, x, batch, n, d, k, k_pad)
+    e_part = torch.empty(batch, n_split, d, k, dtype=acc, device=x.device)
+    a_part = torch.empty(batch, n_split, k, dtype=acc, device=x.device)
+    FWD(x.dtype, lambda m: (n_split, batch),
+        x, (-2.0 * cw).contiguous(), cc, mean, scale, e_part, a_part, n, d, k, n_split,
+        K_PAD=k_pad, CHANNELS_FIRST=bool(channels_first), DOT_PRECISION=_launch.dot_precision(x.dtype))
+    e = e_part.sum(dim=1).transpose(1, 2) - a_part.sum(dim=1).unsqueeze(2) * cw_acc
+    return e.to(x.dtype).contiguous()  # the slots are [D, K]: the difference comes out transposed
+
+
+def encoding_bwd(grad: torch.Tensor, x: torch.Tensor, codewords: torch.Tensor, scale: torch.Tensor,
+                 channels_first: bool):
+    """-> (grad_x like x, grad_codewords [K, D], grad_scale [K]); A recomputed per tile."""
+    batch, n, d, k, k_pad = _shapes(x, codewords, channels_first)
+    if batch == 0 or n == 0:
+        return torch.zeros_like(x), torch.zeros_like(codewords), torch.zeros_like(scale)
+    acc = _launch.acc_dtype(x.dtype)
+    mean, cw, cw_acc, cc = _centre(codewords)
+    grad_acc = grad.to(acc)
+    cde = torch.einsum("kd,bkd->bk", cw_acc, grad_acc).contiguous()  # c'_k . dE_bk
+    # Rows interleaved (-2 c'_k, dE_bk): one MMA operand for both passes (see the kernel).
+    g = torch.stack([(-2.0 * cw).expand(batch, k, d), grad.to(x.dtype)], dim=2).reshape(batch, 2 * k, d)
+    n_split = _n_split(BWD, x, batch, n, d, k, k_pad)
+    gx = torch.empty_like(x)
+    gc_part = torch.empty(batch, n_split, d, k, dtype=acc, device=x.device)
+    vec_part = torch.empty(batch, n_split, 3, k, dtype=acc, device=x.device)
+    BWD(x.dtype, lambda m: (n_split, batch),
+        g, x, cc, mean, scale, cde, gx, gc_part, vec_part, n, d, k, n_split,
+        K_PAD=k_pad, CHANNELS_FIRST=bool(channels_first), DOT_PRECISION=_launch.dot_precision(x.dtype))
+    sum_a, sum_w, sum_s = vec_part.sum(dim=1).unbind(dim=1)  # [B, K] each
+    grad_c = (-torch.einsum("bk,bkd->kd", sum_a, grad_acc)
+              - 2.0 * gc_part.sum(dim=(0, 1)).t()
+              + 2.0 * sum_w.sum(dim=0).unsqueeze(1) * cw_acc)
+    grad_s = sum_s.sum(dim=0)
+    return gx, grad_c.to(codewords.dtype).contiguous(), grad_s.to(scale.dtype)
+
+
+def compile_cases():
+    """(all configs?, thunk): EncNet's codebooks, (K, D) = (32, 512) and (64, 2048), on a 64x128 map in
+    both layouts, every config."""
+    for dtype in _launch.GPU_DTYPES:
+        for k, d in ((32, 512), (64, 2048)):
+            for channels_first in (True, False):
+                def case(dtype=dtype, k=k, d=d, cf=channels_first):
+                    m, n = _launch.meta, 64 * 128
+                    x = m(2, d, n, dtype=dtype) if cf else m(2, n, d, dtype=dtype)
+                    codewords, scale = m(k, d, dtype=dtype), m(k, dtype=dtype)
+                    encoding_fwd(x, codewords, scale, cf)
+                    encoding_bwd(m(2, k, d, dtype=dtype), x, codewords, scale, cf)
+                yield True, case

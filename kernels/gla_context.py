@@ -18,9 +18,16 @@ interpreter); for fp32 inputs DOT_PRECISION picks the tensor-core precision.
 Channel offsets are int64 (B*G*C*N can pass 2**31). A tile's dots chain
 (logits -> A -> A P^T), so Triton lays all warps along the pixel axis: BLOCK_N
 should be 16 * num_warps.
+
+Launchers below the kernels (contract: docs/kernels.md "gla_context").
 """
+import functools
+
+import torch
 import triton
 import triton.language as tl
+
+from . import _launch
 
 
 @triton.jit
@@ -182,3 +189,109 @@ def gla_context_bwd_kernel(
                 d_w = tl.dot(d_l_t, x, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
                 d_w += tl.load(dw_slot + slot_off, mask=slot_mask & later_tile, other=0.0)
                 tl.store(dw_slot + slot_off, d_w, mask=slot_mask)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+# Affinity columns per register tile; more are processed in blocks. Tests lower it to reach the
+# multi-block path. fp32 tiles hold tf32x3 hi/lo operand pairs and spill at 64 columns: fp32 uses
+# 32 (APCNet's 36-bin group then takes two blocks; the others still one).
+S_BLOCK_MAX = 64
+S_BLOCK_MAX_FP32 = 32
+
+# The kernels chain dots, which puts every warp on the pixel axis: BLOCK_N = 16 * num_warps.
+FWD = _launch.Kernel(
+    gla_context_fwd_kernel,
+    configs={
+        ("16",): _launch.configs((dict(BLOCK_N=64, BLOCK_C=64), 4, 3), (dict(BLOCK_N=128, BLOCK_C=64), 8, 3),
+                                 (dict(BLOCK_N=64, BLOCK_C=32), 4, 4)),
+        ("32",): _launch.configs((dict(BLOCK_N=64, BLOCK_C=32), 4, 2), (dict(BLOCK_N=64, BLOCK_C=16), 4, 3)),
+    },
+    interpret=dict(BLOCK_N=64, BLOCK_C=16), tune_key=["C", "N", "S_tot"],
+)
+BWD = _launch.Kernel(
+    gla_context_bwd_kernel,
+    configs={
+        ("16",): _launch.configs((dict(BLOCK_N=64, BLOCK_C=32), 4, 2), (dict(BLOCK_N=128, BLOCK_C=32), 8, 2)),
+        ("32",): _launch.configs((dict(BLOCK_N=64, BLOCK_C=16), 4, 1)),
+    },
+    interpret=dict(BLOCK_N=64, BLOCK_C=16), tune_key=["C", "N", "S_tot"],
+)
+
+
+def limits(facts) -> str | None:
+    """Calls these launchers cannot run: groups and batch are grid axes 1 and 2."""
+    return _launch.grid_reason((1, facts["G"], facts["B"]), ("", "number of groups", "batch"))
+
+
+@functools.lru_cache(maxsize=64)
+def _group_table(group_sizes: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """int32 [G, 2]: (first row, size) of every group."""
+    offsets = [sum(group_sizes[:g]) for g in range(len(group_sizes))]
+    return torch.tensor(list(zip(offsets, group_sizes)), dtype=torch.int32).to(device)
+
+
+def _shapes(x: torch.Tensor, group_sizes):
+    group_sizes = tuple(int(s) for s in group_sizes)
+    batch, chans_all, height, width = x.shape
+    n_groups = len(group_sizes)
+    if chans_all % n_groups:
+        raise ValueError(f"x has {chans_all} channels, not a multiple of {n_groups} groups")
+    cap = S_BLOCK_MAX_FP32 if x.dtype == torch.float32 else S_BLOCK_MAX
+    s_block = max(16, min(triton.next_power_of_2(max(group_sizes)), S_BLOCK_MAX, cap))
+    multi_kb = max(group_sizes) > s_block
+    return (group_sizes, batch, chans_all, chans_all // n_groups, height * width, n_groups,
+            sum(group_sizes), s_block, multi_kb)
+
+
+def gla_context_fwd(x, weight, bias, pooled, group_sizes) -> torch.Tensor:
+    """z[b, g*C + c, n] = sum_{k in g} sigmoid(W_k . x[b, gC:(g+1)C, n] + bias[b, k]) pooled[b, c, k]."""
+    group_sizes, batch, chans_all, chans, n, n_groups, s_tot, s_block, multi_kb = _shapes(x, group_sizes)
+    groups = _group_table(group_sizes, x.device)
+    # Several bin blocks accumulate into z: keep that sum in fp32 for 16-bit data.
+    z = torch.empty(x.shape, dtype=_launch.acc_dtype(x.dtype) if multi_kb else x.dtype, device=x.device)
+    FWD(x.dtype, lambda m: (triton.cdiv(n, m["BLOCK_N"]), n_groups, batch),
+        x, weight, bias, pooled, z, groups, chans, n, chans_all, s_tot,
+        S_BLOCK=s_block, DOT_PRECISION=_launch.dot_precision(x.dtype), MULTI_KB=multi_kb)
+    return z.to(x.dtype)
+
+
+def gla_context_bwd(grad, x, weight, bias, pooled, group_sizes):
+    """-> (grad_x, grad_weight, grad_bias, grad_pooled), A recomputed from x per tile."""
+    group_sizes, batch, chans_all, chans, n, n_groups, s_tot, s_block, multi_kb = _shapes(x, group_sizes)
+    groups = _group_table(group_sizes, x.device)
+    acc = _launch.acc_dtype(x.dtype)
+    # Programs per (group, image): enough to fill the machine, and at least
+    # one tile each whatever BLOCK_N the autotuner picks, so every partial
+    # slot gets written and none needs zero-filling.
+    n_split = max(1, min(triton.cdiv(_launch.target_programs(x.device), n_groups * batch),
+                         triton.cdiv(n, BWD.block_max(x.dtype, "BLOCK_N"))))
+    gx = torch.empty(x.shape, dtype=acc if multi_kb else x.dtype, device=x.device)
+    dw_part = torch.empty(batch, n_split, s_tot, chans, dtype=acc, device=x.device)
+    dp_part = torch.empty(batch, n_split, s_tot, chans, dtype=acc, device=x.device)
+    db_part = torch.empty(batch, n_split, s_tot, dtype=acc, device=x.device)
+    BWD(x.dtype, lambda m: (n_split, n_groups, batch),
+        grad, x, weight, bias, pooled, groups, gx, dw_part, dp_part, db_part,
+        chans, n, chans_all, s_tot, n_split,
+        S_BLOCK=s_block, DOT_PRECISION=_launch.dot_precision(x.dtype), MULTI_KB=multi_kb)
+    # Fixed-order reductions of the per-program slots.
+    grad_weight = dw_part.sum(dim=(0, 1)).to(x.dtype)
+    grad_bias = db_part.sum(dim=1).to(x.dtype)
+    grad_pooled = dp_part.sum(dim=1).transpose(1, 2).to(x.dtype).contiguous()
+    return gx.to(x.dtype), grad_weight, grad_bias, grad_pooled
+
+
+def compile_cases():
+    """(all configs?, thunk) per realistic call: APCNet's four scales (C = 512) with every config;
+    a single 36-bin group, smaller groups (narrower tiles) and a 100-bin group (every dtype: several bin
+    blocks) with the default."""
+    for dtype in _launch.GPU_DTYPES:
+        for all_configs, sizes in ((True, (1, 4, 9, 36)), (False, (36,)), (False, (1, 4, 9, 25)), (False, (1, 4)),
+                                   (False, (1, 4, 9, 36, 100))):
+            def case(dtype=dtype, sizes=sizes):
+                g, s_tot, m = len(sizes), sum(sizes), _launch.meta
+                x = m(2, g * 512, 64, 128, dtype=dtype)
+                args = (x, m(s_tot, 512, dtype=dtype), m(2, s_tot, dtype=dtype), m(2, 512, s_tot, dtype=dtype))
+                gla_context_fwd(*args, sizes)
+                gla_context_bwd(m(2, g * 512, 64, 128, dtype=dtype), *args, sizes)
+            yield all_configs, case

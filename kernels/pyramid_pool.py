@@ -14,9 +14,16 @@ the fp32 accumulation is as good as a plain fp32 sum. For fp32 data
 with hi = v rounded to tf32, and two tf32 MMAs give ~2**-22 relative error,
 cheaper than a general 3-pass tf32x3 product. Bins are processed in blocks
 of S_BLOCK (one block for the default scales).
+
+Launchers below the kernels (contract: docs/kernels.md "pyramid_pool").
 """
+import functools
+
+import torch
 import triton
 import triton.language as tl
+
+from . import _launch
 
 
 @triton.jit
@@ -159,3 +166,119 @@ def pyramid_pool_bwd_kernel(
             if ACCUMULATE:
                 gx += tl.load(ptrs, mask=mask & (k0 > 0), other=0.0).to(acc_dtype)
             tl.store(ptrs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+# Bins per register tile; more are processed in blocks. Tests lower it to reach the multi-block path.
+S_BLOCK_MAX = 64
+
+# fp16/bf16 ("16") and fp32 ("32") configs, the default first; none spills on sm_80 or sm_90
+# (tests/test_triton_compile.py).
+FWD = _launch.Kernel(
+    pyramid_pool_fwd_kernel,
+    configs={
+        ("16",): _launch.configs((dict(BLOCK_C=64, BLOCK_N=64), 4, 3), (dict(BLOCK_C=128, BLOCK_N=64), 8, 3),
+                                 (dict(BLOCK_C=64, BLOCK_N=128), 8, 3)),
+        ("32",): _launch.configs((dict(BLOCK_C=64, BLOCK_N=32), 4, 3), (dict(BLOCK_C=64, BLOCK_N=64), 4, 3),
+                                 (dict(BLOCK_C=128, BLOCK_N=32), 8, 3)),
+    },
+    interpret=dict(BLOCK_C=16, BLOCK_N=32), tune_key=["C", "N", "S_tot"],
+)
+BWD = _launch.Kernel(
+    pyramid_pool_bwd_kernel,
+    configs={
+        ("16",): _launch.configs((dict(BLOCK_C=64, BLOCK_N=64), 4, 2), (dict(BLOCK_C=64, BLOCK_N=128), 8, 2),
+                                 (dict(BLOCK_C=128, BLOCK_N=128), 8, 2)),
+        ("32",): _launch.configs((dict(BLOCK_C=64, BLOCK_N=128), 8, 2), (dict(BLOCK_C=32, BLOCK_N=64), 4, 2)),
+    },
+    interpret=dict(BLOCK_C=16, BLOCK_N=32), tune_key=["C", "N", "S_tot"],
+)
+
+
+def limits(facts) -> str | None:
+    """Calls these launchers cannot run: the batch is a grid axis of both kernels."""
+    return _launch.grid_reason((1, 1, facts["B"]), ("", "", "batch"))
+
+
+@functools.lru_cache(maxsize=64)
+def _bin_table(scales: tuple[int, ...], height: int, width: int, device: torch.device, acc: torch.dtype):
+    """int32 [S_tot, 4] bin edges (h0, h1, w0, w1), PyTorch's adaptive pooling bins, and 1/area."""
+    edges, inv_area = [], []
+    for s in scales:
+        for r in range(s):
+            h0, h1 = r * height // s, ((r + 1) * height + s - 1) // s
+            for q in range(s):
+                w0, w1 = q * width // s, ((q + 1) * width + s - 1) // s
+                edges.append((h0, h1, w0, w1))
+                inv_area.append(1.0 / ((h1 - h0) * (w1 - w0)))
+    return (torch.tensor(edges, dtype=torch.int32).to(device),
+            torch.tensor(inv_area, dtype=acc).to(device))
+
+
+def _s_block(s_tot: int) -> int:
+    """Bins per register tile: a power of two >= 16 (the smallest MMA K), capped."""
+    return max(16, min(triton.next_power_of_2(s_tot), S_BLOCK_MAX))
+
+
+def pyramid_pool_fwd(x: torch.Tensor, scales) -> torch.Tensor:
+    """x [B, C, H, W] -> [B, C, S_tot]: every scale's adaptive average pool from one read of x."""
+    batch, chans, height, width = x.shape
+    n = height * width
+    acc = _launch.acc_dtype(x.dtype)
+    bins, inv_area = _bin_table(tuple(int(s) for s in scales), height, width, x.device, acc)
+    s_tot = bins.shape[0]
+    s_block = _s_block(s_tot)
+    n_kb = triton.cdiv(s_tot, s_block)
+    # Few (channel block, bin block, image) programs for small batches: split
+    # the pixels too, into ranges that are whole tiles for every config.
+    programs = triton.cdiv(chans, FWD.block_max(x.dtype, "BLOCK_C")) * n_kb * batch
+    align = FWD.block_max(x.dtype, "BLOCK_N") * (8 if _launch.on_gpu_path() else 1)
+    n_split, n_per_split = _launch.split(n, triton.cdiv(_launch.target_programs(x.device), programs), align)
+
+    out = x.new_empty(batch, chans, s_tot)
+    dest = out if n_split == 1 else torch.empty(n_split, batch, chans, s_tot, dtype=acc, device=x.device)
+    FWD(x.dtype, lambda m: (triton.cdiv(chans, m["BLOCK_C"]) * n_kb, n_split, batch),
+        x, bins, inv_area, dest, chans, n, width, s_tot, n_kb, n_per_split, batch * chans * s_tot,
+        S_BLOCK=s_block, DOT_PRECISION=_launch.dot_precision(x.dtype))
+    if n_split > 1:
+        out.copy_(dest.sum(dim=0))
+    return out
+
+
+def pyramid_pool_bwd(grad: torch.Tensor, scales, height: int, width: int) -> torch.Tensor:
+    """grad [B, C, S_tot] -> grad_x [B, C, H, W]: each pixel gets sum over its bins of grad / area."""
+    batch, chans, s_tot = grad.shape
+    n = height * width
+    acc = _launch.acc_dtype(grad.dtype)
+    bins, inv_area = _bin_table(tuple(int(s) for s in scales), height, width, grad.device, acc)
+    if bins.shape[0] != s_tot:
+        raise ValueError(f"grad has {s_tot} bins but scales {list(scales)} have {bins.shape[0]}")
+    s_block = _s_block(s_tot)
+    n_kb = triton.cdiv(s_tot, s_block)
+    # Several channel blocks per program reuse its membership tile, as long
+    # as there are enough programs to fill the machine.
+    n_tiles = triton.cdiv(n, BWD.block_default(grad.dtype, "BLOCK_N"))
+    c_parts = triton.cdiv(_launch.target_programs(grad.device), n_tiles * batch)
+    c_split, c_per_prog = _launch.split(chans, c_parts, BWD.block_max(grad.dtype, "BLOCK_C"))
+
+    # Later bin blocks accumulate into grad_x: keep that sum in fp32 for 16-bit grads.
+    gx = torch.empty(batch, chans, height, width, dtype=acc if n_kb > 1 else grad.dtype, device=grad.device)
+    BWD(grad.dtype, lambda m: (triton.cdiv(n, m["BLOCK_N"]), c_split, batch),
+        grad, bins, inv_area, gx, chans, n, width, s_tot, c_per_prog,
+        S_BLOCK=s_block, DOT_PRECISION=_launch.dot_precision(grad.dtype), ACCUMULATE=n_kb > 1)
+    return gx.to(grad.dtype)
+
+
+def compile_cases():
+    """(all configs?, thunk) per realistic call: APCNet's scales on a 2048-channel map with every
+    config; fewer bins (smaller tiles) and more bins than one tile (the block loop) with the default."""
+    for dtype in _launch.GPU_DTYPES:
+        for all_configs, scales in ((True, (1, 2, 3, 6)), (False, (1, 2, 3)), (False, (2, 3, 4)),
+                                    (False, (1, 2, 3, 6, 8))):
+            s_tot = sum(s * s for s in scales)
+
+            def case(dtype=dtype, scales=scales, s_tot=s_tot):
+                pyramid_pool_fwd(_launch.meta(2, 2048, 64, 128, dtype=dtype), scales)
+                pyramid_pool_bwd(_launch.meta(2, 2048, s_tot, dtype=dtype), scales, 64, 128)
+            yield all_configs, case

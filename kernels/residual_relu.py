@@ -9,9 +9,16 @@ For the backward the forward saves out > 0 as a bit mask, [R, MB = ceil(N / 8)]
 uint8, pixel n in bit n % 8 of byte n // 8: the backward reads 1 bit per pixel
 instead of out. Pixel tiles start at multiples of BLOCK_N (>= 16), so each
 byte belongs to one program.
+
+Launchers below the kernels (contract: docs/kernels.md "residual_relu").
 """
+import torch
 import triton
 import triton.language as tl
+
+from fastctx.reference.residual_relu import mask_bytes, new_mask
+
+from . import _launch
 
 
 @triton.jit
@@ -96,3 +103,78 @@ def residual_relu_bwd_kernel(
     part = split.to(tl.int64) * R + rows
     tl.store(gscale_part_ptr + part, tl.sum(sum_gy, axis=1), mask=mask_r)
     tl.store(gshift_part_ptr + part, tl.sum(sum_g, axis=1), mask=mask_r)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+# Block sizes follow the shape (see _rows_tile); the configs choose warps only.
+FWD = _launch.Kernel(residual_relu_fwd_kernel,
+                     configs={("16",): _launch.configs(({}, 4, 1), ({}, 8, 1)),
+                              ("32",): _launch.configs(({}, 4, 1), ({}, 8, 1))},
+                     interpret={}, tune_key=["R", "N"])
+BWD = _launch.Kernel(residual_relu_bwd_kernel,
+                     configs={("16",): _launch.configs(({}, 8, 1), ({}, 4, 1)),
+                              ("32",): _launch.configs(({}, 8, 1), ({}, 4, 1))},
+                     interpret={}, tune_key=["R", "N"])
+
+
+def limits(facts) -> str | None:
+    """Every shape runs: rows are grid axis 0, pixel splits (at most 65535 of >= 16 pixels) axis 1."""
+    return None
+
+
+def _rows_tile(n: int) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_N) of the elementwise kernels: ~4K elements, as many pixels as fit."""
+    gpu = _launch.on_gpu_path()
+    tile = 4096 if gpu else 256
+    block_n = min(max(16, triton.next_power_of_2(n)), 1024 if gpu else 64)
+    return max(1, tile // block_n), block_n
+
+
+def residual_relu_fwd(y, residual, scale, shift, save_mask):
+    """-> (out, mask): out = relu(relu(y * scale[c] + shift[c]) + residual); mask = out > 0 as
+    [B, C, ceil(H*W / 8)] uint8 bits for the backward (empty without save_mask)."""
+    batch, chans, height, width = y.shape
+    n, rows = height * width, batch * chans
+    block_r, block_n = _rows_tile(n)
+    out = torch.empty_like(y)
+    mask = new_mask(y, save_mask)
+    mask_arg = mask if save_mask else out.view(torch.uint8)  # a valid uint8 pointer the kernel never touches
+    FWD(y.dtype, lambda m: (triton.cdiv(rows, block_r), triton.cdiv(n, block_n)),
+        y, residual, scale, shift, out, mask_arg, chans, n, rows, mask_bytes(height, width),
+        BLOCK_R=block_r, BLOCK_N=block_n, SAVE_MASK=save_mask)
+    return out, mask
+
+
+def residual_relu_bwd(grad, y, mask, scale, shift):
+    """-> (grad_y, grad_residual, grad_scale, grad_shift); per-channel sums reduced in fixed order."""
+    batch, chans, height, width = y.shape
+    n, rows = height * width, batch * chans
+    block_r, block_n = _rows_tile(n)
+    row_blocks = triton.cdiv(rows, block_r)
+    n_split, n_per_split = _launch.split(n, triton.cdiv(_launch.target_programs(y.device), row_blocks), block_n)
+    grad_y, grad_r = torch.empty_like(y), torch.empty_like(y)
+    gscale_part = torch.empty(n_split, rows, dtype=scale.dtype, device=y.device)
+    gshift_part = torch.empty(n_split, rows, dtype=scale.dtype, device=y.device)
+    BWD(y.dtype, lambda m: (row_blocks, n_split),
+        grad, y, mask, scale, shift, grad_y, grad_r, gscale_part, gshift_part,
+        chans, n, rows, mask_bytes(height, width), n_per_split,
+        BLOCK_R=block_r, BLOCK_N=block_n)
+    grad_scale = gscale_part.view(n_split, batch, chans).sum(dim=(0, 1))
+    grad_shift = gshift_part.view(n_split, batch, chans).sum(dim=(0, 1))
+    return grad_y, grad_r, grad_scale, grad_shift
+
+
+def compile_cases():
+    """(all configs?, thunk): a realistic 512-channel 64x128 map with every config (training and
+    inference forward); a 7x5 map (narrow pixel tiles) with the default."""
+    for dtype in _launch.GPU_DTYPES:
+        for all_configs, (h, w), saves in ((True, (64, 128), (True,)), (False, (64, 128), (False,)),
+                                           (False, (7, 5), (True, False))):
+            def case(dtype=dtype, h=h, w=w, saves=saves):
+                m = _launch.meta
+                y, acc = m(2, 512, h, w, dtype=dtype), m(512)
+                for save in saves:
+                    residual_relu_fwd(y, y, acc, acc, save)
+                residual_relu_bwd(y, y, m(2, 512, mask_bytes(h, w), dtype=torch.uint8), acc, acc)
+            yield all_configs, case

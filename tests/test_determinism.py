@@ -12,8 +12,7 @@ import torch
 import fastctx
 from fastctx import ops
 from conftest import require_backend
-from test_encoding import enc_inputs
-from test_ops_acm import gla_inputs, residual_inputs
+from op_testing import enc_inputs, gla_inputs, residual_inputs
 
 SIZES = (1, 4, 9, 36)
 CASES = {

@@ -73,21 +73,20 @@ def autotune_report(run_all: Callable[[], None]) -> list[str]:
     """Run `run_all` (Triton provider steps at the benchmark shapes) with autotuning on, and
     return one line per kernel and tuning key: the config the autotuner picked."""
     require_cuda("--autotune (the Triton kernels tune on a GPU)")
-    from fastctx.ops import _triton_common, triton_encoding, triton_launch
+    import importlib
 
-    if not _triton_common.AUTOTUNE:
+    from fastctx.kernels import _launch
+
+    if not _launch.AUTOTUNE:
         raise RuntimeError("--autotune: FASTCTX_TRITON_AUTOTUNE=0 pins every Triton kernel to its default "
                            "config; unset it to autotune")
     run_all()
     tuners = {}
-    for name, by_class in triton_launch._CONFIGS.items():
-        for cls in by_class:
-            tuners[f"{name}[{'fp16/bf16' if cls == '16' else 'fp32'}]"] = triton_launch._autotuned(name, cls)
-    for name, bits, k_pad in triton_encoding._CONFIGS:
-        dtype = torch.float32 if bits == 32 else torch.float16
-        for dt in ((dtype,) if bits == 32 else (torch.float16, torch.bfloat16)):
-            tuners[f"{name}[{str(dt).removeprefix('torch.')},K_PAD={k_pad}]"] = (
-                triton_encoding._autotuned(name, dt, k_pad))
+    for op in _launch.OPS:
+        module = importlib.import_module(f"fastctx.kernels.{op}")
+        for kernel in (k for k in vars(module).values() if isinstance(k, _launch.Kernel)):
+            for family in kernel.tuned_families():
+                tuners[f"{kernel.name}{list(family)}"] = kernel.autotuned(family)
     lines = []
     for label, tuner in tuners.items():
         for key, config in getattr(tuner, "cache", {}).items():

@@ -46,7 +46,8 @@ HAS_EAGER_BEST = {"gla_context", "residual_relu", "encoding", "acm", "apc_head",
 
 
 def fastctx_providers(device: torch.device, dtype: torch.dtype = torch.float32) -> list[str]:
-    """``fastctx-<backend>`` for every fused backend that runs tensors of this device and dtype."""
+    """``fastctx-<backend>`` for every fused backend that runs tensors of this device and dtype
+    (op-specific limits are checked by the op when it runs)."""
     names = []
     for backend in FASTCTX_BACKENDS:
         if _backend.unavailable_reason(backend, device, dtype) is not None:

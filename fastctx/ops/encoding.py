@@ -4,25 +4,65 @@
 
 The fused backends never build mmseg's [B, N, K, D] tensors: the [N, K]
 assignment exists per pixel tile only and is recomputed in the backward.
+
+Backends: reference (fastctx/reference/encoding.py), cpu (csrc/cpu/encoding.cpp), cuda
+(csrc/cuda/encoding.cu), triton (kernels/encoding.py). Contract: docs/kernels.md.
 """
 from __future__ import annotations
 
 import torch
 
-from .. import reference
-from ._common import (amp_dtype, check_same, check_tensor, compute_dtype, kernels, op_backend, reference_backward,
-                      reference_forward, wrapper_backend)
+from ..reference.encoding import encoding as _reference
+from ..reference.encoding import encoding_two_gemm as _reference_two_gemm
+from ._checks import check_same, check_tensor
+from ._dispatch import (FusedOp, Support, amp_dtype, compute_dtype, reference_backward, reference_forward,
+                        reference_second_order, register)
+
+# The CUDA kernels hold the codebook in one register/shared-memory tile.
+CUDA_MAX_CODES = 64
+
+
+def _cuda_limits(facts):
+    if facts["K"] > CUDA_MAX_CODES:
+        return f"K = {facts['K']} codewords > {CUDA_MAX_CODES} (the codewords are one tile)"
+    if facts["B"] > 65535:
+        return f"batch = {facts['B']} > 65535 (grid axis 1)"
+    return None
+
+
+def _triton_limits(facts):
+    from fastctx.kernels.encoding import limits
+
+    return limits(facts)
+
+
+OP = register(FusedOp(
+    "encoding",
+    cpu=Support(),
+    cuda=Support(limits=_cuda_limits, note=f"K <= {CUDA_MAX_CODES}, B <= 65535"),
+    triton=Support(limits=_triton_limits, note="K <= 64, B <= 65535, N*D < 2^31"),
+))
+
+
+def _facts(x: torch.Tensor, codewords: torch.Tensor, channels_first: bool) -> dict:
+    return dict(B=x.shape[0], N=x.shape[2] if channels_first else x.shape[1], K=codewords.shape[0],
+                D=codewords.shape[1])
 
 
 def _reference_pixels(x, codewords, scale, channels_first: bool):
     """The reference maths on the op's layouts ([B, D, N] read as [B, N, D] pixels when channels_first)."""
-    return reference.encoding(x.transpose(1, 2) if channels_first else x, codewords, scale)
+    return _reference(x.transpose(1, 2) if channels_first else x, codewords, scale)
+
+
+def _two_gemm_pixels(x, codewords, scale, channels_first: bool):
+    """The same maths without [B, N, K, D] tensors: the second-order backward's reference."""
+    return _reference_two_gemm(x.transpose(1, 2) if channels_first else x, codewords, scale)
 
 
 @torch.library.custom_op("fastctx::encoding", mutates_args=())
 def _encoding(x: torch.Tensor, codewords: torch.Tensor, scale: torch.Tensor, channels_first: bool,
               backend: str) -> torch.Tensor:
-    backend = op_backend(backend, x)
+    backend = OP.resolve(backend, x.device, x.dtype, _facts(x, codewords, channels_first))
     batch = x.shape[0]
     num_codes, channels = codewords.shape
     pixels = x.shape[2] if channels_first else x.shape[1]
@@ -31,7 +71,8 @@ def _encoding(x: torch.Tensor, codewords: torch.Tensor, scale: torch.Tensor, cha
         return x.new_zeros(batch, num_codes, channels)
     if backend == "reference":
         return reference_forward(_reference_pixels, [x, codewords, scale], channels_first)
-    return kernels(backend).encoding_fwd(x.contiguous(), codewords.contiguous(), scale.contiguous(), channels_first)
+    return OP.kernels(backend).encoding_fwd(x.contiguous(), codewords.contiguous(), scale.contiguous(),
+                                            channels_first)
 
 
 @_encoding.register_fake
@@ -42,15 +83,15 @@ def _(x, codewords, scale, channels_first, backend):
 @torch.library.custom_op("fastctx::encoding_backward", mutates_args=())
 def _encoding_backward(grad: torch.Tensor, x: torch.Tensor, codewords: torch.Tensor, scale: torch.Tensor,
                        channels_first: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    backend = op_backend(backend, x)
+    backend = OP.resolve(backend, x.device, x.dtype, _facts(x, codewords, channels_first))
     pixels = x.shape[2] if channels_first else x.shape[1]
     if x.shape[0] == 0 or pixels == 0:
         return (torch.zeros_like(x, memory_format=torch.contiguous_format), torch.zeros_like(codewords),
                 torch.zeros_like(scale))
     if backend == "reference":
         return reference_backward(_reference_pixels, [x, codewords, scale], grad, channels_first)
-    return kernels(backend).encoding_bwd(grad.contiguous(), x.contiguous(), codewords.contiguous(),
-                                         scale.contiguous(), channels_first)
+    return OP.kernels(backend).encoding_bwd(grad.contiguous(), x.contiguous(), codewords.contiguous(),
+                                            scale.contiguous(), channels_first)
 
 
 @_encoding_backward.register_fake
@@ -73,11 +114,26 @@ def _backward(ctx, grad):
 _encoding.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _setup_backward_context(ctx, inputs, output):
+    grad, x, codewords, scale, channels_first, backend = inputs
+    ctx.save_for_backward(grad, x, codewords, scale)
+    ctx.channels_first = channels_first
+
+
+def _double_backward(ctx, *grad_grads):
+    grad, *tensors = ctx.saved_tensors
+    return (*reference_second_order(_two_gemm_pixels, grad, tensors, grad_grads, ctx.channels_first), None, None)
+
+
+_encoding_backward.register_autograd(_double_backward, setup_context=_setup_backward_context)
+
+
 def encoding(x: torch.Tensor, codewords: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Encoding layer E [B, K, D] of features x.
 
     Args:
-        x: [B, D, H, W] feature map (read in place, no transpose copy) or [B, N, D] pixels.
+        x: [B, D, H, W] feature map (read in place, no transpose copy) or [B, N, D] pixels
+            (PyTorch-Encoding's functional convention; a 3-D tensor is always read as [B, N, D]).
         codewords: [K, D].
         scale: [K] smoothing factors (mmseg initialises them in [-1, 0)).
     Inside autocast the inputs may have mixed float dtypes and E has the
@@ -100,14 +156,14 @@ def encoding(x: torch.Tensor, codewords: torch.Tensor, scale: torch.Tensor) -> t
     if num_codes == 0 or channels == 0:
         raise ValueError(f"codewords must be non-empty, got shape {tuple(codewords.shape)}")
     compute = x.dtype if amp is None else compute_dtype(x.device, amp)
-    backend = wrapper_backend(x.device, compute)
+    pixels = x.flatten(2) if channels_first else x  # [B, D, N] view of an NCHW map
+    backend = OP.wrapper_backend(x.device, compute, _facts(pixels, codewords, channels_first))
     if backend == "reference":
-        return reference.encoding(x, codewords, scale)
+        return _reference(x, codewords, scale)
     x, codewords, scale = x.to(compute), codewords.to(compute), scale.to(compute)  # no-ops outside autocast
     if channels_first and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         # a channels_last map is [B, N, D] pixels in memory: read it as such, no copy
         out = _encoding(x.permute(0, 2, 3, 1).flatten(1, 2), codewords, scale, False, backend)
     else:
-        pixels = x.flatten(2) if channels_first else x  # [B, D, N] view of an NCHW map
-        out = _encoding(pixels, codewords, scale, channels_first, backend)
+        out = _encoding(x.flatten(2) if channels_first else x, codewords, scale, channels_first, backend)
     return out if amp is None else out.to(amp)

@@ -4,16 +4,52 @@
 
 The [B, H*W, S] affinity is never stored: the fused backends compute it per
 pixel tile and recompute it in the backward. `bias` is the per-image logit bias
-`W (global context) + b_gla` (DESIGN 2.1: the global term of `gla(x + g)` is a
-bias), so gradients reach the global context through it.
+`W (global context) + b_gla` (the global term of `gla(x + g)` is a bias), so
+gradients reach the global context through it.
+
+Backends: reference (fastctx/reference/gla_context.py), cpu (csrc/cpu/gla_context.cpp), cuda
+(csrc/cuda/gla_context.cu), triton (kernels/gla_context.py). Contract: docs/kernels.md.
 """
 from __future__ import annotations
 
 import torch
 
-from .. import reference
-from ._common import (amp_dtype, check_same, check_scales, check_tensor, compute_dtype, kernels, op_backend,
-                      reference_backward, reference_forward, wrapper_backend)
+from ..reference.gla_context import gla_context as _reference
+from ._checks import check_int_list, check_same, check_tensor
+from ._dispatch import (FusedOp, Support, amp_dtype, compute_dtype, reference_backward, reference_forward,
+                        reference_second_order, register)
+
+# What the CUDA kernels hold: the group table lives in kernel parameters, a group's
+# [rows x pixels] affinity tile in shared memory.
+CUDA_MAX_GROUPS, CUDA_MAX_GROUP_SIZE = 16, 192
+
+
+def _cuda_limits(facts):
+    if facts["G"] > CUDA_MAX_GROUPS:
+        return f"{facts['G']} groups > {CUDA_MAX_GROUPS} (the CUDA kernels' group table)"
+    if facts["S_max"] > CUDA_MAX_GROUP_SIZE:
+        return f"a group of {facts['S_max']} bins > {CUDA_MAX_GROUP_SIZE} (the CUDA kernels' affinity tile)"
+    if facts["B"] > 65535:
+        return f"batch = {facts['B']} > 65535 (grid axis 2)"
+    return None
+
+
+def _triton_limits(facts):
+    from fastctx.kernels.gla_context import limits
+
+    return limits(facts)
+
+
+OP = register(FusedOp(
+    "gla_context",
+    cpu=Support(),
+    cuda=Support(limits=_cuda_limits, note=f"G <= {CUDA_MAX_GROUPS}, S_g <= {CUDA_MAX_GROUP_SIZE}, B <= 65535"),
+    triton=Support(limits=_triton_limits, note="G, B <= 65535"),
+))
+
+
+def _facts(x: torch.Tensor, group_sizes) -> dict:
+    return dict(B=x.shape[0], C=x.shape[1], N=x.shape[2] * x.shape[3], G=len(group_sizes), S_max=max(group_sizes))
 
 
 @torch.library.custom_op("fastctx::gla_context", mutates_args=())
@@ -21,12 +57,12 @@ def _gla_context(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pooled: torch.Tensor,
     group_sizes: list[int], backend: str,
 ) -> torch.Tensor:
-    backend = op_backend(backend, x)
+    backend = OP.resolve(backend, x.device, x.dtype, _facts(x, group_sizes))
     if x.shape[0] == 0:
         return torch.empty_like(x, memory_format=torch.contiguous_format)
     if backend == "reference":
-        return reference_forward(reference.gla_context, [x, weight, bias, pooled], group_sizes)
-    return kernels(backend).gla_context_fwd(
+        return reference_forward(_reference, [x, weight, bias, pooled], group_sizes)
+    return OP.kernels(backend).gla_context_fwd(
         x.contiguous(), weight.contiguous(), bias.contiguous(), pooled.contiguous(), group_sizes
     )
 
@@ -41,13 +77,13 @@ def _gla_context_backward(
     grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     pooled: torch.Tensor, group_sizes: list[int], backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    backend = op_backend(backend, x)
+    backend = OP.resolve(backend, x.device, x.dtype, _facts(x, group_sizes))
     if x.shape[0] == 0:
         return (torch.zeros_like(x, memory_format=torch.contiguous_format), torch.zeros_like(weight),
                 bias.new_zeros(bias.shape), pooled.new_zeros(pooled.shape))
     if backend == "reference":
-        return reference_backward(reference.gla_context, [x, weight, bias, pooled], grad, group_sizes)
-    return kernels(backend).gla_context_bwd(
+        return reference_backward(_reference, [x, weight, bias, pooled], grad, group_sizes)
+    return OP.kernels(backend).gla_context_bwd(
         grad.contiguous(), x.contiguous(), weight.contiguous(), bias.contiguous(),
         pooled.contiguous(), group_sizes,
     )
@@ -74,6 +110,21 @@ def _backward(ctx, grad):
 _gla_context.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _setup_backward_context(ctx, inputs, output):
+    grad, x, weight, bias, pooled, group_sizes, backend = inputs
+    ctx.save_for_backward(grad, x, weight, bias, pooled)
+    ctx.group_sizes = group_sizes
+
+
+def _double_backward(ctx, *grad_grads):
+    # Second order from the reference maths: the vector-Jacobian product of its first-order vjp.
+    grad, *tensors = ctx.saved_tensors
+    return (*reference_second_order(_reference, grad, tensors, grad_grads, ctx.group_sizes), None, None)
+
+
+_gla_context_backward.register_autograd(_double_backward, setup_context=_setup_backward_context)
+
+
 def gla_context(x, weight, bias, pooled, group_sizes) -> torch.Tensor:
     """Affinity-weighted context of the Adaptive Context Module for G groups at once.
 
@@ -96,7 +147,7 @@ def gla_context(x, weight, bias, pooled, group_sizes) -> torch.Tensor:
     check_tensor(pooled, "pooled", 3, "of shape [B, C, S_tot]")
     amp = amp_dtype(x)
     check_same({"x": x, "weight": weight, "bias": bias, "pooled": pooled}, same_dtype=amp is None)
-    group_sizes = check_scales(group_sizes, "group_sizes")
+    group_sizes = check_int_list(group_sizes, "group_sizes")
     batch, channels_all, height, width = x.shape
     groups, total = len(group_sizes), sum(group_sizes)
     if channels_all % groups:
@@ -112,8 +163,8 @@ def gla_context(x, weight, bias, pooled, group_sizes) -> torch.Tensor:
     if height == 0 or width == 0:
         raise ValueError(f"x must have a non-empty spatial size, got shape {tuple(x.shape)}")
     compute = x.dtype if amp is None else compute_dtype(x.device, amp)
-    backend = wrapper_backend(x.device, compute)
+    backend = OP.wrapper_backend(x.device, compute, _facts(x, group_sizes))
     if backend == "reference":
-        return reference.gla_context(x, weight, bias, pooled, group_sizes)
+        return _reference(x, weight, bias, pooled, group_sizes)
     z = _gla_context(x.to(compute), weight.to(compute), bias.to(compute), pooled.to(compute), group_sizes, backend)
     return z if amp is None else z.to(amp)

@@ -3,49 +3,31 @@
 BatchNorm enters as a per-channel affine map (scale, shift) that the caller
 derives from batch statistics (train) or running statistics (eval); because
 scale and shift are ordinary autograd tensors, the gradient through the batch
-statistics is handled by autograd outside this op.
+statistics is handled by autograd outside this op. The forward saves out > 0
+as a bit mask for the backward (layout: fastctx/reference/residual_relu.py).
+
+Backends: reference (fastctx/reference/residual_relu.py), cpu (csrc/cpu/residual_relu.cpp), cuda
+(csrc/cuda/residual_relu.cu), triton (kernels/residual_relu.py). Contract: docs/kernels.md.
 """
 from __future__ import annotations
 
 import torch
 
-from .. import reference
-from ._common import (amp_dtype, check_same, check_tensor, compute_dtype, kernels, op_backend, reference_forward,
-                      wrapper_backend)
+from ..reference.residual_relu import new_mask, pack_mask
+from ..reference.residual_relu import residual_relu as _reference
+from ..reference.residual_relu import residual_relu_backward as _reference_backward
+from ._checks import check_same, check_tensor
+from ._dispatch import FusedOp, Support, amp_dtype, compute_dtype, reference_forward, register
+
+OP = register(FusedOp("residual_relu", cpu=Support(), cuda=Support(), triton=Support()))
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def mask_bytes(height: int, width: int) -> int:
-    """Bytes per (b, c) plane of the saved out > 0 mask: one bit per pixel."""
-    return (height * width + 7) // 8
-
-
-def pack_mask(active: torch.Tensor) -> torch.Tensor:
-    """bool [B, C, H, W] -> uint8 [B, C, ceil(H*W / 8)]: pixel n in bit n % 8 of byte n // 8."""
-    batch, chans, height, width = active.shape
-    n, nbytes = height * width, mask_bytes(height, width)
-    flat = torch.zeros(batch, chans, nbytes * 8, dtype=torch.uint8, device=active.device)
-    flat[:, :, :n] = active.reshape(batch, chans, n)
-    weights = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8, device=active.device)
-    return (flat.view(batch, chans, nbytes, 8) * weights).sum(dim=-1, dtype=torch.uint8)
-
-
-def unpack_mask(mask: torch.Tensor, shape) -> torch.Tensor:
-    """The inverse of `pack_mask`: uint8 [B, C, ceil(H*W / 8)] -> bool `shape` [B, C, H, W]."""
-    batch, chans, height, width = shape
-    shifts = torch.arange(8, dtype=torch.uint8, device=mask.device)
-    bits = (mask.unsqueeze(-1) >> shifts) & 1
-    return bits.reshape(batch, chans, -1)[:, :, :height * width].reshape(shape).bool()
-
-
-def new_mask(y: torch.Tensor, save_mask: bool) -> torch.Tensor:
-    """The forward's mask output for y: uint8 [B, C, ceil(H*W / 8)], or [0] without save_mask."""
-    batch, chans, height, width = y.shape
-    shape = (batch, chans, mask_bytes(height, width)) if save_mask else (0,)
-    return torch.empty(shape, dtype=torch.uint8, device=y.device)
+def _facts(y: torch.Tensor) -> dict:
+    return dict(B=y.shape[0], C=y.shape[1], N=y.shape[2] * y.shape[3])
 
 
 @torch.library.custom_op("fastctx::residual_relu", mutates_args=())
@@ -53,13 +35,13 @@ def _residual_relu(
     y: torch.Tensor, residual: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, save_mask: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    backend = op_backend(backend, y)
+    backend = OP.resolve(backend, y.device, y.dtype, _facts(y))
     if y.numel() == 0:
         return torch.empty_like(y, memory_format=torch.contiguous_format), new_mask(y, save_mask)
     if backend == "reference":
-        out = reference_forward(reference.residual_relu, [y, residual, scale, shift])
+        out = reference_forward(_reference, [y, residual, scale, shift])
         return out, (pack_mask(out > 0) if save_mask else new_mask(y, False))
-    return kernels(backend).residual_relu_fwd(y.contiguous(), residual.contiguous(), scale.contiguous(),
+    return OP.kernels(backend).residual_relu_fwd(y.contiguous(), residual.contiguous(), scale.contiguous(),
                                               shift.contiguous(), save_mask)
 
 
@@ -73,26 +55,15 @@ def _residual_relu_backward(
     grad: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    backend = op_backend(backend, y)
+    backend = OP.resolve(backend, y.device, y.dtype, _facts(y))
     if y.numel() == 0:
         zero = torch.zeros_like(y, memory_format=torch.contiguous_format)
         return zero, zero.clone(), torch.zeros_like(scale), torch.zeros_like(shift)
     if backend == "reference":
         return _reference_backward(grad, y, mask, scale, shift)
-    return kernels(backend).residual_relu_bwd(
+    return OP.kernels(backend).residual_relu_bwd(
         grad.contiguous(), y.contiguous(), mask.contiguous(), scale.contiguous(), shift.contiguous()
     )
-
-
-def _reference_backward(grad, y, mask, scale, shift):
-    """The backward of docs/kernels.md in eager PyTorch, from the forward's packed out > 0."""
-    shape = (1, -1, 1, 1)
-    g = grad * unpack_mask(mask, y.shape)
-    pre = y * scale.view(shape).to(y.dtype) + shift.view(shape).to(y.dtype)  # as reference.residual_relu
-    gu = g.to(scale.dtype) * (pre > 0)
-    grad_y = (gu * scale.view(shape)).to(y.dtype)
-    return (grad_y.contiguous(), g.contiguous(), (gu * y.to(scale.dtype)).sum(dim=(0, 2, 3)),
-            gu.sum(dim=(0, 2, 3)))
 
 
 @_residual_relu_backward.register_fake
@@ -124,6 +95,25 @@ def _backward(ctx, grad, _grad_mask):
 _residual_relu.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _setup_backward_context(ctx, inputs, output):
+    grad, y, mask, scale, shift, backend = inputs
+    ctx.save_for_backward(grad, y, mask, scale, shift)
+
+
+def _double_backward(ctx, *grad_grads):
+    # The reference backward is plain autograd-able PyTorch (the masks are piecewise constant):
+    # differentiate it directly.
+    grad, y, mask, scale, shift = ctx.saved_tensors
+    outs, pullback = torch.func.vjp(lambda g, t, sc, sh: _reference_backward(g, t, mask, sc, sh),
+                                    grad, y, scale, shift)
+    cotangents = tuple(torch.zeros_like(o) if gg is None else gg for o, gg in zip(outs, grad_grads))
+    d_grad, d_y, d_scale, d_shift = pullback(cotangents)
+    return d_grad, d_y, None, d_scale, d_shift, None
+
+
+_residual_relu_backward.register_autograd(_double_backward, setup_context=_setup_backward_context)
+
+
 def residual_relu(y, residual, scale, shift) -> torch.Tensor:
     """relu(relu(y * scale[c] + shift[c]) + residual), fused in one pass.
 
@@ -146,9 +136,9 @@ def residual_relu(y, residual, scale, shift) -> torch.Tensor:
     if scale.device != y.device:
         raise ValueError(f"scale is on {scale.device} but y is on {y.device}: put all inputs on one device")
     compute = y.dtype if amp is None else compute_dtype(y.device, amp)
-    backend = wrapper_backend(y.device, compute)
+    backend = OP.wrapper_backend(y.device, compute, _facts(y))
     if backend == "reference":
-        return reference.residual_relu(y, residual, scale, shift)
+        return _reference(y, residual, scale, shift)
     acc = _acc_dtype(compute)
     # The bit mask is for the backward: only when autograd will ask for one.
     save_mask = torch.is_grad_enabled() and any(t.requires_grad for t in (y, residual, scale, shift))

@@ -1,18 +1,13 @@
-"""Reference maths of the Adaptive Context Module ops (mmsegmentation's apc_head.py).
+"""Reference of gla_context: the affinity-weighted context of mmsegmentation's ACM (apc_head.py).
 
-Written the way mmsegmentation computes them (adaptive_avg_pool2d per scale; the
-`gla` 1x1 conv, sigmoid, reshape/permute and matmul with the pooled features),
-so that the fused kernels are checked against the maths users run today.
+Written the way mmsegmentation computes it (the `gla` 1x1 conv, sigmoid,
+reshape/permute and matmul with the pooled features), so the fused kernels are
+checked against the maths users run today.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-
-def pyramid_pool(x: torch.Tensor, scales) -> torch.Tensor:
-    """[B, C, H, W] -> [B, C, sum(s*s)]: adaptive average pools, concatenated."""
-    return torch.cat([F.adaptive_avg_pool2d(x, s).flatten(2) for s in scales], dim=2)
 
 
 def gla_context(x, weight, bias, pooled, group_sizes) -> torch.Tensor:
@@ -33,9 +28,3 @@ def gla_context(x, weight, bias, pooled, group_sizes) -> torch.Tensor:
         outs.append(z.permute(0, 2, 1).reshape(batch, channels, height, width))
         offset += size
     return torch.cat(outs, dim=1)
-
-
-def residual_relu(y, residual, scale, shift) -> torch.Tensor:
-    """relu(relu(y * scale + shift) + residual), scale/shift per channel."""
-    affine = y * scale.view(1, -1, 1, 1).to(y.dtype) + shift.view(1, -1, 1, 1).to(y.dtype)
-    return F.relu(F.relu(affine) + residual)

@@ -1,0 +1,239 @@
+"""How a public op picks its backend: per-op capability declarations, resolution, autocast, in-op reference.
+
+Capabilities. Each op declares, per fused backend, what it accepts: data dtypes
+per device type and shape limits (`Support`). A backend runs a call when it is
+built here (`fastctx._backend.build_reason`) and its declaration accepts the
+call's device, dtype and shape facts (a dict of sizes the op computes from its
+arguments, e.g. {"B": 2, "K": 32}).
+
+* Automatic choice: the first fused backend, in `_backend.automatic_order`,
+  that accepts the call; when none does, the eager reference. A built backend
+  that declines (a dtype or a shape limit) is reported once per reason with a
+  `BackendFallbackWarning`.
+* A forced backend (`use_backend` / FASTCTX_BACKEND) that cannot run the call
+  raises `BackendUnavailableError` with the reason.
+
+Resolution happens twice, on purpose:
+
+* The Python wrapper (traced by torch.compile / torch.export) decides whether a
+  custom op runs at all. It passes the op the forced backend, or "auto"; when
+  no fused backend can run the call it runs the eager reference maths itself
+  (plain PyTorch, which traces and exports anywhere).
+* The op resolves "auto" again from its tensors when it runs. A compiled graph
+  or an exported program therefore carries "auto", not the backend of the
+  machine it was traced on: loaded elsewhere it picks that machine's backend.
+
+Autocast. The fused ops have no autocast kernel, so autocast passes them by;
+the wrappers apply the policy themselves (`amp_dtype`, `compute_dtype`): in a
+CPU autocast region the fused CPU kernels run in float32 (they have no 16-bit
+path; inputs are upcast, sums are fp32), in a CUDA region the CUDA/Triton
+kernels run in the autocast dtype (they accumulate in fp32). Tensors of mixed
+float dtypes are accepted inside autocast, as eager PyTorch accepts them there.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+
+from .. import _backend
+
+AUTO = "auto"
+_OP_BACKENDS = _backend.BACKENDS + (AUTO,)
+# Device types that have an autocast state torch can be asked about.
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
+
+Facts = Mapping[str, int]
+Limits = Callable[[Facts], "str | None"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Support:
+    """What one backend of one op accepts, beyond being built.
+
+    dtypes: device type -> data dtypes it computes in (None: the backend's
+    defaults, `_backend.default_dtypes`). limits: shape facts -> None, or the
+    reason the call is out of range (e.g. "K = 128 codewords > 64").
+    """
+
+    dtypes: Mapping[str, tuple[torch.dtype, ...]] | None = None
+    limits: Limits | None = None
+    note: str = ""  # one line for `python -m fastctx.info`, e.g. "K <= 64"
+
+
+class FusedOp:
+    """The backends of one public op and the rules for choosing among them."""
+
+    def __init__(self, name: str, *, cpu: Support, cuda: Support, triton: Support):
+        self.name = name
+        self.support = {"cpu": cpu, "cuda": cuda, "triton": triton}
+        self._warned: set[tuple[str, str]] = set()
+
+    # -------------------------------------------------------------- capability
+
+    def dtypes(self, backend: str, device: torch.device) -> tuple[torch.dtype, ...]:
+        if backend == "reference":
+            return _backend.FLOATS
+        declared = self.support[backend].dtypes
+        if declared is not None and device.type in declared:
+            return declared[device.type]
+        return _backend.default_dtypes(backend, device)
+
+    def reason(self, backend: str, device: torch.device, dtype: torch.dtype, facts: Facts) -> str | None:
+        """None if `backend` runs this call, else why not."""
+        reason = _backend.build_reason(backend, device)
+        if reason is not None or backend == "reference":
+            return reason
+        dtypes = self.dtypes(backend, device)
+        if dtype not in dtypes:
+            return (f"{self.name} on backend {backend!r} supports {_backend.dtype_names(dtypes)} on {device.type}, "
+                    f"got {_backend.dtype_names([dtype])}")
+        limits = self.support[backend].limits
+        return limits(facts) if limits is not None else None
+
+    def choose(self, device: torch.device, dtype: torch.dtype, facts: Facts) -> str:
+        """Automatic choice: the first fused backend that runs the call, else "reference"."""
+        for backend in _backend.automatic_order(device):
+            reason = self.reason(backend, device, dtype, facts)
+            if reason is None:
+                return backend
+            if _backend.build_reason(backend, device) is None:
+                self._warn_once(backend, reason)
+        return "reference"
+
+    def _warn_once(self, backend: str, reason: str) -> None:
+        # Not while torch.compile traces: dynamo cannot trace warnings or the set; the op's own
+        # run-time resolution warns instead.
+        if torch.compiler.is_compiling() or (backend, reason) in self._warned:
+            return
+        self._warned.add((backend, reason))
+        warnings.warn(f"fastctx.ops.{self.name}: skipping backend {backend!r}: {reason}",
+                      _backend.BackendFallbackWarning, stacklevel=4)
+
+    def _forced(self, backend: str, device: torch.device, dtype: torch.dtype, facts: Facts) -> str:
+        reason = self.reason(backend, device, dtype, facts)
+        if reason is not None:
+            raise _backend.BackendUnavailableError(f"fastctx backend {backend!r} cannot run {self.name}: {reason}")
+        return backend
+
+    # -------------------------------------------------------------- resolution
+
+    def wrapper_backend(self, device: torch.device, dtype: torch.dtype, facts: Facts) -> str:
+        """The `backend` argument a public wrapper passes to its custom op, or "reference".
+
+        "reference": no fused backend runs the call (and none was forced), so
+        the wrapper runs the eager maths itself. A forced backend is checked
+        here so that one that cannot run raises at the call site.
+        """
+        forced = _backend.current_override()
+        if forced is not None:
+            return self._forced(forced, device, dtype, facts)
+        return AUTO if self.choose(device, dtype, facts) != "reference" else "reference"
+
+    def resolve(self, backend: str, device: torch.device, dtype: torch.dtype, facts: Facts) -> str:
+        """Inside a custom op: the concrete backend for its `backend` argument."""
+        if backend not in _OP_BACKENDS:
+            raise ValueError(f"unknown fastctx backend {backend!r}: expected one of {_OP_BACKENDS}")
+        if backend == AUTO:
+            return self.choose(device, dtype, facts)
+        return self._forced(backend, device, dtype, facts)
+
+    def kernels(self, backend: str):
+        """The object holding `<op>_fwd` / `<op>_bwd` for a fused backend."""
+        if backend in ("cpu", "cuda"):
+            return torch.ops.fastctx  # C++ kernels, dispatched on the tensors' device
+        if backend == "triton":
+            return importlib.import_module(f"fastctx.kernels.{self.name}")
+        raise ValueError(f"no fused kernels for backend {backend!r}")
+
+    def table(self, device: torch.device) -> list[tuple[str, str, str]]:
+        """(backend, dtypes, limits) rows for `python -m fastctx.info`: every backend that runs tensors of
+        `device`'s type, built here or not (the limits then say why not)."""
+        rows = [("reference", _backend.dtype_names(_backend.FLOATS), "any shape")]
+        for backend, support in self.support.items():
+            if backend in _backend.automatic_order(device) or (backend, device.type) == ("triton", "cpu"):
+                reason = _backend.build_reason(backend, device)
+                limits = support.note or "any shape"
+                rows.append((backend, _backend.dtype_names(self.dtypes(backend, device)),
+                             limits if reason is None else f"not here: {reason}"))
+        return rows
+
+
+OPS: dict[str, FusedOp] = {}
+
+
+def register(op: FusedOp) -> FusedOp:
+    OPS[op.name] = op
+    return op
+
+
+# ----------------------------------------------------------------------------- autocast
+
+def amp_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The autocast dtype when an autocast region is active for x's device, else None.
+
+    Like autocast itself, float64 data is left alone (None).
+    """
+    if x.device.type not in _AUTOCAST_DEVICES or x.dtype == torch.float64:
+        return None
+    if not torch.is_autocast_enabled(x.device.type):
+        return None
+    return torch.get_autocast_dtype(x.device.type)
+
+
+def compute_dtype(device: torch.device, autocast_dtype: torch.dtype) -> torch.dtype:
+    """dtype the fused kernels run in inside autocast: float32 on CPU (no 16-bit CPU kernels), else autocast's."""
+    return torch.float32 if device.type == "cpu" else autocast_dtype
+
+
+# ----------------------------------------------------------------------------- reference inside an op
+
+def _no_autocast(device: torch.device):
+    # Inside an op the reference maths must run in the op's dtype, not autocast's.
+    enabled = device.type in _AUTOCAST_DEVICES
+    return torch.autocast(device.type if enabled else "cpu", enabled=False)
+
+
+def reference_forward(fn: Callable, tensors: Sequence[torch.Tensor], *args):
+    """`fn(*tensors, *args)` in the tensors' dtype, outputs in contiguous layout (as the fake kernels say)."""
+    with _no_autocast(tensors[0].device):
+        out = fn(*(t.contiguous() for t in tensors), *args)
+    if isinstance(out, tuple):
+        return tuple(o.contiguous() for o in out)
+    return out.contiguous()
+
+
+def reference_backward(fn: Callable, tensors: Sequence[torch.Tensor], grad: torch.Tensor, *args) -> tuple:
+    """Vector-Jacobian product of the reference maths: the backward when an op resolves to "reference".
+
+    Custom-op implementations run below autograd, so torch.func.vjp (which
+    carries its own autodiff level) differentiates the reference here.
+    """
+    with _no_autocast(tensors[0].device):
+        _, pullback = torch.func.vjp(lambda *ts: fn(*ts, *args), *(t.contiguous() for t in tensors))
+        grads = pullback(grad.contiguous())
+    return tuple(g.contiguous() for g in grads)
+
+
+def reference_second_order(fn: Callable, grad: torch.Tensor, tensors: Sequence[torch.Tensor],
+                           grad_grads: Sequence[torch.Tensor | None], *args) -> tuple:
+    """The backward of a backward op, from the reference maths `fn(*tensors, *args)`.
+
+    d/d(grad, tensors) of <vjp_fn(tensors)(grad), grad_grads>, for double
+    backward (gradient penalties, meta-learning): the fused backward kernels
+    have no derivative of their own, the reference maths does.
+    """
+    def first_order(g, *ts):
+        _, pullback = torch.func.vjp(lambda *t: fn(*t, *args), *ts)
+        return pullback(g)
+
+    outs, pullback = torch.func.vjp(first_order, grad, *tensors)
+    cotangents = tuple(torch.zeros_like(o) if gg is None else gg for o, gg in zip(outs, grad_grads))
+    return pullback(cotangents)
+
+
+__all__ = ["AUTO", "FusedOp", "OPS", "Support", "amp_dtype", "compute_dtype", "reference_backward",
+           "reference_forward", "reference_second_order", "register"]

@@ -1,0 +1,70 @@
+"""Encoding / EncModule / EncHead modules: fused against mmseg's maths, names, the SE loss (the op: tests/ops)."""
+import copy
+
+import pytest
+import torch
+
+import fastctx
+from fastctx.nn import EncHead, se_loss, se_targets
+from conftest import require_backend
+from test_apc_head import _randomise
+from tolerances import assert_close
+
+
+# ----------------------------------------------------------------------------- modules
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("add_lateral", [False, True])
+def test_enchead_fused_matches_unfused(backend, train, add_lateral):
+    require_backend(backend, dtype=torch.float64)
+    torch.manual_seed(0)
+    head = EncHead([6, 10, 12], 8, num_classes=5, num_codes=4, add_lateral=add_lateral).double()
+    _randomise(head)
+    reference_head = copy.deepcopy(head)
+    reference_head.fused = False
+    feats = [torch.randn(2, c, 7, 9, dtype=torch.float64) for c in (6, 10, 12)]
+
+    def run(module):
+        module.train(train)
+        leaves = [f.clone().requires_grad_() for f in feats]
+        torch.manual_seed(0)
+        seg, se = module(leaves)
+        (seg.sum() * 0.3 + (se * torch.arange(5, dtype=se.dtype)).sum()).backward()
+        return seg, se, [l.grad for l in leaves], {n: p.grad for n, p in module.named_parameters()}
+
+    with fastctx.use_backend(backend):
+        got = run(head)
+    want = run(reference_head)
+    assert_close(got[0], want[0], torch.float64, "seg logits")
+    assert_close(got[1], want[1], torch.float64, "se logits")
+    for a, b in zip(got[2], want[2]):
+        if b is not None:
+            assert_close(a, b, torch.float64, "feature grad")
+    for name in want[3]:
+        if want[3][name] is not None:
+            assert_close(got[3][name], want[3][name], torch.float64, f"grad of {name}")
+
+
+def test_enchead_state_dict_names():
+    head = EncHead([512, 1024, 2048], 16, num_classes=7, num_codes=32)
+    keys = set(head.state_dict())
+    assert {"enc_module.encoding.0.codewords", "enc_module.encoding.0.scale", "enc_module.encoding.1.weight",
+            "enc_module.encoding.1.running_var", "enc_module.fc.0.weight", "enc_module.fc.0.bias",
+            "enc_module.encoding_project.conv.weight", "enc_module.encoding_project.bn.weight",
+            "se_layer.weight", "se_layer.bias", "conv_seg.weight", "bottleneck.conv.weight"} <= keys
+    assert head.state_dict()["enc_module.encoding.1.weight"].shape == (32,)
+    assert head.state_dict()["bottleneck.conv.weight"].shape == (16, 2048, 3, 3)
+    no_se = EncHead(64, 16, num_classes=7, use_se_loss=False)
+    assert not any(k.startswith("se_layer") for k in no_se.state_dict())
+    out = no_se.eval()(torch.randn(1, 64, 5, 5))
+    assert isinstance(out, torch.Tensor) and out.shape == (1, 7, 5, 5)
+
+
+def test_se_targets_and_loss():
+    labels = torch.tensor([[[0, 2], [255, 2]], [[1, 1], [1, 255]]])
+    targets = se_targets(labels, 4)
+    assert targets.tolist() == [[1, 0, 1, 0], [0, 1, 0, 0]]
+    logits = torch.randn(2, 4)
+    expected = 0.2 * torch.nn.functional.binary_cross_entropy_with_logits(logits, targets)
+    assert torch.equal(se_loss(logits, labels), expected)
