@@ -2,9 +2,11 @@
 FASTCTX_BACKEND / automatic, per the op's capability declarations) and is differentiable
 (twice) and torch.compile-able."""
 from ._dispatch import OPS
+from .class_attention import class_attention
+from .class_gather import class_gather
 from .encoding import encoding
 from .gla_context import gla_context
 from .pyramid_pool import pyramid_pool, split_scales
 from .residual_relu import residual_relu
 
-__all__ = ["OPS", "encoding", "gla_context", "pyramid_pool", "residual_relu", "split_scales"]
+__all__ = ["OPS", "class_attention", "class_gather", "encoding", "gla_context", "pyramid_pool", "residual_relu", "split_scales"]

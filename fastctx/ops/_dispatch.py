@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 
@@ -71,6 +72,10 @@ class FusedOp:
         self.name = name
         self.support = {"cpu": cpu, "cuda": cuda, "triton": triton}
         self._warned: set[tuple[str, str]] = set()
+        self._built: dict[tuple[str, str], str | None] = {}
+        for backend in _backend.BACKENDS:
+            for device_type in ("cpu", "cuda"):
+                self.built(backend, torch.device(device_type))
 
     # -------------------------------------------------------------- capability
 
@@ -82,9 +87,30 @@ class FusedOp:
             return declared[device.type]
         return _backend.default_dtypes(backend, device)
 
+    def built(self, backend: str, device: torch.device) -> str | None:
+        """None if `backend` is built here with kernels for this op and runs `device`'s tensors, else why not.
+
+        Static for a process: computed once per device type (so torch.compile traces a dict lookup).
+        """
+        key = (backend, device.type)
+        if key not in self._built:
+            self._built[key] = self._build_reason(backend, device)
+        return self._built[key]
+
+    def _build_reason(self, backend: str, device: torch.device) -> str | None:
+        reason = _backend.build_reason(backend, device)
+        if reason is not None or backend == "reference":
+            return reason
+        if backend in ("cpu", "cuda"):
+            if not _has_kernel(f"fastctx::{self.name}_fwd", "CPU" if backend == "cpu" else "CUDA"):
+                return f"this build has no {backend} kernels for {self.name}"
+        elif importlib.util.find_spec(f"fastctx.kernels.{self.name}") is None:
+            return f"this build has no Triton kernels for {self.name}"
+        return None
+
     def reason(self, backend: str, device: torch.device, dtype: torch.dtype, facts: Facts) -> str | None:
         """None if `backend` runs this call, else why not."""
-        reason = _backend.build_reason(backend, device)
+        reason = self.built(backend, device)
         if reason is not None or backend == "reference":
             return reason
         dtypes = self.dtypes(backend, device)
@@ -100,7 +126,7 @@ class FusedOp:
             reason = self.reason(backend, device, dtype, facts)
             if reason is None:
                 return backend
-            if _backend.build_reason(backend, device) is None:
+            if self.built(backend, device) is None:
                 self._warn_once(backend, reason)
         return "reference"
 
@@ -155,11 +181,18 @@ class FusedOp:
         rows = [("reference", _backend.dtype_names(_backend.FLOATS), "any shape")]
         for backend, support in self.support.items():
             if backend in _backend.automatic_order(device) or (backend, device.type) == ("triton", "cpu"):
-                reason = _backend.build_reason(backend, device)
+                reason = self.built(backend, device)
                 limits = support.note or "any shape"
                 rows.append((backend, _backend.dtype_names(self.dtypes(backend, device)),
                              limits if reason is None else f"not here: {reason}"))
         return rows
+
+
+def _has_kernel(schema: str, dispatch_key: str) -> bool:
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(schema, dispatch_key)
+    except RuntimeError:  # no such schema in this build
+        return False
 
 
 OPS: dict[str, FusedOp] = {}

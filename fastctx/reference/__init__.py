@@ -1,7 +1,9 @@
 """Eager PyTorch implementations: the oracle every fused backend is tested against, one file per op."""
+from .class_attention import class_attention
+from .class_gather import class_gather
 from .encoding import encoding, encoding_two_gemm
 from .gla_context import gla_context
 from .pyramid_pool import pyramid_pool
 from .residual_relu import residual_relu
 
-__all__ = ["encoding", "encoding_two_gemm", "gla_context", "pyramid_pool", "residual_relu"]
+__all__ = ["class_attention", "class_gather", "encoding", "encoding_two_gemm", "gla_context", "pyramid_pool", "residual_relu"]
