@@ -6,7 +6,8 @@
 
 NCHW in and out. The fused backends keep the [N, K] attention per pixel tile
 only and save the per-pixel log-sum-exp lse_n = log sum_k exp(scale * s_nk)
-(s: the scores q_n . k_k, or the logits), so the backward recomputes
+(s: the scores q_n . k_k, or the logits; float32, float64 for float64 data),
+so the backward recomputes
 a_nk = exp(scale * s_nk - lse_n) flash-attention style. For grad G [B, Cv, H, W]:
     dv_k = sum_n a_nk G_n;   dA_nk = G_n . v_k;   dS_nk = scale a_nk (dA_nk - G_n . out_n)
     query mode: dq_n = sum_k dS_nk k_k;  dk_k = sum_n dS_nk q_n;   logits mode: dlogits = dS
@@ -31,14 +32,18 @@ def _facts(values: torch.Tensor, pixels_from: torch.Tensor, query: torch.Tensor 
                 Cq=0 if query is None else query.shape[1])
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the saved log-sum-exp: float32 (float64 for float64 data)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _lse(query, keys, logits, scale: float) -> torch.Tensor:
     """[B, N] per-pixel log-sum-exp of the scaled scores, from the eager maths."""
     if query is not None:
         scores = torch.einsum("bcn,bkc->bnk", query.flatten(2), keys)
     else:
         scores = logits.flatten(2).transpose(1, 2)
-    acc = torch.promote_types(scores.dtype, torch.float32)
-    return torch.logsumexp(scale * scores.to(acc), dim=2).to(scores.dtype)
+    return torch.logsumexp(scale * scores.to(acc_dtype(scores.dtype)), dim=2)
 
 
 def _empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -75,7 +80,8 @@ def _(query, keys, values, logits, scale, backend):
     source = query if query is not None else logits
     height, width = source.shape[2:]
     batch, _, cv = values.shape
-    return values.new_empty(batch, cv, height, width), values.new_empty(batch, height * width)
+    return (values.new_empty(batch, cv, height, width),
+            values.new_empty(batch, height * width, dtype=acc_dtype(values.dtype)))
 
 
 @torch.library.custom_op("fastctx::class_attention_backward", mutates_args=())
