@@ -8,3 +8,6 @@ __all__ = [
     "BasicBlock", "Bottleneck", "EncoderDecoder", "LoadReport", "MODEL_NAMES", "PRESETS", "ResNetV1c",
     "build_model", "get_preset", "load_pretrained", "se_loss", "seg_cross_entropy",
 ]
+from .swin import PatchEmbed, PatchMerging, SwinTransformer, swin_converter
+
+__all__ += ["PatchEmbed", "PatchMerging", "SwinTransformer", "swin_converter"]

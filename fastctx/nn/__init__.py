@@ -5,3 +5,7 @@ from .enc_head import EncHead, EncModule, Encoding, se_loss, se_targets
 from .fcn_head import FCNHead
 
 __all__ = ["ACM", "APCHead", "ConvModule", "EncHead", "EncModule", "Encoding", "FCNHead", "se_loss", "se_targets"]
+from .iiwa import IIWA, PositionEmbeddingSine
+from .window_msa import DropPath, ShiftWindowMSA, WindowMSA, convert_window_msa
+
+__all__ += ["DropPath", "IIWA", "PositionEmbeddingSine", "ShiftWindowMSA", "WindowMSA", "convert_window_msa"]
