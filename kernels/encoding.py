@@ -79,7 +79,11 @@ def _assignment(cross, xx, cc, s, mask_n, mask_k):
     is subtracted before exp2 so no logit overflows.
     """
     dist = xx[:, None] + cross + cc[None, :]
-    dist = tl.maximum(dist, 0.0)
+    dist = tl.where(dist < 0, 0.0, dist)  # not tl.maximum: a NaN distance must stay NaN, as in the eager maths
+    # Exactly one infinite norm: the eager sum of (x - c)^2 is +inf where the expansion gives inf - inf.
+    inf = float("inf")
+    dist = tl.where(((xx[:, None] == inf) & (cc[None, :] < inf)) | ((cc[None, :] == inf) & (xx[:, None] < inf)),
+                    inf, dist)
     logits = tl.where(mask_k[None, :], dist * s[None, :], float("-inf"))
     row_max = tl.max(logits, axis=1)
     p = tl.exp2((logits - row_max[:, None]) * _LOG2E)
@@ -360,7 +364,10 @@ def _centre(codewords: torch.Tensor):
     """(m acc [D], c' in the input dtype [K, D], c' acc [K, D], ||c'||^2 acc [K])."""
     acc = _launch.acc_dtype(codewords.dtype)
     c = codewords.to(acc)
+    # A channel whose mean is not finite is not centred: an infinite codeword entry must stay infinite in c'
+    # while x' stays finite, as in the eager x - c.
     mean = c.mean(dim=0)
+    mean = torch.where(mean.isfinite(), mean, 0)
     cw = (c - mean).to(codewords.dtype)
     cw_acc = cw.to(acc)
     return mean.contiguous(), cw, cw_acc, cw_acc.pow(2).sum(dim=1).contiguous()

@@ -8,6 +8,13 @@ read of x and the tensor cores do the summing:
     forward   pooled[c, k]  = sum_n x[c, n] M[n, k] * inv_area[k]
     backward  grad_x[c, n]  = sum_k M[n, k] (grad[c, k] * inv_area[k])
 
+Non-finite values. A product with the 0/1 membership would turn one inf into
+0 * inf = NaN in every bin that does not contain it. The dots therefore take
+the data with non-finite entries zeroed, and a tile that has any runs a second,
+exact dot of their codes (1 for +inf, 256 for -inf, 257 for NaN) with the same
+membership: per bin, the two fields count the +inf/NaN and -inf/NaN members
+(< 256 per tile), which give the NaN / +inf / -inf the eager sum would reach.
+
 M is exact in every dtype, so with 16-bit data the products are exact and
 the fp32 accumulation is as good as a plain fp32 sum. For fp32 data
 (DOT_PRECISION "tf32x3") only the data operand needs splitting: v = hi + lo
@@ -44,6 +51,33 @@ def _membership(offs_n, W, bins_ptr, offs_k, mask_k, dtype: tl.constexpr):
 def _tf32_hi(v):
     """v rounded to the nearest tf32 (low 13 mantissa bits cleared); v - hi is exact."""
     return ((v.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _nonfinite_code(v):
+    """0 for finite v, 1 for +inf, 256 for -inf, 257 for NaN (exact in fp16 and tf32)."""
+    inf = float("inf")
+    return tl.where(v != v, 257.0, tl.where(v == inf, 1.0, tl.where(v == -inf, 256.0, 0.0)))
+
+
+@triton.jit
+def _forced_sum(counts):
+    """What the members' non-finite values make of a sum, from their code sums: NaN, +inf, -inf, or 0 (none)."""
+    n_neg = tl.floor(counts / 256.0)
+    n_pos = counts - 256.0 * n_neg
+    inf = float("inf")
+    return tl.where((n_pos > 0) & (n_neg > 0), float("nan"), tl.where(n_pos > 0, inf, tl.where(n_neg > 0, -inf, 0.0)))
+
+
+@triton.jit
+def _code_dot(a, b, acc_dtype: tl.constexpr):
+    """An exact dot of small integer codes and 0/1 memberships (fp16 operands; tf32 for fp32, fp64 for fp64)."""
+    if acc_dtype == tl.float64:
+        return tl.dot(a.to(tl.float64), b.to(tl.float64), input_precision="ieee", out_dtype=acc_dtype)
+    elif a.dtype == tl.float32:
+        return tl.dot(a, b.to(tl.float32), input_precision="tf32", out_dtype=acc_dtype)
+    else:
+        return tl.dot(a.to(tl.float16), b.to(tl.float16), out_dtype=acc_dtype)
 
 
 @triton.jit
@@ -109,8 +143,11 @@ def pyramid_pool_fwd_kernel(
         mask_n = offs_n < n_hi
         x = tl.load(x_rows[:, None] + offs_n[None, :],
                     mask=mask_c[:, None] & mask_n[None, :], other=0.0)
+        code = _nonfinite_code(x).to(x.dtype)
         m = _membership(offs_n, W, bins_ptr, offs_k, mask_k, x.dtype)
-        acc = _dot_data_member(x, m, acc, DOT_PRECISION)
+        acc = _dot_data_member(tl.where(code == 0, x, 0.0), m, acc, DOT_PRECISION)
+        if tl.max(code) > 0:  # rare: inf / NaN in this tile
+            acc += _forced_sum(_code_dot(code, m, acc_dtype))
 
     inv_area = tl.load(inv_area_ptr + offs_k, mask=mask_k, other=0.0)
     res = acc * inv_area[None, :]
@@ -160,7 +197,11 @@ def pyramid_pool_bwd_kernel(
             g_t = tl.load(grad_ptr + ((b * C + offs_c) * S_tot)[None, :] + offs_k[:, None],
                           mask=mask_k[:, None] & mask_c[None, :], other=0.0)
             g_t = (g_t.to(acc_dtype) * inv_area[:, None]).to(dtype)
-            gx = _dot_member_data(m, g_t, tl.zeros([BLOCK_N, BLOCK_C], dtype=acc_dtype), DOT_PRECISION)
+            code = _nonfinite_code(g_t).to(dtype)
+            gx = _dot_member_data(m, tl.where(code == 0, g_t, 0.0), tl.zeros([BLOCK_N, BLOCK_C], dtype=acc_dtype),
+                                  DOT_PRECISION)
+            if tl.max(code) > 0:  # rare: inf / NaN gradients in this tile
+                gx += _forced_sum(_code_dot(m, code, acc_dtype))
             mask = mask_n[:, None] & mask_c[None, :]
             ptrs = gx_ptr + ((b * C + offs_c) * N)[None, :] + offs_n[:, None]
             if ACCUMULATE:

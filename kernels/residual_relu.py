@@ -41,8 +41,9 @@ def residual_relu_fwd_kernel(
     y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(acc_dtype)
     r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(acc_dtype)
     u = y * scale[:, None] + shift[:, None]
-    v = tl.where(u > 0, u, 0.0) + r
-    out = tl.where(v > 0, v, 0.0)
+    # relu as where(v < 0, 0, v): NaN compares false and passes through, as torch.relu's does
+    v = tl.where(u < 0, 0.0, u) + r
+    out = tl.where(v < 0, 0.0, v)
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
     if SAVE_MASK:
         # Pixels past N computed from zero-filled loads may be positive: keep them out.
