@@ -1,6 +1,6 @@
 """The CPU kernels give bit-identical results run to run and for any thread count.
 
-DESIGN: deterministic by default. The C++ kernels cut their work into chunks
+docs/design.md: deterministic by default. The C++ kernels cut their work into chunks
 that depend on the shapes only and reduce partial sums in a fixed order, and
 they pin MKL to one thread inside a chunk; so 1, 2 or 3 threads must give the
 same bits, forward and every gradient. The shapes span several chunks and

@@ -1,4 +1,4 @@
-"""mmsegmentation 1.x state_dict compatibility of ACM / APCHead (DESIGN 2.3)."""
+"""mmsegmentation 1.x state_dict compatibility of ACM / APCHead (docs/design.md 2.5)."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""Segmentation losses with mmsegmentation 1.x semantics (DESIGN 2.3).
+"""Segmentation losses with mmsegmentation 1.x semantics (docs/design.md 2.5).
 
 - `seg_cross_entropy`: mmseg's `CrossEntropyLoss` (use_sigmoid=False,
   avg_non_ignore=False) applied as its decode heads do: logits resized

@@ -2,7 +2,7 @@
 
 `encoding` is mmseg's broadcast form, line for line: it builds [B, N, K, D]
 tensors (the cost fastctx removes). `encoding_two_gemm` is the best eager
-rewrite (DESIGN 2.2), used as a benchmark peer.
+rewrite (docs/design.md 2.2), used as a benchmark peer.
 """
 from __future__ import annotations
 
