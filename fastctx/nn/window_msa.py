@@ -150,7 +150,7 @@ class WindowMSA(nn.Module):
         qkv = self.qkv(x).view(x.shape[0], wh, ww, 3 * self.embed_dims)
         out = ops.window_attention(qkv, self.num_heads, self.window_size, self.relative_position_bias_table,
                                    scale=self.scale)
-        return self.proj_drop(self.proj(out.view(x.shape)))
+        return self.proj_drop(self.proj(out.reshape(x.shape)))
 
     def eager_forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """mmseg's WindowMSA.forward."""
@@ -238,7 +238,7 @@ class ShiftWindowMSA(nn.Module):
         bias = w_msa.qkv.bias if w_msa.qkv.bias is not None else qkv.new_zeros(3 * channels)
         out = ops.window_attention(qkv, w_msa.num_heads, self._window, w_msa.relative_position_bias_table,
                                    shift=self._shift, scale=w_msa.scale, pad_qkv=bias)
-        out = w_msa.proj_drop(w_msa.proj(out.view(batch, height * width, channels)))
+        out = w_msa.proj_drop(w_msa.proj(out.reshape(batch, height * width, channels)))
         return self.drop(out)
 
     def eager_forward(self, query: torch.Tensor, hw_shape) -> torch.Tensor:
