@@ -9,3 +9,6 @@ from .iiwa import IIWA, PositionEmbeddingSine
 from .window_msa import DropPath, ShiftWindowMSA, WindowMSA, convert_window_msa
 
 __all__ += ["DropPath", "IIWA", "PositionEmbeddingSine", "ShiftWindowMSA", "WindowMSA", "convert_window_msa"]
+from .ocr_head import ObjectAttentionBlock, OCRHead, SpatialGatherModule, convert_ocr
+
+__all__ += ["OCRHead", "ObjectAttentionBlock", "SpatialGatherModule", "convert_ocr"]
