@@ -9,6 +9,8 @@ from .iiwa import IIWA, PositionEmbeddingSine
 from .window_msa import DropPath, ShiftWindowMSA, WindowMSA, convert_window_msa
 
 __all__ += ["DropPath", "IIWA", "PositionEmbeddingSine", "ShiftWindowMSA", "WindowMSA", "convert_window_msa"]
+from .acf_head import ACFHead, ACFModule
+from .aspp_head import ASPPHead
 from .ocr_head import ObjectAttentionBlock, OCRHead, SpatialGatherModule, convert_ocr
 
-__all__ += ["OCRHead", "ObjectAttentionBlock", "SpatialGatherModule", "convert_ocr"]
+__all__ += ["ACFHead", "ACFModule", "ASPPHead", "OCRHead", "ObjectAttentionBlock", "SpatialGatherModule", "convert_ocr"]
