@@ -11,3 +11,6 @@ __all__ = [
 from .swin import PatchEmbed, PatchMerging, SwinTransformer, swin_converter
 
 __all__ += ["PatchEmbed", "PatchMerging", "SwinTransformer", "swin_converter"]
+from .cascade import CascadeEncoderDecoder, CoarseToFineEncoderDecoder
+
+__all__ += ["CascadeEncoderDecoder", "CoarseToFineEncoderDecoder"]

@@ -6,6 +6,11 @@ layer3 (in_index 2, one conv, no input concat, dropout 0.1, loss weight 0.4).
 r101 only changes the depth; r18 (mmseg's `fcn_r18-d8` recipe, applied to all
 three) shrinks the heads: decode in_channels 512 / channels 128 (EncNet:
 in_channels [128, 256, 512]), auxiliary in_channels 256 / channels 64.
+
+`ocrnet_r*-d8` follow `configs/_base_/models/ocrnet_r50-d8.py` (a
+CascadeEncoderDecoder: FCNHead then OCRHead); `acfnet_r*-d8` are ACFNet with an
+ASPP base (fastctx.nn.acf_head), built like the others. Their r18 heads shrink
+by the same factor of 4.
 """
 from __future__ import annotations
 
@@ -16,15 +21,23 @@ from typing import Any
 
 import torch.nn as nn
 
-from ..nn import APCHead, EncHead, FCNHead
+from ..nn import ACFHead, APCHead, ASPPHead, EncHead, FCNHead, OCRHead
+from .cascade import CascadeEncoderDecoder, CoarseToFineEncoderDecoder
 from .resnet import ResNetV1c, load_pretrained
 from .segmentor import EncoderDecoder
 
-__all__ = ["MODEL_NAMES", "PRESETS", "HEADS", "get_preset", "build_model"]
+__all__ = ["MODEL_NAMES", "PRESETS", "HEADS", "SEGMENTORS", "get_preset", "build_model"]
 
 HEADS: dict[str, type[nn.Module]] = {"APCHead": APCHead, "EncHead": EncHead, "FCNHead": FCNHead}
+HEADS.update(OCRHead=OCRHead, ACFHead=ACFHead, ASPPHead=ASPPHead)
 
-_SEGMENTOR_OPTIONS = ("align_corners", "decode_loss_weight", "aux_loss_weight", "se_loss_weight", "ignore_index")
+# A preset's "segmentor" entry (default "EncoderDecoder") names its class here.
+SEGMENTORS: dict[str, type[nn.Module]] = {"EncoderDecoder": EncoderDecoder,
+                                          "CascadeEncoderDecoder": CascadeEncoderDecoder,
+                                          "CoarseToFineEncoderDecoder": CoarseToFineEncoderDecoder}
+
+_SEGMENTOR_OPTIONS = ("align_corners", "decode_loss_weight", "aux_loss_weight", "se_loss_weight", "ignore_index",
+                      "coarse_loss_weight")
 _SECTIONS = ("backbone", "decode_head", "auxiliary_head")
 
 
@@ -61,6 +74,34 @@ PRESETS: dict[str, dict[str, Any]] = {
     for kind in ("apcnet", "encnet", "fcn")
     for depth in (18, 50, 101)
 }
+
+
+def _ocrnet(depth: int) -> dict[str, Any]:
+    """mmseg's configs/_base_/models/ocrnet_r50-d8.py: CascadeEncoderDecoder, FCNHead (layer3, loss 0.4) then
+    OCRHead (layer4, loss 1.0), no auxiliary head. r18 shrinks the heads by mmseg's fcn_r18-d8 factor of 4."""
+    small = depth == 18
+    fcn = dict(_auxiliary_head(small))
+    ocr = dict(type="OCRHead", in_channels=512 if small else 2048, in_index=3, channels=128 if small else 512,
+               ocr_channels=64 if small else 256, dropout_ratio=0.1)
+    return dict(segmentor="CascadeEncoderDecoder", backbone=_backbone(depth), decode_head=[fcn, ocr],
+                auxiliary_head=None, align_corners=False, decode_loss_weight=(0.4, 1.0), aux_loss_weight=0.4,
+                ignore_index=255)
+
+
+def _acfnet(depth: int) -> dict[str, Any]:
+    """ACFNet (fastctx.nn.acf_head): ACFHead on layer4 with mmseg's D8 ASPP dilations, the auxiliary FCNHead on
+    layer3; losses final 1.0, coarse 0.4, auxiliary 0.4 (the choice is documented in fastctx.nn.acf_head)."""
+    small = depth == 18
+    channels = 128 if small else 512
+    head = dict(type="ACFHead", in_channels=512 if small else 2048, in_index=3, channels=channels,
+                acf_channels=channels, dilations=(1, 12, 24, 36), mode="paper", dropout_ratio=0.1)
+    return dict(segmentor="CoarseToFineEncoderDecoder", backbone=_backbone(depth), decode_head=head,
+                auxiliary_head=_auxiliary_head(small), align_corners=False, decode_loss_weight=1.0,
+                coarse_loss_weight=0.4, aux_loss_weight=0.4, ignore_index=255)
+
+
+PRESETS.update({f"{kind}_r{depth}-d8": build(depth) for kind, build in (("ocrnet", _ocrnet), ("acfnet", _acfnet))
+                for depth in (18, 50, 101)})
 MODEL_NAMES: tuple[str, ...] = tuple(PRESETS)
 
 
@@ -79,6 +120,18 @@ def _build(cls: type[nn.Module], section: str, options: dict[str, Any]) -> nn.Mo
     return cls(**options)
 
 
+def _build_head(section: str, options: dict[str, Any], num_classes: int, norm, align_corners: bool,
+                fused: bool) -> nn.Module:
+    options = dict(options)
+    kind = options.pop("type", None)
+    if kind not in HEADS:
+        raise ValueError(f"{section} type must be one of {', '.join(HEADS)}, got {kind!r}")
+    options.update(num_classes=num_classes, norm=norm, align_corners=align_corners)
+    if section.startswith("decode_head") and "fused" in inspect.signature(HEADS[kind].__init__).parameters:
+        options["fused"] = fused
+    return _build(HEADS[kind], section, options)
+
+
 def build_model(name: str, num_classes: int, fused: bool = True, norm: str | type[nn.Module] = "BN",
                 pretrained: str | os.PathLike | None = None, **overrides: Any) -> EncoderDecoder:
     """Build the segmentor `name` (one of MODEL_NAMES), e.g. "apcnet_r50-d8".
@@ -86,14 +139,17 @@ def build_model(name: str, num_classes: int, fused: bool = True, norm: str | typ
     Args:
         name: preset name.
         num_classes: classes predicted by the decode and auxiliary heads.
-        fused: run the decode head's fastctx kernels (APCHead, EncHead); FCNHead has none.
+        fused: run the decode head's fastctx kernels (APCHead, EncHead, OCRHead, ACFHead); FCNHead has none.
         norm: "BN" or "SyncBN" (mmseg's configs use SyncBN for multi-GPU training), for backbone and heads.
         pretrained: LOCAL checkpoint loaded with `load_pretrained` (an ImageNet
             backbone or a whole segmentor); no download.
         **overrides: `backbone=`, `decode_head=`, `auxiliary_head=` dicts
             merged into those sections (`auxiliary_head=None` drops the auxiliary
-            head), or segmentor options: align_corners (applied to the heads too),
-            decode_loss_weight, aux_loss_weight, se_loss_weight, ignore_index.
+            head; for the cascade presets decode_head= is a list of one dict or
+            None per stage), or segmentor options: align_corners (applied to the
+            heads too), decode_loss_weight (one per stage for cascades),
+            aux_loss_weight, se_loss_weight (EncNet), coarse_loss_weight (ACFNet),
+            ignore_index.
     """
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
@@ -103,12 +159,21 @@ def build_model(name: str, num_classes: int, fused: bool = True, norm: str | typ
         raise TypeError(f"build_model got unknown override(s) {unknown}; "
                         f"valid: {', '.join(_SECTIONS + _SEGMENTOR_OPTIONS)}")
     for key, value in overrides.items():
-        if key in _SECTIONS and value is not None:
+        if key == "decode_head" and isinstance(cfg[key], list) and isinstance(value, (list, tuple)):
+            # cascade presets: one dict (or None: unchanged) per stage
+            if len(value) != len(cfg[key]) or any(v is not None and not isinstance(v, dict) for v in value):
+                raise TypeError(f"override decode_head= of {name} must list one dict (or None) per stage "
+                                f"({len(cfg[key])}), got {value!r}")
+            cfg[key] = [{**stage, **(v or {})} for stage, v in zip(cfg[key], value)]
+        elif key in _SECTIONS and value is not None:
             if not isinstance(value, dict):
                 raise TypeError(f"override {key}= must be a dict of {key} options (or None), "
                                 f"got {type(value).__name__}")
             if key == "backbone" and "type" in value:
                 raise ValueError("the backbone is always ResNetV1c; change its depth with backbone=dict(depth=...)")
+            if isinstance(cfg[key], list):
+                raise TypeError(f"{name} has {len(cfg[key])} decode stages: override decode_head= with a list of "
+                                "one dict (or None) per stage")
             cfg[key] = {**cfg[key], **value}
         else:
             if key == "decode_head":
@@ -123,17 +188,17 @@ def build_model(name: str, num_classes: int, fused: bool = True, norm: str | typ
         if options is None:
             heads[section] = None
             continue
-        options = dict(options)
-        kind = options.pop("type", None)
-        if kind not in HEADS:
-            raise ValueError(f"{section} type must be one of {', '.join(HEADS)}, got {kind!r}")
-        options.update(num_classes=num_classes, norm=norm, align_corners=align_corners)
-        if section == "decode_head" and "fused" in inspect.signature(HEADS[kind].__init__).parameters:
-            options["fused"] = fused
-        heads[section] = _build(HEADS[kind], section, options)
+        if isinstance(options, list):  # cascade stages
+            heads[section] = [_build_head(f"{section}.{i}", stage, num_classes, norm, align_corners, fused)
+                              for i, stage in enumerate(options)]
+        else:
+            heads[section] = _build_head(section, options, num_classes, norm, align_corners, fused)
 
-    model = EncoderDecoder(backbone, heads["decode_head"], heads["auxiliary_head"], num_classes=num_classes,
-                           **{k: cfg[k] for k in _SEGMENTOR_OPTIONS})
+    segmentor = SEGMENTORS[cfg.get("segmentor", "EncoderDecoder")]
+    options = {k: cfg[k] for k in _SEGMENTOR_OPTIONS if k in cfg}
+    model = _build(segmentor, "segmentor", dict(backbone=backbone, decode_head=heads["decode_head"],
+                                                auxiliary_head=heads["auxiliary_head"], num_classes=num_classes,
+                                                **options))
     if pretrained is not None:
         load_pretrained(model, pretrained)
     return model
