@@ -8,5 +8,7 @@ from .encoding import encoding
 from .gla_context import gla_context
 from .pyramid_pool import pyramid_pool, split_scales
 from .residual_relu import residual_relu
+from .window_attention import window_attention
 
-__all__ = ["OPS", "class_attention", "class_gather", "encoding", "gla_context", "pyramid_pool", "residual_relu", "split_scales"]
+__all__ = ["OPS", "class_attention", "class_gather", "encoding", "gla_context", "pyramid_pool", "residual_relu", "split_scales",
+           "window_attention"]

@@ -1,0 +1,177 @@
+"""Window attention: Swin's (shifted) W-MSA and ULLMC's intra-window attention, from the token layout.
+
+qkv [B, H, W, 3C] (the qkv Linear's output, channels last) -> out [B, H, W, C]:
+per window of Wh x Ww tokens and head h, out = softmax(q k^T * scale + table[index]) v,
+d = C / heads, scale = d ** -0.5 by default.
+
+The map is padded at bottom/right to whole windows. A padded token's q/k/v is
+`pad_qkv` (the qkv Linear's bias: what the Linear gives the zero tokens mmseg
+pads with), and it takes part as a key, as in mmseg's Swin and the released
+ULLMC code; `pad_qkv=None` excludes padded keys instead. `shift` > 0 is Swin's
+cyclic shift of the padded map with -100 added to the logits of token pairs
+from different regions. In the fused kernels all of this is index arithmetic:
+no pad, roll, partition, mask or window_reverse tensors.
+
+A window is small (Wh*Ww tokens, at most a few hundred), so a program owns
+whole windows and the backward recomputes each window's attention from q and k
+(no saved statistics):
+    P = softmax(S),  O = P V,  dV = P^T dO,  dP = dO V^T,  dS = P (dP - rowsum(dO O)),
+    dQ = scale dS K,  dK = scale dS^T Q,  d(table)[index] = sum over windows and batch of dS,
+and the padded keys' dK, dV summed into d(pad_qkv); those cross-window sums are
+reduced in a fixed order.
+
+Backends: reference (fastctx/reference/window_attention.py); fused kernels register here as they land.
+Contract: docs/kernels.md "window_attention".
+"""
+from __future__ import annotations
+
+import torch
+
+from ..reference.window_attention import _check_window_args
+from ..reference.window_attention import window_attention as _reference
+from ._checks import check_same
+from ._dispatch import FusedOp, Support, amp_dtype, compute_dtype, reference_second_order, register
+
+OP = register(FusedOp("window_attention", cpu=Support(), cuda=Support(), triton=Support()))
+
+
+def _facts(qkv: torch.Tensor, heads: int, window) -> dict:
+    batch, height, width, channels3 = qkv.shape
+    return dict(B=batch, H=height, W=width, C=channels3 // 3, heads=heads, d=channels3 // 3 // heads,
+                Wh=window[0], Ww=window[1], N=window[0] * window[1])
+
+
+def _reference_on(present, has_table: bool, has_pad: bool, heads, window, shift, scale):
+    """The reference as a function of the present tensors only (qkv, then the table and pad_qkv if given)."""
+    def fn(*tensors):
+        it = iter(tensors)
+        qkv = next(it)
+        table = next(it) if has_table else None
+        pad = next(it) if has_pad else None
+        return _reference(qkv, heads, window, table, shift, scale, pad)
+    return fn
+
+
+@torch.library.custom_op("fastctx::window_attention", mutates_args=())
+def _window_attention(qkv: torch.Tensor, heads: int, window: list[int], bias_table: torch.Tensor | None,
+                      shift: list[int], scale: float, pad_qkv: torch.Tensor | None, backend: str) -> torch.Tensor:
+    backend = OP.resolve(backend, qkv.device, qkv.dtype, _facts(qkv, heads, window))
+    batch, height, width, channels3 = qkv.shape
+    if batch == 0:
+        return qkv.new_empty(0, height, width, channels3 // 3)
+    if backend == "reference":
+        with torch.autocast(qkv.device.type if qkv.device.type in ("cpu", "cuda") else "cpu", enabled=False):
+            return _reference(qkv.contiguous(), heads, window, bias_table, shift, scale, pad_qkv).contiguous()
+    return OP.kernels(backend).window_attention_fwd(
+        qkv.contiguous(), None if bias_table is None else bias_table.contiguous(),
+        None if pad_qkv is None else pad_qkv.contiguous(), heads, window, shift, scale)
+
+
+@_window_attention.register_fake
+def _(qkv, heads, window, bias_table, shift, scale, pad_qkv, backend):
+    batch, height, width, channels3 = qkv.shape
+    return qkv.new_empty(batch, height, width, channels3 // 3)
+
+
+@torch.library.custom_op("fastctx::window_attention_backward", mutates_args=())
+def _window_attention_backward(
+    grad: torch.Tensor, qkv: torch.Tensor, bias_table: torch.Tensor | None, pad_qkv: torch.Tensor | None,
+    heads: int, window: list[int], shift: list[int], scale: float, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    backend = OP.resolve(backend, qkv.device, qkv.dtype, _facts(qkv, heads, window))
+    absent = lambda: qkv.new_empty(0)  # noqa: E731  (one per output: outputs may not alias)
+    if qkv.shape[0] == 0:
+        return (torch.zeros_like(qkv, memory_format=torch.contiguous_format),
+                absent() if bias_table is None else torch.zeros_like(bias_table),
+                absent() if pad_qkv is None else torch.zeros_like(pad_qkv))
+    if backend == "reference":
+        present = [t.contiguous() for t in (qkv, bias_table, pad_qkv) if t is not None]
+        fn = _reference_on(present, bias_table is not None, pad_qkv is not None, heads, window, shift, scale)
+        with torch.autocast(qkv.device.type if qkv.device.type in ("cpu", "cuda") else "cpu", enabled=False):
+            _, pullback = torch.func.vjp(fn, *present)
+            grads = iter(g.contiguous() for g in pullback(grad.contiguous()))
+        return next(grads), next(grads) if bias_table is not None else absent(), \
+            next(grads) if pad_qkv is not None else absent()
+    return OP.kernels(backend).window_attention_bwd(
+        grad.contiguous(), qkv.contiguous(), None if bias_table is None else bias_table.contiguous(),
+        None if pad_qkv is None else pad_qkv.contiguous(), heads, window, shift, scale)
+
+
+@_window_attention_backward.register_fake
+def _(grad, qkv, bias_table, pad_qkv, heads, window, shift, scale, backend):
+    return (torch.empty_like(qkv, memory_format=torch.contiguous_format),
+            qkv.new_empty(0) if bias_table is None else torch.empty_like(bias_table),
+            qkv.new_empty(0) if pad_qkv is None else torch.empty_like(pad_qkv))
+
+
+def _setup_context(ctx, inputs, output):
+    qkv, heads, window, bias_table, shift, scale, pad_qkv, backend = inputs
+    ctx.save_for_backward(qkv, bias_table, pad_qkv)
+    ctx.args = (heads, window, shift, scale)
+    ctx.backend = backend
+
+
+def _backward(ctx, grad):
+    qkv, bias_table, pad_qkv = ctx.saved_tensors
+    d_qkv, d_table, d_pad = _window_attention_backward(grad, qkv, bias_table, pad_qkv, *ctx.args, ctx.backend)
+    return (d_qkv, None, None, d_table if bias_table is not None else None, None, None,
+            d_pad if pad_qkv is not None else None, None)
+
+
+_window_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _setup_backward_context(ctx, inputs, output):
+    grad, qkv, bias_table, pad_qkv, heads, window, shift, scale, backend = inputs
+    ctx.save_for_backward(grad, qkv, bias_table, pad_qkv)
+    ctx.args = (heads, window, shift, scale)
+
+
+def _double_backward(ctx, *grad_grads):
+    grad, qkv, bias_table, pad_qkv = ctx.saved_tensors
+    inputs = (qkv, bias_table, pad_qkv)
+    present = [t for t in inputs if t is not None]
+    gg = [g for g, t in zip(grad_grads, inputs) if t is not None]
+    fn = _reference_on(present, bias_table is not None, pad_qkv is not None, *ctx.args)
+    d_grad, *d_present = reference_second_order(fn, grad, present, gg)
+    it = iter(d_present)
+    d_qkv, d_table, d_pad = (next(it) if t is not None else None for t in inputs)
+    return d_grad, d_qkv, d_table, d_pad, None, None, None, None, None
+
+
+_window_attention_backward.register_autograd(_double_backward, setup_context=_setup_backward_context)
+
+
+def window_attention(qkv: torch.Tensor, heads: int, window, bias_table: torch.Tensor | None = None,
+                     shift=(0, 0), scale: float | None = None, pad_qkv: torch.Tensor | None = None) -> torch.Tensor:
+    """Multi-head attention inside (shifted) windows of a token map: qkv [B, H, W, 3C] -> [B, H, W, C].
+
+    Args:
+        qkv: the qkv Linear's output on the (unpadded) tokens, channels last; channel
+            part*C + head*d + j holds q/k/v (part 0/1/2) of head `head`, as mmseg's reshape.
+        heads: number of heads (C must be divisible by it).
+        window: (Wh, Ww) or an int.
+        bias_table: [(2Wh-1)(2Ww-1), heads] relative position bias table, or None.
+        shift: (sh, sw) cyclic shift of Swin's shifted windows (0 <= s < window), or an int.
+        scale: logit scale, default d ** -0.5.
+        pad_qkv: [3C] q/k/v of the tokens padding the map to whole windows (the qkv Linear's bias);
+            they take part as keys. None: padded tokens are excluded as keys.
+    Returns [B, H, W, C], before the output projection. Inside autocast the inputs may have mixed
+    float dtypes; the result has the autocast dtype.
+    """
+    window, shift = _check_window_args(qkv, heads, window, bias_table, shift, pad_qkv)
+    heads = int(heads)
+    amp = amp_dtype(qkv)
+    tensors = {"qkv": qkv, **({"bias_table": bias_table} if bias_table is not None else {}),
+               **({"pad_qkv": pad_qkv} if pad_qkv is not None else {})}
+    check_same(tensors, same_dtype=False)  # the table and pad_qkv are cast to qkv's dtype, as the reference does
+    head_dim = qkv.shape[3] // 3 // heads
+    scale = head_dim ** -0.5 if scale is None else float(scale)
+    compute = qkv.dtype if amp is None else compute_dtype(qkv.device, amp)
+    backend = OP.wrapper_backend(qkv.device, compute, _facts(qkv, heads, window))
+    if backend == "reference" and qkv.shape[0] > 0:
+        return _reference(qkv, heads, window, bias_table, shift, scale, pad_qkv)
+    cast = lambda t: None if t is None else t.to(compute)  # noqa: E731
+    out = _window_attention(qkv.to(compute), heads, list(window), cast(bias_table), list(shift), scale,
+                            cast(pad_qkv), backend)
+    return out if amp is None else out.to(amp)
