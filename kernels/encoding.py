@@ -227,8 +227,15 @@ def encoding_bwd_kernel(
             both = tl.dot(xc, g_t, both, input_precision=DOT_PRECISION)
         cross, xde = tl.split(tl.reshape(both, [BLOCK_N, K_PAD, 2]))
         a, dist = _assignment(cross, xx, cc, s, mask_n, mask_k)
-        # dA_ik = dE_k . (x'_i - c'_k); padded rows / codewords have A = 0, so dL = 0 there.
+        # dA_ik = dE_k . (x'_i - c'_k); padded rows / codewords have A = 0, so dL = 0 there. The softmax
+        # gradient A (dA - sum_j A_j dA_j) is taken with dA shifted by its value at the row's winning
+        # codeword (same value, as sum_j A_j = 1): a near one-hot row then subtracts no two nearly equal
+        # terms. A non-finite shift would turn the row's infinite terms into inf - inf: use 0 instead.
         d_a = xde - cde[None, :]
+        win = tl.argmax(a, axis=1)
+        shift = tl.sum(tl.where(offs_k[None, :] == win[:, None], d_a, 0.0), axis=1)
+        shift = tl.where(shift - shift == 0, shift, 0.0)
+        d_a = d_a - shift[:, None]
         d_l = a * (d_a - tl.sum(a * d_a, axis=1)[:, None])
         w = d_l * s[None, :]
         w_row2 = 2.0 * tl.sum(w, axis=1)
