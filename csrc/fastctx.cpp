@@ -1,5 +1,8 @@
-// fastctx._C: every schema of the C++/CUDA kernels lives here; the device
-// implementations register themselves from csrc/cpu/*.cpp and csrc/cuda/*.cu.
+// fastctx._C: every schema of the C++/CUDA kernels lives here, and the CPU
+// implementations register themselves from csrc/cpu/*.cpp, linked into this
+// module. The CUDA implementations are a separate module, fastctx._C_cuda
+// (csrc/cuda/module.cpp and csrc/cuda/*.cu), so that the CPU kernels never
+// depend on a CUDA build.
 //
 // These are raw kernels ("<op>_fwd" / "<op>_bwd"): no autograd, no fake kernel.
 // The public, differentiable ops ("fastctx::<op>") are defined in
@@ -12,7 +15,7 @@ extern "C" {
 // Importing fastctx._C runs the static TORCH_LIBRARY initialisers below.
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {
-      PyModuleDef_HEAD_INIT, "_C", "fastctx C++/CUDA kernels (see torch.ops.fastctx)", -1, nullptr};
+      PyModuleDef_HEAD_INIT, "_C", "fastctx schemas and CPU kernels (see torch.ops.fastctx)", -1, nullptr};
   return PyModule_Create(&module_def);
 }
 }

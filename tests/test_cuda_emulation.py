@@ -1,33 +1,56 @@
-"""CUDA kernels' device code run on the CPU through tests/cuda_emu/emu.h (residual_relu, pyramid_pool).
+"""Every CUDA kernel of fastctx executed on the CPU, forward and backward, against float64 references.
 
-nvcc only proves the CUDA kernels compile; their indexing, lane packing and
-warp/block reductions would first run on a GPU. Here the device part of a .cu
-file (between ``namespace fastctx {`` and its host-side marker) is compiled
-as C++ against emu.h, which runs one std::thread per CUDA thread with
-barriers for __syncthreads and the warp collectives, and a driver program in
-tests/cuda_emu/ checks every result against a float64 reference.
+nvcc only proves the CUDA kernels compile. Here each driver in tests/cuda_emu/<op>.cpp includes the
+op's device code (csrc/cuda/<op>_kernel.cuh) and launch plan (csrc/cuda/<op>_launch.h) as they are,
+compiles them with the host compiler against tests/cuda_emu/emu.h and runs every kernel of the op:
+
+- under two schedules per case: free (one std::thread per CUDA thread) and serialised (one thread at a
+  time, switching only at barriers and warp collectives; forward, reverse and random order in turn),
+  and each op's first case under all four;
+- with cp.async landing at its wait (real commit / wait groups), and once at issue (the pre-sm_80
+  path): the latest and the earliest a copy may land;
+- against tests/tolerances.py, per dtype (fp32, fp64, and a bfloat16 stand-in type).
+
+The mutation tests prove the emulation can fail: with one barrier of gla_context or encoding removed,
+or encoding's cp.async waits one group short, the same drivers must report wrong results. The
+sanitizer test builds the drivers with AddressSanitizer and UndefinedBehaviorSanitizer.
 """
 import os
 import re
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
+
+from tolerances import TOLERANCES
 
 ROOT = Path(__file__).resolve().parents[1]
 EMU = ROOT / "tests" / "cuda_emu"
-HOST_MARKER = "// ---------------------------------------------------------------- host side"
+OPS = ("residual_relu", "pyramid_pool", "gla_context", "encoding")
+CXXFLAGS = ["-std=c++20", "-O1", "-pthread", "-Wall", "-Wno-unknown-pragmas", f"-I{ROOT / 'csrc'}", f"-I{EMU}"]
+SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-g"]
+SANITIZER_ENV = {"ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0", "UBSAN_OPTIONS": "print_stacktrace=1"}
+
+# What each op's output must show it ran: a test that quietly lost a code path fails.
+COVERAGE = {
+    "residual_relu": ["vec=1", "vec=0", "f32", "f64", "bf16", "chunks=2"],
+    "pyramid_pool": ["tile_rows=1", "bwd_tiles=3x2", "bwd_tiles=5x2", "f64", "bf16"],
+    "gla_context": [r"KJ=\S*1", r"KJ=\S*2", r"KJ=\S*4", r"KJ=\S*5", r"KJ=\S*8", "vec=1", "vec=0", r"nblk=[2-9]",
+                    "f64", "bf16"],
+    "encoding": ["KP=32", "KP=64", " cf ", " cl ", "vec_out=1", "vec_out=0", r"parts=[2-9]", "far-near",
+                 "f64", "bf16"],
+}
 
 
-def device_code(cu_file: Path) -> str:
-    """The device part of `cu_file` with its csrc/common includes, as a C++ include file."""
-    src = cu_file.read_text()
-    start = src.index("namespace fastctx {")
-    end = src.index(HOST_MARKER)
-    includes = "".join(line + "\n" for line in src[:start].splitlines() if re.match(r'#include "common/', line))
-    body = re.sub(r"extern __shared__ [^;]*\bsmem_raw\[\];", "unsigned char* smem_raw = emu_dyn_smem;", src[start:end])
-    return includes + body + "}  // namespace\n}  // namespace fastctx\n"
+def tolerance_args() -> list[str]:
+    args = []
+    for name, dtype in (("f32", torch.float32), ("f64", torch.float64), ("bf16", torch.bfloat16)):
+        tol = TOLERANCES[dtype]
+        args += ["--tol", f"{name}={tol['rtol']},{tol['atol']}"]
+    return args
 
 
 def _compiler() -> str:
@@ -37,14 +60,89 @@ def _compiler() -> str:
     return cxx
 
 
-@pytest.mark.parametrize("kernel", ["residual_relu", "pyramid_pool"])
-def test_cuda_device_code_under_emulation(kernel, tmp_path):
-    (tmp_path / f"{kernel}.device.inc").write_text(device_code(ROOT / "csrc" / "cuda" / f"{kernel}.cu"))
-    exe = tmp_path / kernel
-    build = subprocess.run([_compiler(), "-std=c++20", "-O1", "-pthread", f"-I{ROOT / 'csrc'}", f"-I{EMU}",
-                            f"-I{tmp_path}", str(EMU / f"{kernel}.cpp"), "-o", str(exe)], capture_output=True, text=True)
-    assert build.returncode == 0, build.stderr
-    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600)
+def _compile(source: str, exe: Path, extra: tuple[str, ...] = ()) -> Path:
+    build = subprocess.run([_compiler(), *CXXFLAGS, *extra, str(EMU / source), "-o", str(exe)],
+                           capture_output=True, text=True)
+    if build.returncode != 0:
+        raise RuntimeError(f"compiling {source} {' '.join(extra)} failed:\n{build.stderr}")
+    return exe
+
+
+# Every build the tests run, compiled once, two at a time (compiling dominates the file's run time).
+BUILDS = {
+    **{op: (f"{op}.cpp", ()) for op in OPS},
+    "launch_limits": ("launch_limits.cpp", ()),
+    "gla_context-no-logit-barrier": ("gla_context.cpp", ("-DFASTCTX_EMU_DROP_BARRIER=kSyncGlaLogitStaged",)),
+    "encoding-no-chunk-barrier": ("encoding.cpp", ("-DFASTCTX_EMU_DROP_BARRIER=kSyncEncChunkStaged",)),
+    "encoding-short-cp-async-wait": ("encoding.cpp", ("-DFASTCTX_EMU_CP_ASYNC_WAIT_SLACK=1",)),
+    **{f"{op}-sanitized": (f"{op}.cpp", tuple(SANITIZE)) for op in OPS},
+}
+
+
+@pytest.fixture(scope="module")
+def drivers(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cuda_emu")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {name: pool.submit(_compile, src, out / name, extra) for name, (src, extra) in BUILDS.items()}
+    return {name: f.result() for name, f in futures.items()}
+
+
+def _run(exe: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(exe), *tolerance_args(), *args], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, **(env or {})})
+
+
+def _assert_all_ok(run: subprocess.CompletedProcess) -> list[str]:
     lines = run.stdout.strip().splitlines()
-    assert run.returncode == 0 and lines[-1] == "ALL OK", run.stdout + run.stderr
+    assert run.returncode == 0 and lines and lines[-1] == "ALL OK", run.stdout + run.stderr
     assert len(lines) > 1 and all(line.startswith("ok ") for line in lines[:-1]), run.stdout
+    return lines[:-1]
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_kernels_under_emulation(op, drivers):
+    lines = _assert_all_ok(_run(drivers[op]))
+    print("\n".join(lines))
+    text = "\n".join(lines)
+    for order in ("free", "forward", "reverse", "random"):
+        assert f"order={order}" in text, f"{op}: no case ran in the {order} schedule"
+    for pattern in COVERAGE[op]:
+        assert re.search(pattern, text), f"{op}: no case shows {pattern!r}: a code path is no longer reached"
+
+
+def test_encoding_copies_landing_at_issue(drivers):
+    """cp.async as the sm_75 build compiles it (plain copies at issue): a copy issued into a buffer that
+    other threads still read would corrupt it here, where landing at the wait hides it."""
+    lines = _assert_all_ok(_run(drivers["encoding"], "--sync-copies", "--orders", "forward"))
+    assert all("sync_copies" in line for line in lines)
+
+
+def test_launch_limits_are_clear_errors(drivers):
+    run = subprocess.run([str(drivers["launch_limits"])], capture_output=True, text=True, timeout=60)
+    _assert_all_ok(run)
+
+
+# (build, first case's name fragment): the case the mutation must break, in the forward order, where a
+# thread runs ahead of its block until the next barrier.
+MUTATIONS = {
+    "gla_context-no-logit-barrier": "KJ 1, 2, 4, 5 in one call",
+    "encoding-no-chunk-barrier": "KP 32; D % 4 != 0",
+    "encoding-short-cp-async-wait": "KP 32; D % 4 != 0",
+}
+
+
+@pytest.mark.parametrize("build", sorted(MUTATIONS))
+def test_emulation_detects_broken_synchronisation(build, drivers):
+    run = _run(drivers[build], "--case", MUTATIONS[build], "--orders", "forward")
+    print(run.stdout)
+    lines = run.stdout.strip().splitlines()
+    assert run.returncode == 1 and lines and lines[-1] == "FAILURES", run.stdout + run.stderr
+    assert any(line.startswith("FAIL ") for line in lines[:-1]), run.stdout
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_kernels_under_sanitizers(op, drivers):
+    """AddressSanitizer + UBSan: out-of-bounds or misaligned accesses, overflow, in one serialised order."""
+    run = _run(drivers[f"{op}-sanitized"], "--orders", "forward", env=SANITIZER_ENV)
+    assert "Sanitizer" not in run.stderr and "runtime error" not in run.stderr, run.stderr
+    _assert_all_ok(run)

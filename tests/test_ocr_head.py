@@ -7,7 +7,7 @@ from conftest import require_backend
 from fastctx.nn import ObjectAttentionBlock, OCRHead, SpatialGatherModule, convert_ocr
 from mmseg_compat import import_decode_heads
 from test_apc_head import _randomise
-from tolerances import assert_close
+from tolerances import TOLERANCES, assert_close
 
 decode_heads = import_decode_heads()
 assert decode_heads is not None, "mmsegmentation must be importable (tests/mmseg_compat.py)"
@@ -46,15 +46,26 @@ def _run(head, x, prev, train, seed=0):
     return out.detach(), x.grad, prev.grad, grads, {n: b.clone() for n, b in head.named_buffers()}
 
 
+def assert_grad_close(got, want, dtype, msg, scale):
+    """assert_close, except for a gradient that is exactly zero in exact arithmetic (K = 1: the softmax over the
+    classes is identically 1, so keys, queries and the previous logits get none): there the fused kernels'
+    rounding must stay below the tolerance relative to `scale`, the largest gradient of the step."""
+    if want.abs().max() == 0:
+        assert got.abs().max() <= TOLERANCES[dtype]["atol"] * scale, f"{msg}: {got.abs().max()} (expected 0)"
+    else:
+        assert_close(got, want, dtype, msg)
+
+
 def _assert_same_run(got, want, dtype, prefix=""):
     out, gx, gprev, grads, bufs = got
     w_out, w_gx, w_gprev, w_grads, w_bufs = want
+    scale = max(g.abs().max().item() for g in (w_gx, w_gprev, *w_grads.values()))
     assert_close(out, w_out, dtype, f"{prefix}output")
-    assert_close(gx, w_gx, dtype, f"{prefix}grad of the features")
-    assert_close(gprev, w_gprev, dtype, f"{prefix}grad of the previous logits")
+    assert_grad_close(gx, w_gx, dtype, f"{prefix}grad of the features", scale)
+    assert_grad_close(gprev, w_gprev, dtype, f"{prefix}grad of the previous logits", scale)
     assert grads.keys() == w_grads.keys()
     for name, g in w_grads.items():
-        assert_close(grads[name], g, dtype, f"{prefix}grad of {name}")
+        assert_grad_close(grads[name], g, dtype, f"{prefix}grad of {name}", scale)
     assert bufs.keys() == w_bufs.keys()
     for name, b in w_bufs.items():
         assert_close(bufs[name].double(), b.double(), dtype, f"{prefix}buffer {name}")

@@ -1,12 +1,25 @@
 #pragma once
-// Tiling arithmetic of the fused GPU kernels. It holds no CUDA, so the CPU
-// build can include (and test) it; the CUDA kernels use the same functions on
-// the host (launch configuration) and on the device (block work split).
+// Integer tiling arithmetic, block geometry and launch limits of the CUDA
+// kernels. Plain C++ (no CUDA): the device code (csrc/cuda/<op>_kernel.cuh),
+// the launch plans (csrc/cuda/<op>_launch.h) and the CPU emulation of the
+// kernels in tests/cuda_emu all use these same definitions.
 #include <cstdint>
+#include <string>
 
 #include "macros.h"
 
 namespace fastctx {
+
+constexpr int kWarpSize = 32;
+// Threads per block of every fastctx kernel except the one-warp dot products.
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / kWarpSize;
+
+// CUDA grid limits, and the dynamic shared memory a block gets without
+// opting in through cudaFuncAttributeMaxDynamicSharedMemorySize.
+constexpr int64_t kMaxGridX = 2147483647;  // 2^31 - 1
+constexpr int64_t kMaxGridYZ = 65535;
+constexpr int64_t kDefaultDynamicSmem = 48 * 1024;
 
 // Integer ceil(a / b) for a >= 0, b > 0.
 FASTCTX_HOST_DEVICE int64_t tile_ceil_div(int64_t a, int64_t b) {
@@ -21,25 +34,31 @@ FASTCTX_HOST_DEVICE int64_t tile_split_begin(int64_t part, int64_t total, int64_
   return part * total / parts;
 }
 
-// GLA context tiles: 8 warps share the k (affinity) dimension, each thread
-// holding `gla_k_per_thread(S)` consecutive rows, so one k chunk covers
-// 8 * that many rows (at most 64; larger groups loop over 64-row chunks).
-// The widths are the ones the CUDA kernels are instantiated for.
-FASTCTX_HOST_DEVICE int gla_k_per_thread(int64_t group_size) {
-  return group_size <= 8 ? 1 : group_size <= 16 ? 2 : group_size <= 32 ? 4 : group_size <= 40 ? 5 : 8;
-}
+// A launch grid as plain integers (the .cu files turn it into a dim3 after
+// the plan has checked it against the limits).
+struct Grid3 {
+  int64_t x = 1, y = 1, z = 1;
+};
 
-FASTCTX_HOST_DEVICE int64_t gla_k_chunk(int64_t group_size) {
-  return 8 * static_cast<int64_t>(gla_k_per_thread(group_size));
-}
-
-// Rows a per-tile [k][pixel] buffer must hold for a group: the group size
-// rounded up to whole k chunks, because a warp may read (and then discard)
-// the padding rows of its last chunk. Monotone in group_size, so sizing the
-// buffer for the largest group covers every group of the launch.
-FASTCTX_HOST_DEVICE int64_t gla_padded_rows(int64_t group_size) {
-  const int64_t chunk = gla_k_chunk(group_size);
-  return tile_ceil_div(group_size, chunk) * chunk;
+// Empty when `grid` fits the CUDA limits, else what overflows and how to
+// split the call. `batch_dim` names the grid dimension that grows with the
+// batch (0 = x, 2 = z, -1 none) and `batch` its size, so the message can say
+// how many images one call may hold.
+inline std::string grid_limit_error(const char* kernel, const Grid3& grid, int batch_dim, int64_t batch) {
+  const int64_t size[3] = {grid.x, grid.y, grid.z};
+  const int64_t limit[3] = {kMaxGridX, kMaxGridYZ, kMaxGridYZ};
+  for (int d = 0; d < 3; ++d) {
+    if (size[d] <= limit[d]) continue;
+    std::string msg = std::string(kernel) + ": grid." + "xyz"[d] + " = " + std::to_string(size[d]) +
+                      " blocks exceeds the CUDA limit of " + std::to_string(limit[d]);
+    if (d == batch_dim && batch > 1) {
+      const int64_t per_image = tile_ceil_div(size[d], batch);
+      const int64_t fits = per_image <= limit[d] ? limit[d] / per_image : 0;
+      if (fits >= 1) return msg + "; split the batch into calls of at most " + std::to_string(fits) + " images";
+    }
+    return msg + "; a single image of this size is beyond the CUDA kernels";
+  }
+  return std::string();
 }
 
 }  // namespace fastctx

@@ -1,121 +1,94 @@
-// csrc/cuda/pyramid_pool.cu's kernels run under emu.h against a float64
-// reference of adaptive average pooling (mmseg's overlapping bins) and its
-// backward. The launch configuration below restates the host code of the .cu
-// file (tile sizes, shared-memory bytes, grid); keep the two in step. Covers
-// whole-row and column-segment forward tiles, several row tiles, scales larger
-// than the map, W = 1, and two backward column tiles. Built and run by
-// tests/test_cuda_emulation.py; prints one line per case.
+// pyramid_pool's CUDA kernels (csrc/cuda/pyramid_pool_kernel.cuh, launched as
+// pyramid_pool_{fwd,bwd}_plan say) under emu.h, against a float64 reference
+// of adaptive average pooling (mmseg's overlapping bins) and its backward.
+//
+// Cases: whole-row and column-segment forward tiles, several row tiles,
+// scales larger than the map, W = 1, two backward column tiles.
 #include "emu.h"
+#include "driver.h"
 
-#include <random>
-
-#include "pyramid_pool.device.inc"  // the device part of the .cu file, extracted by the test
+#include "cuda/pyramid_pool_kernel.cuh"
+#include "cuda/pyramid_pool_launch.h"
 
 using namespace fastctx;
-
-// As make_table in the .cu file: unused slots repeat the end offsets.
-ScaleTable make_table(const std::vector<int>& scales) {
-  ScaleTable t{};
-  t.count = static_cast<int>(scales.size());
-  int bins = 0, cols = 0;
-  for (int i = 0; i < kMaxScales; ++i) {
-    t.bin_offset[i] = bins;
-    t.col_offset[i] = cols;
-    if (i < t.count) {
-      t.size[i] = scales[i];
-      bins += scales[i] * scales[i];
-      cols += scales[i];
-    } else {
-      t.size[i] = 1;
-    }
-  }
-  t.total_bins = bins;
-  t.total_cols = cols;
-  return t;
-}
+using namespace emu_driver;
 
 template <typename T>
-bool run(int B, int C, int H, int W, const std::vector<int>& scales, int tile_elems = kTileElems) {
-  using acc = T;
-  static std::mt19937 rng(7);
-  const ScaleTable tab = make_table(scales);
-  const int S = tab.total_bins, Q = tab.total_cols;
-  std::uniform_real_distribution<double> d(-1, 1);
-  std::vector<T> x(static_cast<size_t>(B) * C * H * W), g(static_cast<size_t>(B) * C * S);
-  for (auto& v : x) v = static_cast<T>(d(rng));
-  for (auto& v : g) v = static_cast<T>(d(rng));
-  std::vector<T> out(g.size(), T(-777)), gx(x.size(), T(-777));
+Outcome run(int B, int C, int H, int W, const std::vector<int64_t>& scales, int tile_elems, uint32_t seed) {
+  using acc = typename Acc<T>::type;
+  std::mt19937 rng(seed);
+  const int64_t count = static_cast<int64_t>(scales.size());
+  const PyramidPoolPlan fwd = pyramid_pool_fwd_plan(scales.data(), count, B, C, H, W, sizeof(acc), tile_elems);
+  const PyramidPoolPlan bwd = pyramid_pool_bwd_plan(scales.data(), count, B, C, H, W, sizeof(acc));
+  Outcome o;
+  o.require(fwd.error.empty() && bwd.error.empty(), "plan_error");
+  const int S = fwd.table.total_bins;
+  std::vector<T> x = random_vector<T>(static_cast<size_t>(B) * C * H * W, -1, 1, rng);
+  std::vector<T> g = random_vector<T>(static_cast<size_t>(B) * C * S, -1, 1, rng);
+  std::vector<T> out(g.size(), T(-777.f)), gx(x.size(), T(-777.f));
 
-  // Forward, as pyramid_pool_fwd_cuda (tile_elems: kTileElems, or smaller to force tiling).
-  const int tile_w = static_cast<int>(std::min<int64_t>(W, tile_elems));
-  int tile_rows = 1;
-  if (tile_w == W) {
-    tile_rows = static_cast<int>(std::min<int64_t>(H, tile_elems / W));
-    tile_rows = std::max(1, std::min(tile_rows, tile_elems / Q));
-  }
-  size_t smem = sizeof(acc) * (static_cast<size_t>(tile_rows) * (tile_w + Q) + S) +
-                sizeof(int) * (2 * static_cast<size_t>(Q) + 3 * kMaxScales);
-  emu_launch(dim3(B * C), dim3(kThreads),
-             [&] { pyramid_pool_fwd_kernel<T, acc>(x.data(), out.data(), tab, H, W, tile_w, tile_rows); }, smem);
+  emu_launch(dim3(fwd.grid.x), kThreads, [&] {
+    pyramid_pool_fwd_kernel<T, acc>(x.data(), out.data(), fwd.table, H, W, fwd.tile_w, fwd.tile_rows);
+  }, fwd.smem_bytes);
+  emu_launch(dim3(bwd.grid.x), kThreads, [&] {
+    pyramid_pool_bwd_kernel<T, acc>(g.data(), gx.data(), bwd.table, H, W, bwd.block_w, bwd.row_tiles,
+                                    bwd.col_tiles);
+  }, bwd.smem_bytes);
 
-  // Backward, as pyramid_pool_bwd_cuda.
-  int block_w = 32;
-  while (block_w < kThreads && block_w < W) block_w *= 2;
-  const int tile_h = (kThreads / block_w) * kBwdRowsPerThread;
-  const int64_t row_tiles = tile_ceil_div(H, tile_h), col_tiles = tile_ceil_div(W, block_w);
-  smem = sizeof(acc) * S + sizeof(int) * (2 * static_cast<size_t>(tab.count) * (tile_h + block_w) + 3 * kMaxScales);
-  emu_launch(dim3(B * C * row_tiles * col_tiles), dim3(kThreads), [&] {
-    pyramid_pool_bwd_kernel<T, acc>(g.data(), gx.data(), tab, H, W, block_w, row_tiles, col_tiles);
-  }, smem);
-
-  double err_fwd = 0, err_bwd = 0, max_fwd = 0, max_bwd = 0;
-  std::vector<double> want_gx(x.size(), 0);
+  std::vector<double> want_out(out.size()), want_gx(x.size(), 0);
   for (int p = 0; p < B * C; ++p) {
-    int offset = 0;
-    for (int s : scales) {
-      for (int r = 0; r < s; ++r) {
-        for (int q = 0; q < s; ++q) {
-          const int h0 = r * H / s, h1 = ((r + 1) * H + s - 1) / s;
-          const int w0 = q * W / s, w1 = ((q + 1) * W + s - 1) / s;
+    int64_t offset = 0;
+    for (const int64_t s : scales) {
+      for (int64_t r = 0; r < s; ++r) {
+        for (int64_t q = 0; q < s; ++q) {
+          const int64_t h0 = r * H / s, h1 = ((r + 1) * H + s - 1) / s;
+          const int64_t w0 = q * W / s, w1 = ((q + 1) * W + s - 1) / s;
           const double area = static_cast<double>(h1 - h0) * (w1 - w0);
+          const size_t o_idx = static_cast<size_t>(p) * S + offset + r * s + q;
           double sum = 0;
-          for (int h = h0; h < h1; ++h)
-            for (int w = w0; w < w1; ++w) sum += x[static_cast<size_t>(p) * H * W + h * W + w];
-          const size_t o = static_cast<size_t>(p) * S + offset + r * s + q;
-          const double got = out[o];
-          err_fwd = std::isnan(got) ? INFINITY : std::max(err_fwd, std::fabs(sum / area - got));
-          max_fwd = std::max(max_fwd, std::fabs(sum / area));
-          for (int h = h0; h < h1; ++h)
-            for (int w = w0; w < w1; ++w) want_gx[static_cast<size_t>(p) * H * W + h * W + w] += g[o] / area;
+          for (int64_t h = h0; h < h1; ++h)
+            for (int64_t w = w0; w < w1; ++w) sum += value(x[static_cast<size_t>(p) * H * W + h * W + w]);
+          want_out[o_idx] = sum / area;
+          for (int64_t h = h0; h < h1; ++h)
+            for (int64_t w = w0; w < w1; ++w)
+              want_gx[static_cast<size_t>(p) * H * W + h * W + w] += value(g[o_idx]) / area;
         }
       }
       offset += s * s;
     }
   }
-  for (size_t i = 0; i < x.size(); ++i) {
-    err_bwd = std::isnan(static_cast<double>(gx[i])) ? INFINITY : std::max(err_bwd, std::fabs(want_gx[i] - gx[i]));
-    max_bwd = std::max(max_bwd, std::fabs(want_gx[i]));
-  }
-  const double tol = sizeof(T) == 4 ? 1e-5 : 1e-12;
-  const double rel_fwd = err_fwd / (max_fwd + 1e-30), rel_bwd = err_bwd / (max_bwd + 1e-30);
-  const bool ok = rel_fwd < tol && rel_bwd < tol;
-  std::printf("%s %s B=%d C=%d H=%d W=%d tile_w=%d tile_rows=%d bwd_tiles=%ldx%ld scales=", ok ? "ok" : "FAIL",
-              sizeof(T) == 4 ? "f32" : "f64", B, C, H, W, tile_w, tile_rows, static_cast<long>(row_tiles),
-              static_cast<long>(col_tiles));
-  for (int s : scales) std::printf("%d,", s);
-  std::printf(" fwd_err=%.2g bwd_err=%.2g\n", rel_fwd, rel_bwd);
-  return ok;
+  const Tol tol = tol_for<T>();
+  o.check("out", out, want_out, tol);
+  o.check("grad_x", gx, want_gx, tol);
+  o.detail = " tile_w=" + std::to_string(fwd.tile_w) + " tile_rows=" + std::to_string(fwd.tile_rows) +
+             " bwd_tiles=" + std::to_string(bwd.row_tiles) + "x" + std::to_string(bwd.col_tiles) + o.detail;
+  return o;
 }
 
-int main() {
-  bool ok = true;
-  ok &= run<float>(2, 3, 33, 33, {1, 2, 3, 6});        // overlapping bins, whole-row tiles
-  ok &= run<float>(1, 2, 5, 7, {1, 3, 5});
-  ok &= run<float>(1, 2, 3, 2, {1, 4, 7});             // scales larger than H and W
-  ok &= run<double>(1, 2, 64, 70, {1, 2, 3, 6});       // several forward row tiles, backward row tiles
-  ok &= run<float>(1, 1, 9, 300, {1, 2, 3, 6}, 128);   // column-segment tiles (tile_w < W, one row)
-  ok &= run<float>(1, 1, 40, 1, {1, 3, 5, 6}, 16);     // W = 1, several row tiles
-  ok &= run<float>(1, 2, 20, 300, {2, 5});             // backward block_w 256, two column tiles
-  std::printf(ok ? "ALL OK\n" : "FAILURES\n");
-  return ok ? 0 : 1;
+template <typename T>
+Case make(int B, int C, int H, int W, std::vector<int64_t> scales, const char* what,
+          int tile_elems = kPoolTileElems) {
+  static uint32_t seed = 7;
+  const uint32_t s = seed++;
+  std::string sc;
+  for (const int64_t v : scales) sc += (sc.empty() ? "" : ",") + std::to_string(v);
+  char name[200];
+  std::snprintf(name, sizeof name, "%s B=%d C=%d H=%d W=%d scales=%s tile_elems=%d (%s)", dtype_name<T>(), B, C, H,
+                W, sc.c_str(), tile_elems, what);
+  return Case{name, [=] { return run<T>(B, C, H, W, scales, tile_elems, s); }};
+}
+
+int main(int argc, char** argv) {
+  parse_args(argc, argv);
+  return run_cases("pyramid_pool",
+                   {
+                       make<float>(2, 3, 33, 33, {1, 2, 3, 6}, "overlapping bins, whole-row tiles"),
+                       make<float>(1, 2, 5, 7, {1, 3, 5}, "small map"),
+                       make<float>(1, 2, 3, 2, {1, 4, 7}, "scales larger than H and W"),
+                       make<double>(1, 2, 64, 70, {1, 2, 3, 6}, "several forward row tiles, backward row tiles"),
+                       make<float>(1, 1, 9, 300, {1, 2, 3, 6}, "column-segment tiles (tile_w < W, one row)", 128),
+                       make<float>(1, 1, 40, 1, {1, 3, 5, 6}, "W = 1, several row tiles", 16),
+                       make<float>(1, 2, 20, 300, {2, 5}, "backward block_w 256, two column tiles"),
+                       make<BF16>(1, 2, 17, 23, {1, 2, 3, 6}, "16-bit data"),
+                   });
 }
