@@ -23,8 +23,9 @@ with that loop replaced, so `isinstance` checks and every other method still
 apply.
 
 A module with a recognised class name but a different layout (other layers,
-another activation, a norm other than BatchNorm, biases...) is left alone and
-reported as skipped, with the reason.
+another activation, a norm other than BatchNorm, a conv bias next to a
+norm...) is left alone and reported as skipped, with the reason. Convs with a
+bias and no norm, as mmseg builds them with norm_cfg=None, are converted.
 """
 from __future__ import annotations
 
@@ -128,18 +129,22 @@ def _norm_type(bn: nn.Module, where: str) -> str:
     return kind
 
 
-def _check_conv_module(module: nn.Module, where: str, in_channels: int | None, out_channels: int | None) -> str:
-    """An mmcv ConvModule (conv -> BatchNorm -> ReLU, no conv bias); returns its norm type."""
+def _check_conv_module(module: nn.Module, where: str, in_channels: int | None,
+                       out_channels: int | None) -> str | None:
+    """An mmcv ConvModule: conv -> BatchNorm -> ReLU (no conv bias), or conv (with bias) -> ReLU as mmseg
+    builds it with norm_cfg=None. Returns its norm type, None for no norm."""
     children = set(dict(module.named_children()))
-    if children != {"conv", "bn", "activate"}:
-        raise _NotConvertible(f"{where} has submodules {sorted(children)}, expected conv, bn, activate "
-                              "(a ConvModule with BatchNorm and an activation)")
+    if children not in ({"conv", "bn", "activate"}, {"conv", "activate"}):
+        raise _NotConvertible(f"{where} has submodules {sorted(children)}, expected conv, bn, activate (a "
+                              "ConvModule with BatchNorm and an activation) or conv, activate (norm_cfg=None)")
     if tuple(getattr(module, "order", ("conv", "norm", "act"))) != ("conv", "norm", "act"):
         raise _NotConvertible(f"{where} applies its layers in order {module.order}, expected conv, norm, act")
     if getattr(module, "with_explicit_padding", False) or getattr(module, "with_spectral_norm", False):
         raise _NotConvertible(f"{where} uses explicit padding or spectral norm")
-    _check_conv(module.conv, f"{where}.conv", in_channels, out_channels, bias=False)
-    norm = _norm_type(module.bn, f"{where}.bn")
+    with_norm = "bn" in children
+    # mmcv's bias="auto": a conv bias exactly when no norm follows (what fastctx's ConvModule builds)
+    _check_conv(module.conv, f"{where}.conv", in_channels, out_channels, bias=not with_norm)
+    norm = _norm_type(module.bn, f"{where}.bn") if with_norm else None
     if type(module.activate) is not nn.ReLU:
         raise _NotConvertible(f"{where}.activate is {_class_name(module.activate)}, expected torch.nn.ReLU")
     return norm
@@ -175,7 +180,7 @@ def _acm_for(module: nn.Module, fused: bool) -> nn.Module:
         raise _NotConvertible(f"fusion is {module.fusion} but fusion_conv is {'present' if fusion else 'absent'}")
     kinds = set(norms.values())
     if len(kinds) != 1:
-        raise _NotConvertible(f"mixes norm types {dict(sorted(norms.items()))}; the fused path needs one")
+        raise _NotConvertible(f"mixes norm types {dict(sorted(norms.items()))}; fastctx's ACM has one")
     with torch.device("meta"):  # no allocation, no random init: every tensor comes from `module`
         return ACM(scale, fusion, in_channels, channels, norm=kinds.pop(), fused=fused)
 

@@ -110,3 +110,74 @@ def test_apc_head_realistic_channels(dtype, train):
     head.train(train)
     reference.train(train)
     assert_close(head(x), reference(x), dtype, "output")
+
+
+# ----------------------------------------------------------------------------- inference: one scale at a time
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batch,in_ch,ch,hw,scales,fusion", [
+    (2, 12, 8, (33, 45), (1, 2, 3, 6), True),
+    (3, 6, 4, (7, 5), (1, 3, 5), False),
+    (1, 5, 3, (1, 1), (1, 2), True),
+])
+def test_inference_path_matches_mmseg_maths(backend, batch, in_ch, ch, hw, scales, fusion):
+    """Without autograd the fused head runs the scales one at a time and adds each into the bottleneck conv:
+    the same logits as mmseg's maths (and as the all-scales path), the ACMs' concatenation as their loop."""
+    from conftest import require_backend
+
+    require_backend(backend, dtype=torch.float64)
+    torch.manual_seed(0)
+    head = APCHead(in_ch, ch, num_classes=5, pool_scales=scales, fusion=fusion).double().eval()
+    _randomise(head)
+    reference = copy.deepcopy(head)
+    reference.fused = False
+    x = torch.randn(batch, in_ch, *hw, dtype=torch.float64)
+    with fastctx.use_backend(backend):
+        with torch.no_grad():
+            lean = head(x)
+            lean_acms = fastctx.nn.apc_head.fused_acm_forward(list(head.acm_modules), x)
+        all_scales = head(x)  # autograd records: every scale through each op at once
+    with torch.no_grad():
+        want = reference(x)
+        want_acms = torch.cat([acm(x) for acm in reference.acm_modules], 1)
+    assert_close(lean, want, torch.float64, "inference logits")
+    assert_close(all_scales, want, torch.float64, "recorded logits")
+    assert_close(lean_acms, want_acms, torch.float64, "ACM outputs")
+
+
+def test_inference_runs_one_scale_at_a_time_and_training_all_at_once():
+    torch.manual_seed(0)
+    head = APCHead(8, 6, 4, (1, 2, 3))
+    x = torch.randn(2, 8, 9, 11)
+
+    def gla_calls(fn):
+        with torch.profiler.profile() as prof:
+            fn()
+        return sum(e.name == "fastctx::gla_context" for e in prof.events())
+
+    assert gla_calls(lambda: head(x).sum().backward()) == 1
+    head.eval()
+    with torch.no_grad():
+        assert gla_calls(lambda: head(x)) == 3
+    head.requires_grad_(False)  # frozen weights, input without grad: nothing is recorded either
+    assert gla_calls(lambda: head(x)) == 3
+
+
+def test_fused_inference_needs_no_more_memory_than_mmseg_maths():
+    """Peak memory of one inference step, each form in a fresh process (fastctx.benchmark.memory, as
+    `fastctx bench --memory` measures it): the fused head used to hold every scale's maps at once (1.6x
+    mmseg's per-scale loop at this shape); it must never need more than mmseg's maths."""
+    from fastctx.benchmark.memory import measure_in_subprocess
+
+    params = dict(batch=2, height=48, width=48, in_channels=128, channels=32, pool_scales=(1, 2, 3, 6),
+                  num_classes=19)
+    peaks = {}
+    for provider in ("eager", "fastctx-cpu"):
+        spec = dict(kind="op", provider=provider, device="cpu", dtype="float32", threads=1,
+                    rows=[dict(op="apc_head", case=dict(label="probe", params=params), mode="fwd")])
+        (result,) = measure_in_subprocess(spec, timeout=300)
+        peaks[provider] = result["peak_bytes"]
+    one_map = 4 * 2 * 32 * 48 * 48  # one [B, C, H, W] fp32 map: the eager loop holds several
+    assert peaks["eager"] > 2 * one_map, peaks
+    assert peaks["fastctx-cpu"] <= peaks["eager"], peaks

@@ -5,13 +5,58 @@ import pytest
 import torch
 
 import fastctx
-from fastctx.nn import EncHead, se_loss, se_targets
+from fastctx import ops, reference
+from fastctx.nn import EncHead, Encoding, se_loss, se_targets
 from conftest import require_backend
 from test_apc_head import _randomise
 from tolerances import assert_close
 
 
 # ----------------------------------------------------------------------------- modules
+
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+def test_encoding_module_takes_pytorch_encodings_layouts(backend):
+    """[B, D, H, W] maps and PyTorch-Encoding's [B, D, N] pixels (channels on dim 1 in both), contiguous or a
+    transposed view of [B, N, D] memory: E as PyTorch-Encoding computes it from X.transpose(1, 2)."""
+    require_backend(backend, dtype=torch.float64)
+    torch.manual_seed(0)
+    layer = Encoding(6, 4).double()
+    x_map = torch.randn(2, 6, 5, 7, dtype=torch.float64, requires_grad=True)
+    pixels_bnd = torch.randn(2, 35, 6, dtype=torch.float64)
+    inputs = {"map": x_map, "[B, D, N]": x_map.detach().flatten(2).requires_grad_(),
+              "[B, D, N] view of [B, N, D]": pixels_bnd.transpose(1, 2).requires_grad_()}
+    for name, x in inputs.items():
+        pixels = x.flatten(2).transpose(1, 2)  # [B, N, D], PyTorch-Encoding's `X.transpose(1, 2)`
+        want = reference.encoding(pixels.detach(), layer.codewords.detach(), layer.scale.detach())
+        for fused in (True, False):
+            layer.fused = fused
+            with fastctx.use_backend(backend):
+                got = layer(x)
+            assert_close(got, want, torch.float64, f"{name}, fused={fused}")
+            (grad,) = torch.autograd.grad(got.sum(), x)
+            (grad_want,) = torch.autograd.grad(reference.encoding(pixels, layer.codewords, layer.scale).sum(), x)
+            assert_close(grad, grad_want, torch.float64, f"grad of {name}, fused={fused}")
+
+
+def test_square_pixels_mean_different_things_to_the_module_and_the_op():
+    """The pitfall the docstrings warn about: a square [B, 6, 6] tensor is [B, D, N] to the module and [B, N, D]
+    to fastctx.ops.encoding."""
+    torch.manual_seed(0)
+    layer = Encoding(6, 4).double()
+    x = torch.randn(2, 6, 6, dtype=torch.float64)
+    as_module = layer(x)
+    assert_close(as_module, ops.encoding(x.transpose(1, 2), layer.codewords, layer.scale), torch.float64)
+    assert (as_module - ops.encoding(x, layer.codewords, layer.scale)).abs().max() > 0.1
+
+
+def test_encoding_module_bad_input():
+    layer = Encoding(6, 4)
+    for bad in (torch.randn(2, 5, 7), torch.randn(6, 7), torch.randn(2, 6, 3, 4, 5), torch.randn(2, 7, 6)):
+        with pytest.raises(ValueError, match=r"Encoding expects input of shape \[B, 6, H, W\] or \[B, 6, N\]"):
+            layer(bad)
+    with pytest.raises(TypeError, match="Encoding expects a tensor"):
+        layer([torch.randn(2, 6, 3)])
+
 
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
 @pytest.mark.parametrize("train", [True, False])

@@ -26,15 +26,18 @@ class EncoderDecoder(nn.Module):
         auxiliary_head: optional head on the same features, used by `loss` only.
         num_classes: classes of the heads' outputs (default: decode_head.num_classes).
         align_corners: of the bilinear resizes of logits (must match the heads').
-        decode_loss_weight: weight of the decode head's cross-entropy (mmseg: 1.0).
-        aux_loss_weight: weight of the auxiliary head's cross-entropy (mmseg: 0.4).
-        se_loss_weight: weight of EncNet's semantic-encoding loss (mmseg: 0.2).
+        decode_loss_weight: weight of the decode head's cross-entropy (default: the
+            head's loss_decode weight if it was built with one, else mmseg's 1.0).
+        aux_loss_weight: weight of the auxiliary head's cross-entropy (default: its
+            loss_decode weight, else mmseg's 0.4).
+        se_loss_weight: weight of EncNet's semantic-encoding loss (default: the
+            head's loss_se_decode weight, else mmseg's 0.2).
         ignore_index: label value excluded from the losses (mmseg: 255).
     """
 
     def __init__(self, backbone: nn.Module, decode_head: nn.Module, auxiliary_head: nn.Module | None = None, *,
-                 num_classes: int | None = None, align_corners: bool = False, decode_loss_weight: float = 1.0,
-                 aux_loss_weight: float = 0.4, se_loss_weight: float = 0.2, ignore_index: int = 255):
+                 num_classes: int | None = None, align_corners: bool = False, decode_loss_weight: float | None = None,
+                 aux_loss_weight: float | None = None, se_loss_weight: float | None = None, ignore_index: int = 255):
         super().__init__()
         head_classes = getattr(decode_head, "num_classes", None)
         if num_classes is None:
@@ -49,13 +52,19 @@ class EncoderDecoder(nn.Module):
             if getattr(head, "align_corners", align_corners) != align_corners:
                 raise ValueError(f"{name} has align_corners={head.align_corners}, the segmentor "
                                  f"align_corners={align_corners}: they must agree")
+            if getattr(head, "ignore_index", ignore_index) != ignore_index:
+                raise ValueError(f"{name} has ignore_index={head.ignore_index}, the segmentor "
+                                 f"ignore_index={ignore_index}: they must agree")
         self.backbone = backbone
         self.decode_head = decode_head
         self.auxiliary_head = auxiliary_head
         self.num_classes = int(num_classes)
         self.align_corners = align_corners
-        self.decode_loss_weight, self.aux_loss_weight = decode_loss_weight, aux_loss_weight
-        self.se_loss_weight, self.ignore_index = se_loss_weight, ignore_index
+        self.decode_loss_weight = _loss_weight("decode_loss_weight", decode_loss_weight, decode_head, "loss_weight",
+                                               1.0)
+        self.aux_loss_weight = _loss_weight("aux_loss_weight", aux_loss_weight, auxiliary_head, "loss_weight", 0.4)
+        self.se_loss_weight = _loss_weight("se_loss_weight", se_loss_weight, decode_head, "se_loss_weight", 0.2)
+        self.ignore_index = ignore_index
 
     @property
     def fused(self) -> bool:
@@ -103,6 +112,18 @@ class EncoderDecoder(nn.Module):
         """
         self._check_img(img)
         check_label(label, img.shape[0])
+        try:
+            return self._losses(img, label)
+        except IndexError:  # F.cross_entropy: "Target 100 is out of bounds." -- say which ids, against what
+            bad = label[(label < 0) | (label >= self.num_classes)]
+            bad = bad[bad != self.ignore_index].unique()
+            if bad.numel() == 0:
+                raise
+            shown = ", ".join(map(str, bad[:8].tolist())) + (", ..." if bad.numel() > 8 else "")
+            raise ValueError(f"labels hold class ids {shown} outside 0..{self.num_classes - 1} for the "
+                             f"{self.num_classes} classes ({self.ignore_index} = ignore)") from None
+
+    def _losses(self, img: torch.Tensor, label: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = self.extract_feat(img)
         # Heads run in mmseg's order (decode, then auxiliary) so a seeded run draws the same dropout masks.
         logits, se_logits = self._split(self.decode_head(feats))
@@ -118,3 +139,13 @@ class EncoderDecoder(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, align_corners={self.align_corners}"
+
+
+def _loss_weight(name: str, given: float | None, head: nn.Module | None, attr: str, default: float) -> float:
+    """A loss weight from the segmentor's argument or the head's mmseg loss config (they must agree)."""
+    from_head = getattr(head, attr, None)
+    if given is None:
+        return default if from_head is None else from_head
+    if from_head is not None and from_head != given:
+        raise ValueError(f"{name}={given} but the head's loss config gives loss_weight={from_head}: set one of them")
+    return float(given)
