@@ -29,37 +29,46 @@ import torch.nn.functional as F
 
 import fastctx
 from fastctx import _backend, ops, reference
-from fastctx.nn import ACM, APCHead, EncHead, EncModule
+from fastctx.models.swin import SwinBlock
+from fastctx.nn import ACM, IIWA, ACFHead, APCHead, EncHead, EncModule, OCRHead
+from fastctx.reference.window_attention import (relative_position_index, shift_window_mask, window_partition,
+                                                window_reverse)
 from fastctx.nn.apc_head import fused_acm_forward
 from fastctx.reference.apc_head import acm_forward
 
 from .shapes import ShapeSet
 
-OPS = ("pyramid_pool", "gla_context", "residual_relu", "encoding")
-HEADS = ("acm", "apc_head", "enc_module", "enc_head")
+OPS = ("pyramid_pool", "gla_context", "residual_relu", "encoding", "class_gather", "class_attention",
+       "window_attention")
+HEADS = ("acm", "apc_head", "enc_module", "enc_head", "ocr_head", "acf_head", "iiwa_block", "swin_block")
 ALL_OPS = OPS + HEADS
 MODES = ("fwd", "fwdbwd")
 FASTCTX_BACKENDS = ("cpu", "cuda", "triton")
 ALL_PROVIDERS = ("eager", "eager_best", "compile") + tuple(f"fastctx-{b}" for b in FASTCTX_BACKENDS)
 # Ops and heads with a hand-written eager form better than the reference.
-HAS_EAGER_BEST = {"gla_context", "residual_relu", "encoding", "acm", "apc_head", "enc_module", "enc_head"}
+HAS_EAGER_BEST = {"gla_context", "residual_relu", "encoding", "acm", "apc_head", "enc_module", "enc_head",
+                  "window_attention"}
 
 
-def fastctx_providers(device: torch.device, dtype: torch.dtype = torch.float32) -> list[str]:
-    """``fastctx-<backend>`` for every fused backend that runs tensors of this device and dtype
-    (op-specific limits are checked by the op when it runs)."""
-    names = []
-    for backend in FASTCTX_BACKENDS:
-        if _backend.unavailable_reason(backend, device, dtype) is not None:
-            continue
-        if backend == "triton" and device.type == "cpu":  # the interpreter: numpy, not a kernel
-            continue
-        names.append(f"fastctx-{backend}")
-    return names
+# The fused ops each benchmarked op or head runs.
+OPS_OF = {op: (op,) for op in OPS} | {
+    "acm": ("pyramid_pool", "gla_context", "residual_relu"), "apc_head": ("pyramid_pool", "gla_context", "residual_relu"),
+    "enc_module": ("encoding",), "enc_head": ("encoding",), "ocr_head": ("class_gather", "class_attention"),
+    "acf_head": ("class_gather", "class_attention"), "iiwa_block": ("window_attention",),
+    "swin_block": ("window_attention",),
+}
 
 
-def provider_unavailable_reason(provider: str, device: torch.device, dtype: torch.dtype) -> str | None:
-    """None if `provider` can run here, else why not."""
+def fastctx_providers(device: torch.device, dtype: torch.dtype = torch.float32, op: str | None = None) -> list[str]:
+    """``fastctx-<backend>`` for every fused backend that runs tensors of this device and dtype (and, given
+    `op`, has kernels for what it runs; shape limits are checked by the op when it runs)."""
+    return [f"fastctx-{b}" for b in FASTCTX_BACKENDS
+            if provider_unavailable_reason(f"fastctx-{b}", device, dtype, op) is None]
+
+
+def provider_unavailable_reason(provider: str, device: torch.device, dtype: torch.dtype,
+                                op: str | None = None) -> str | None:
+    """None if `provider` can run here (for `op`, if given), else why not."""
     if provider not in ALL_PROVIDERS:
         return f"unknown provider {provider!r}: expected one of {', '.join(ALL_PROVIDERS)}"
     if not provider.startswith("fastctx-"):
@@ -67,12 +76,18 @@ def provider_unavailable_reason(provider: str, device: torch.device, dtype: torc
     backend = provider.removeprefix("fastctx-")
     if backend == "triton" and device.type == "cpu":
         return "the Triton interpreter (TRITON_INTERPRET=1) is a test vehicle, not a benchmark provider"
-    return _backend.unavailable_reason(backend, device, dtype)
+    reason = _backend.unavailable_reason(backend, device, dtype)
+    if reason is None and op is not None:
+        for name in OPS_OF[op]:
+            reason = ops.OPS[name].built(backend, device)
+            if reason is not None:
+                break
+    return reason
 
 
 def default_providers(op: str, device: torch.device, dtype: torch.dtype) -> list[str]:
     names = ["eager"] + (["eager_best"] if op in HAS_EAGER_BEST else []) + ["compile"]
-    return names + fastctx_providers(device, dtype)
+    return names + fastctx_providers(device, dtype, op)
 
 
 # ----------------------------------------------------------------------------- eager forms
@@ -123,6 +138,31 @@ def acms_forward(acms: Sequence[ACM], x: torch.Tensor, acm_fn) -> torch.Tensor:
 def apc_head_forward_eager_best(head: APCHead, x: torch.Tensor) -> torch.Tensor:
     feats = torch.cat([x, acms_forward(head.acm_modules, x, acm_forward_eager_best)], dim=1)
     return head.cls_seg(head.bottleneck(feats))
+
+
+def window_attention_eager_best(qkv, heads, window, bias_table, shift, scale, pad_qkv) -> torch.Tensor:
+    """mmseg's pad / roll / partition / reverse around F.scaled_dot_product_attention (the bias and the
+    shift mask as its additive attn_mask): the best eager form, the partition copies included."""
+    batch, height, width, channels3 = qkv.shape
+    (wh, ww), (sh, sw), tokens = window, shift, window[0] * window[1]
+    channels = channels3 // 3
+    pad_b, pad_r = (wh - height % wh) % wh, (ww - width % ww) % ww
+    qkv = torch.cat([qkv, pad_qkv.expand(batch, height, pad_r, channels3)], dim=2)
+    qkv = torch.cat([qkv, pad_qkv.expand(batch, pad_b, width + pad_r, channels3)], dim=1)
+    hp, wp = qkv.shape[1:3]
+    index = relative_position_index(window).to(qkv.device)
+    bias = bias_table[index.view(-1)].view(tokens, tokens, heads).permute(2, 0, 1)  # [heads, N, N]
+    if sh or sw:
+        qkv = torch.roll(qkv, shifts=(-sh, -sw), dims=(1, 2))
+        mask = shift_window_mask(hp, wp, window, shift, dtype=qkv.dtype, device=qkv.device)  # [nW, N, N]
+        bias = (bias[None] + mask[:, None]).repeat(batch, 1, 1, 1)  # [B*nW, heads, N, N]
+    windows = window_partition(qkv, window).view(-1, tokens, 3, heads, channels // heads).permute(2, 0, 3, 1, 4)
+    out = F.scaled_dot_product_attention(windows[0], windows[1], windows[2], attn_mask=bias.to(qkv.dtype),
+                                         scale=scale)
+    out = window_reverse(out.transpose(1, 2).reshape(-1, tokens, channels), window, batch, hp, wp)
+    if sh or sw:
+        out = torch.roll(out, shifts=(sh, sw), dims=(1, 2))
+    return out[:, :height, :width]
 
 
 def enc_module_forward_with(module: EncModule, x: torch.Tensor, encode) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,6 +280,24 @@ def case_shapes(op: str, shapes: ShapeSet) -> list[CaseShape]:
                  "enc_head": f"{b}x{cin}x{h}x{w} C={c} K={k}"}[op]
         return [CaseShape(label, dict(batch=b, height=h, width=w, in_channels=cin, channels=c,
                                       enc_channels=d, num_codes=k, num_classes=shapes.num_classes))]
+    if op in ("class_gather", "class_attention", "ocr_head", "acf_head"):
+        for h, w, k in shapes.class_cases:
+            label = {"class_gather": f"{b}x{shapes.class_channels}x{h}x{w} K={k}",
+                     "class_attention": f"{b}x{shapes.attention_channels}x{h}x{w} K={k}",
+                     "ocr_head": f"{b}x{cin}x{h}x{w} C={shapes.class_channels} K={k}",
+                     "acf_head": f"{b}x{cin}x{h}x{w} C={shapes.class_channels} K={k}"}[op]
+            out.append(CaseShape(label, dict(batch=b, height=h, width=w, in_channels=cin, num_classes=k,
+                                             class_channels=shapes.class_channels,
+                                             attention_channels=shapes.attention_channels)))
+        return out
+    if op in ("window_attention", "iiwa_block", "swin_block"):
+        for h, w, c, heads, wh, ww, shift in shapes.window_cases:
+            if op == "iiwa_block" and shift:  # IIWA has no shifted windows
+                continue
+            label = f"{b}x{h}x{w}x{c} heads={heads} {wh}x{ww}" + (f" shift={shift}" if shift else "")
+            out.append(CaseShape(label, dict(batch=b, height=h, width=w, channels=c, heads=heads, wh=wh, ww=ww,
+                                             shift=shift)))
+        return out
     scale_text = ",".join(map(str, scales))
     for h, w in shapes.sizes:
         label = {"pyramid_pool": f"{b}x{cin}x{h}x{w} s={scale_text}",
@@ -271,7 +329,7 @@ def build_instance(op: str, case: CaseShape, mode: str, providers: Sequence[str]
         raise ValueError(f"unknown mode {mode!r}: expected one of {MODES}")
     device = torch.device(device)
     for name in providers:
-        reason = provider_unavailable_reason(name, device, dtype)
+        reason = provider_unavailable_reason(name, device, dtype, op)
         if reason is not None:
             raise ValueError(f"provider {name!r} cannot run {op} on {device} {dtype}: {reason}")
     gen = torch.Generator().manual_seed(seed)
@@ -453,6 +511,71 @@ def _build_enc_head(p, device, dtype, gen):
     return [x], head, [(b, ncls, h, w), (b, ncls)], forms
 
 
+def _build_class_gather(p, device, dtype, gen):
+    b, c, k, h, w = p["batch"], p["class_channels"], p["num_classes"], p["height"], p["width"]
+    feats = _features(gen, device, dtype, b, c, h, w)
+    (probs,) = _to(device, dtype, _randn(gen, b, k, h, w) * 3)  # coarse logits
+    args = (feats, probs, "ocr", 1.0)
+    forms = {"eager": (reference.class_gather, args), "fused": (ops.class_gather, args), "set_fused": _no_flag}
+    return [feats, probs], None, [(b, k, c)], forms
+
+
+def _build_class_attention(p, device, dtype, gen):
+    b, c, k, h, w = p["batch"], p["attention_channels"], p["num_classes"], p["height"], p["width"]
+    query = _features(gen, device, dtype, b, c, h, w)
+    keys, values = _to(device, dtype, _randn(gen, b, k, c), _randn(gen, b, k, c))
+    args = (query, keys, values, None, c ** -0.5)
+    forms = {"eager": (reference.class_attention, args), "fused": (ops.class_attention, args),
+             "set_fused": _no_flag}
+    return [query, keys, values], None, [(b, c, h, w)], forms
+
+
+def _build_window_attention(p, device, dtype, gen):
+    b, h, w, c, heads, wh, ww, shift = (p[k] for k in ("batch", "height", "width", "channels", "heads", "wh", "ww",
+                                                       "shift"))
+    qkv, table, pad = _to(device, dtype, _randn(gen, b, h, w, 3 * c), _randn(gen, (2 * wh - 1) * (2 * ww - 1), heads),
+                          _randn(gen, 3 * c) * 0.1)
+    scale = (c // heads) ** -0.5
+    args = (qkv, heads, (wh, ww), table, (shift, shift), scale, pad)
+    forms = {"eager": (reference.window_attention, args), "eager_best": (window_attention_eager_best, args),
+             "fused": (ops.window_attention, args), "set_fused": _no_flag}
+    return [qkv, table, pad], None, [(b, h, w, c)], forms
+
+
+def _build_ocr_head(p, device, dtype, gen):
+    b, cin, c, k, h, w = p["batch"], p["in_channels"], p["class_channels"], p["num_classes"], p["height"], p["width"]
+    head = OCRHead(p["attention_channels"], in_channels=cin, channels=c, num_classes=k)
+    x = _features(gen, device, dtype, b, cin, h, w)
+    (prev,) = _to(device, dtype, _randn(gen, b, k, h, w) * 3)  # the FCN stage's logits
+    forms = {"eager": (head, (x, prev)), "fused": (head, (x, prev)), "set_fused": _set_flag(head)}
+    return [x, prev], head, [(b, k, h, w)], forms
+
+
+def _build_acf_head(p, device, dtype, gen):
+    b, cin, c, k, h, w = p["batch"], p["in_channels"], p["class_channels"], p["num_classes"], p["height"], p["width"]
+    head = ACFHead(acf_channels=c, in_channels=cin, channels=c, num_classes=k)
+    x = _features(gen, device, dtype, b, cin, h, w)
+    forms = {"eager": (head, (x,)), "fused": (head, (x,)), "set_fused": _set_flag(head)}
+    return [x], head, [(b, k, h, w), (b, k, h, w)], forms
+
+
+def _build_iiwa_block(p, device, dtype, gen):
+    b, h, w, c, heads, wh, ww = (p[k] for k in ("batch", "height", "width", "channels", "heads", "wh", "ww"))
+    block = IIWA(c, (wh, ww), heads, attn_drop=0.0, proj_drop=0.0, drop_path=0.0)  # the released configs' rates
+    (x,) = _to(device, dtype, _randn(gen, b, h, w, c))
+    forms = {"eager": (block, (x,)), "fused": (block, (x,)), "set_fused": _set_flag(block)}
+    return [x], block, [(b, h, w, c)], forms
+
+
+def _build_swin_block(p, device, dtype, gen):
+    b, h, w, c, heads, wh, ww, shift = (p[k] for k in ("batch", "height", "width", "channels", "heads", "wh", "ww",
+                                                       "shift"))
+    block = SwinBlock(c, heads, 4 * c, window_size=(wh, ww), shift=shift > 0)
+    (x,) = _to(device, dtype, _randn(gen, b, h * w, c))
+    forms = {"eager": (block, (x, (h, w))), "fused": (block, (x, (h, w))), "set_fused": _set_flag(block.attn)}
+    return [x], block, [(b, h * w, c)], forms
+
+
 _BUILDERS = {
     "pyramid_pool": _build_pyramid_pool,
     "gla_context": _build_gla_context,
@@ -462,4 +585,11 @@ _BUILDERS = {
     "apc_head": _build_apc_head,
     "enc_module": _build_enc_module,
     "enc_head": _build_enc_head,
+    "class_gather": _build_class_gather,
+    "class_attention": _build_class_attention,
+    "window_attention": _build_window_attention,
+    "ocr_head": _build_ocr_head,
+    "acf_head": _build_acf_head,
+    "iiwa_block": _build_iiwa_block,
+    "swin_block": _build_swin_block,
 }

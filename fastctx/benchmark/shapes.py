@@ -19,6 +19,10 @@ class ShapeSet:
         num_codes: K codewords.
         num_classes: classifier outputs of the heads.
         model_size: input image side of the whole-model rows.
+        class_cases: (H, W, K) of the class-context ops and heads (OCRNet, ACFNet).
+        class_channels: C of the gathered features (class_gather; the OCR / ACF heads' channels).
+        attention_channels: Cq = Cv of class_attention (OCR's ocr_channels).
+        window_cases: (H, W, C, heads, Wh, Ww, shift) of window_attention and the IIWA / Swin blocks.
     """
 
     name: str
@@ -32,12 +36,21 @@ class ShapeSet:
     num_codes: int
     num_classes: int = 19
     model_size: int = 512
+    class_cases: tuple[tuple[int, int, int], ...] = ((64, 128, 19), (64, 64, 150))
+    class_channels: int = 512
+    attention_channels: int = 256
+    window_cases: tuple[tuple[int, int, int, int, int, int, int], ...] = (
+        (64, 128, 256, 8, 4, 8, 0), (56, 56, 96, 3, 7, 7, 3), (7, 7, 768, 24, 7, 7, 0))
 
     def describe(self) -> str:
         sizes = ", ".join(f"{h}x{w}" for h, w in self.sizes)
         eh, ew = self.enc_size
+        classes = ", ".join(f"{h}x{w} K={k}" for h, w, k in self.class_cases)
+        windows = ", ".join(f"{h}x{w} C={c} heads={n} {wh}x{ww}" + (f" shift={sh}" if sh else "")
+                            for h, w, c, n, wh, ww, sh in self.window_cases)
         return (f"{self.name}: B={self.batch} Cin={self.in_channels} C={self.channels} {sizes} "
-                f"scales={self.pool_scales}; Encoding N={eh}x{ew} K={self.num_codes} D={self.enc_channels}")
+                f"scales={self.pool_scales}; Encoding N={eh}x{ew} K={self.num_codes} D={self.enc_channels}; "
+                f"class context C={self.class_channels} Cq={self.attention_channels} {classes}; windows {windows}")
 
 
 SHAPE_SETS: dict[str, ShapeSet] = {
@@ -47,10 +60,14 @@ SHAPE_SETS: dict[str, ShapeSet] = {
     # A quarter of the channels and of the pixels: every op and head, all providers, in a few
     # minutes on 2 CPU cores.
     "cpu": ShapeSet("cpu", batch=2, in_channels=512, channels=128, sizes=((32, 32),),
-                    pool_scales=(1, 2, 3, 6), enc_size=(32, 64), enc_channels=128, num_codes=32),
+                    pool_scales=(1, 2, 3, 6), enc_size=(32, 64), enc_channels=128, num_codes=32,
+                    class_cases=((32, 64, 19), (32, 32, 150)), class_channels=128, attention_channels=64,
+                    window_cases=((32, 64, 128, 4, 4, 8, 0), (28, 28, 96, 3, 7, 7, 3))),
     # Smoke tests and the unit tests of the benchmark itself (odd sizes, overlapping pool bins).
     "tiny": ShapeSet("tiny", batch=2, in_channels=12, channels=4, sizes=((7, 9),), pool_scales=(1, 2, 3),
-                     enc_size=(5, 6), enc_channels=8, num_codes=4, num_classes=5, model_size=64),
+                     enc_size=(5, 6), enc_channels=8, num_codes=4, num_classes=5, model_size=64,
+                     class_cases=((5, 6, 3),), class_channels=8, attention_channels=4,
+                     window_cases=((5, 7, 8, 2, 2, 4, 1),)),
 }
 
 
