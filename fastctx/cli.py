@@ -8,11 +8,16 @@
 
 CONFIG is a shipped config name (`fastctx train --list` shows them) or a YAML
 path. Multi-process training: `torchrun --nproc_per_node=N -m fastctx.cli train CONFIG`.
-Bad configs, keys, values and missing files exit with status 2 and a message.
+`--set key=value` merges into the config, `--set key:=value` replaces (see
+fastctx.engine.config). Errors the user causes -- bad configs, keys and
+values, a backend that cannot run here, missing, corrupt or mislabelled data
+files, corrupt checkpoints, a work directory that cannot be written or a full
+disk -- exit with status 2 and one line saying what is wrong.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from collections.abc import Sequence
@@ -21,6 +26,9 @@ from pathlib import Path
 __all__ = ["main", "build_parser"]
 
 EXIT_USAGE = 2
+# File-system errors a user causes (a path they gave is unwritable, full, or not what it should be).
+_USER_FILE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
+                     errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG}
 
 
 class CommandError(Exception):
@@ -29,7 +37,8 @@ class CommandError(Exception):
 
 def _add_set(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", nargs="+", action="extend", default=[],
-                        help="override config keys, e.g. --set train.iters=200 optim.lr=0.01 data.crop_size=[32,32]")
+                        help="override config keys, e.g. --set train.iters=200 optim.lr=0.01 data.crop_size=[32,32]; "
+                             "KEY:=VALUE replaces a mapping instead of merging into it")
 
 
 def _add_inference(parser: argparse.ArgumentParser) -> None:
@@ -115,12 +124,13 @@ def _inference_config(args):
 
 def _cmd_eval(args) -> int:
     from . import use_backend
-    from .engine import (build_datasets, build_model_from_config, eval_window, evaluate, format_metrics_table,
-                         init_distributed, load_checkpoint, load_weights)
+    from .engine import (build_datasets, build_model_from_config, check_backend, eval_window, evaluate,
+                         format_metrics_table, init_distributed, load_checkpoint, load_weights)
 
     cfg = _inference_config(args)
-    state = load_checkpoint(args.checkpoint)
     dist_info = init_distributed(cfg.runtime.device, cfg.runtime.dist_backend)
+    check_backend(cfg, dist_info.device)
+    state = load_checkpoint(args.checkpoint)
     _, val_set = build_datasets(cfg, train=False, val=True)
     model = build_model_from_config(cfg, val_set.num_classes)
     load_weights(model, state)
@@ -159,10 +169,13 @@ def _cmd_predict(args) -> int:
 
     from . import use_backend
     from .data import DATASETS, Normalize, load_image, test_pipeline
-    from .engine import build_model_from_config, eval_window, load_checkpoint, load_weights, predict_classes
+    from .engine import (build_model_from_config, check_backend, eval_window, load_checkpoint, load_weights,
+                         predict_classes)
     from .engine.distributed import resolve_device
 
     cfg = _inference_config(args)
+    device = resolve_device(cfg.runtime.device)
+    check_backend(cfg, device)
     missing = [p for p in args.images if not Path(p).is_file()]
     if missing:
         raise CommandError(f"predict: image file(s) not found: {', '.join(missing)}")
@@ -172,7 +185,6 @@ def _cmd_predict(args) -> int:
         raise CommandError(f"predict: the palette has {len(palette)} colours for {len(classes)} classes")
     if len(classes) > 256:
         raise CommandError(f"predict: paletted PNGs hold at most 256 classes, the model has {len(classes)}")
-    device = resolve_device(cfg.runtime.device)
     model = build_model_from_config(cfg, len(classes))
     load_weights(model, state)
     model.to(device).eval()
@@ -269,7 +281,8 @@ def _cmd_bench(argv: list[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the `fastctx` command with `argv` (default sys.argv[1:]); returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    from .engine.checkpoint import CheckpointError
+    from .data import DatasetError
+    from .engine.checkpoint import CheckpointError, WorkDirError
     from .engine.config import ConfigError
 
     try:
@@ -282,8 +295,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(exc.code or 0)
         command = {"train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "compare": _cmd_compare}
         return command[args.command](args)
-    except (ConfigError, CheckpointError, CommandError, FileNotFoundError) as exc:
+    except (ConfigError, CheckpointError, CommandError, DatasetError, WorkDirError, FileNotFoundError) as exc:
         print(f"fastctx: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        if exc.errno not in _USER_FILE_ERRNOS or exc.filename is None:
+            raise
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            print(f"fastctx: error: no space left on device while writing {exc.filename}", file=sys.stderr)
+        else:
+            print(f"fastctx: error: {exc.filename}: {exc.strerror}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("fastctx: interrupted", file=sys.stderr)

@@ -122,7 +122,7 @@ def test_compare_trains_each_config_and_writes_table_plot_and_summary(capsys, tm
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["train", "no_such_config"], "neither a file nor a shipped config; shipped configs: apcnet_r101"),
+    (["train", "no_such_config"], "neither a file nor a shipped config; shipped configs: "),
     (["train", CONFIG, "--set", "train.iter=3"], "unknown config key 'train.iter'; did you mean 'train.iters'"),
     (["train", CONFIG, "--set", "runtime.amp=fp8"], "runtime.amp: expected one of 'none', 'bf16', 'fp16'"),
     (["train", CONFIG, "--set", "model.kwargs={decode_head: {pool_sizes: [1]}}"],

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import random
+import subprocess
+import sys
 import warnings
 from types import SimpleNamespace
 
@@ -213,6 +216,45 @@ def test_base_inheritance_and_cycles(tmp_path):
     (tmp_path / "broken.yaml").write_text("train: {iters: 3\n")
     with pytest.raises(ConfigError, match="is not valid YAML"):
         load_config(tmp_path / "broken.yaml")
+
+
+def test_replace_operator_and_dataset_switch_on_the_command_line():
+    base = "apcnet_r18-d8_synthetic"  # data: synthetic, train_kwargs {num_images: 2000, size: [64, 64]}
+    merged = load_config(base, ["data.train_kwargs={num_images: 5}"]).data
+    assert merged.train_kwargs == {"num_images": 5, "size": [64, 64]}  # '=' merges into the inherited mapping
+    replaced = load_config(base, ["data.train_kwargs:={num_images: 5}"]).data
+    assert replaced.train_kwargs == {"num_images": 5} and replaced.val_kwargs == {"num_images": 300, "size": [64, 64]}
+    section = load_config(base, ["data:={name: synthetic, num_workers: 1}"]).data
+    assert section == type(section)(name="synthetic", num_workers=1)  # every other key back to its default
+    # switching the dataset resets what described the old one; the overrides then describe the new one
+    voc = load_config(base, ["data.name=pascal_voc12", "data.root=data/VOCdevkit", "data.val_kwargs={}"]).data
+    assert (voc.name, voc.root, voc.train_kwargs, voc.val_kwargs, voc.crop_size) == (
+        "pascal_voc12", "data/VOCdevkit", {}, {}, None)
+    assert voc.num_workers == 0  # not dataset-specific: inherited
+    aug = load_config(base, ["data.name=pascal_voc12", "data.train_kwargs={aug: true}"]).data
+    assert aug.train_kwargs == {"aug": True} and aug.val_kwargs == {}
+    assert load_config(base, ["data.name=synthetic"]).data.train_kwargs == {"num_images": 2000, "size": [64, 64]}
+    cfg = load_config(base)
+    assert cfg.with_overrides(["data.name=ade20k"]).data.train_kwargs == {}
+    with pytest.raises(ConfigError, match=r"a section is replaced by a mapping, e.g. data:=\{key: value\}"):
+        load_config(base, ["data:=3"])
+    with pytest.raises(ConfigError, match="unknown config key 'data.size'"):
+        load_config(base, ["data:={size: 3}"])
+
+
+def test_docstring_override_examples_are_true():
+    """The examples in fastctx.engine.config's docstrings are what the overrides do."""
+    from fastctx.engine import config as config_module
+    from fastctx.models import build_model
+
+    doc = config_module.__doc__ + config_module.ModelConfig.__doc__
+    assert "model.kwargs.decode_head.dropout_ratio=0" in doc and "model.kwargs.dropout_ratio=0" not in doc
+    cfg = load_config("apcnet_r18-d8_synthetic", ["model.kwargs.decode_head.dropout_ratio=0",
+                                                  "data.train_kwargs:={num_images: 100}", "train.iters=200"])
+    assert cfg.model.kwargs == {"decode_head": {"dropout_ratio": 0}} and cfg.data.train_kwargs == {"num_images": 100}
+    with torch.device("meta"):
+        model = build_model(cfg.model.name, 9, **cfg.model.kwargs)
+    assert model.decode_head.dropout is None and model.auxiliary_head.dropout is not None
 
 
 # ----------------------------------------------------------------------------------------------- LR schedule
@@ -489,7 +531,9 @@ def test_bf16_autocast_on_cpu_trains(tmp_path):
 
 
 def test_batch_size_must_split_over_processes_and_fit_the_dataset(tmp_path):
-    with pytest.raises(ValueError, match="fewer than one global batch of 32"):
+    # refused when the Trainer is built, before any training (a ConfigError: one line from the CLI)
+    with pytest.raises(ConfigError, match=r"training set has 16 image\(s\), fewer than one batch of "
+                                          r"train.batch_size=32"):
         _toy_run(tmp_path, "big", ["train.iters=1", "train.batch_size=32"])
 
 
@@ -506,12 +550,13 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", failing_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(ckpt.WorkDirError, match=f"cannot write {path}: disk full"):
         ckpt.save_checkpoint({"x": torch.zeros(3)}, path)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(ckpt.WorkDirError, match="disk full"):
         ckpt.save_checkpoint({"x": torch.zeros(3)}, tmp_path / "iter_2.pth")
     monkeypatch.setattr(torch, "save", real_save)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_1.pth"]  # no partial or temporary file
+    # no partial or temporary file; the old file and its checksum are intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_1.pth", "iter_1.pth.sha256"]
     assert torch.equal(ckpt.load_checkpoint(path)["x"], torch.ones(3))  # the old file is intact
     ckpt.update_latest(tmp_path, path)
     assert ckpt.find_latest(tmp_path) == path.resolve()
@@ -529,6 +574,85 @@ def test_checkpoint_errors_are_clear(tmp_path):
     ckpt.load_weights(model, wrapped)  # DDP-prefixed keys are accepted
     with pytest.raises(ckpt.CheckpointError, match="does not fit the model"):
         ckpt.load_weights(model, {"state_dict": ToyNet(width=5).state_dict()})
+
+
+def _damage(path, size=4096):
+    """Flip `size` bytes in the middle of a file (what the issue did to a checkpoint)."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + size] = bytes(b ^ 0xFF for b in data[middle:middle + size])
+    path.write_bytes(bytes(data))
+
+
+def test_checkpoints_carry_a_sha256_and_a_modified_file_is_refused(tmp_path):
+    import hashlib
+
+    path = tmp_path / "iter_1.pth"
+    ckpt.save_checkpoint({"state_dict": {"w": torch.arange(20000.0)}}, path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert ckpt.checksum_path(path).read_text() == f"{digest}  iter_1.pth\n"  # sha256sum -c format
+    assert ckpt.verify_checksum(path) and ckpt.load_checkpoint(path)["state_dict"]["w"][-1] == 19999
+    ckpt.update_latest(tmp_path, path)
+    _damage(path)
+    for name in (path, tmp_path / "latest.pth"):  # latest.pth checks the file it points at
+        with pytest.raises(ckpt.CheckpointError, match=f"checkpoint {path} is corrupt: its sha256 does not "
+                                                       "match the one recorded when it was written"):
+            ckpt.load_checkpoint(name)
+    ckpt.checksum_path(path).write_text("garbage\n")
+    with pytest.raises(ckpt.CheckpointError, match="checksum file .* is damaged"):
+        ckpt.load_checkpoint(path)
+    # files without a sidecar (mmseg releases, older runs) load unverified
+    plain = tmp_path / "mmseg.pth"
+    torch.save({"state_dict": {"w": torch.ones(2)}}, plain)
+    assert not ckpt.verify_checksum(plain) and torch.equal(ckpt.load_checkpoint(plain)["state_dict"]["w"],
+                                                          torch.ones(2))
+
+
+def test_resume_falls_back_to_the_previous_good_checkpoint(tmp_path):
+    trainer, _ = _toy_run(tmp_path, "run", ["train.iters=3", "train.checkpoint_interval=1"])
+    work_dir = trainer.work_dir
+    weights_2 = ckpt.load_checkpoint(work_dir / "iter_2.pth")["state_dict"]
+    _damage(work_dir / "iter_3.pth")
+    stream = io.StringIO()
+    resumed = Trainer(toy_config(["train.iters=3", "train.checkpoint_interval=1"]), work_dir, resume=True,
+                      model=ToyNet(), train_dataset=ToyDataset(16), progress=False, stream=stream)
+    assert resumed.iteration == 2 and state_dicts_equal(resumed.model.state_dict(), weights_2)
+    assert stream.getvalue() == (f"fastctx: warning: checkpoint {work_dir / 'iter_3.pth'} is corrupt: its sha256 "
+                                 "does not match the one recorded when it was written (iter_3.pth.sha256); resuming "
+                                 f"from the previous checkpoint {work_dir / 'iter_2.pth'} instead\n")
+    resumed.fit()
+    assert ckpt.verify_checksum(work_dir / "iter_3.pth")  # rewritten
+    # an explicitly named checkpoint is refused, not replaced by another
+    _damage(work_dir / "iter_1.pth")
+    with pytest.raises(ckpt.CheckpointError, match="iter_1.pth is corrupt"):
+        Trainer(toy_config(["train.iters=3"]), work_dir, resume=work_dir / "iter_1.pth", model=ToyNet(),
+                train_dataset=ToyDataset(16), progress=False)
+    for name in ("iter_2.pth", "iter_3.pth"):
+        _damage(work_dir / name)
+    with pytest.raises(ckpt.CheckpointError, match=f"iter_3.pth is corrupt.*; no earlier checkpoint in {work_dir} "
+                                                   "loads either"):
+        Trainer(toy_config(["train.iters=3"]), work_dir, resume=True, model=ToyNet(), train_dataset=ToyDataset(16),
+                progress=False)
+
+
+def test_stale_temporary_files_are_removed(tmp_path):
+    """`.iter_N.pth.tmp.<pid>` left by a writer killed mid-save go at start-up and after the next save;
+    a live process's temporary files stay."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    live = str(os.getppid())
+    work_dir = tmp_path / "run"
+    work_dir.mkdir()
+    stale = [work_dir / f".iter_4.pth.tmp.{dead}", work_dir / f".iter_4.pth.sha256.tmp.{dead}"]
+    kept = work_dir / f".iter_8.pth.tmp.{live}"
+    for path in (*stale, kept):
+        path.write_bytes(b"partial")
+    os.symlink("iter_4.pth", work_dir / f".latest.pth.tmp.{dead}")  # a dangling temporary link
+    Trainer(toy_config(["train.iters=1"]), work_dir, model=ToyNet(), train_dataset=ToyDataset(16), progress=False)
+    assert sorted(p.name for p in work_dir.iterdir()) == [kept.name]
+    stale[0].write_bytes(b"partial")
+    ckpt.save_checkpoint({"x": torch.ones(1)}, work_dir / "iter_1.pth")
+    assert sorted(p.name for p in work_dir.iterdir()) == [kept.name, "iter_1.pth", "iter_1.pth.sha256"]
 
 
 def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):

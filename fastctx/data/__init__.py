@@ -6,7 +6,7 @@
 >>> item["img"].shape, item["label"].dtype
 (torch.Size([3, 64, 64]), torch.int64)
 """
-from .base import DatasetNotFoundError, Pipeline, SegmentationDataset
+from .base import DatasetError, DatasetNotFoundError, Pipeline, SegmentationDataset
 from .datasets import (
     DATASETS,
     ADE20KDataset,
@@ -37,8 +37,9 @@ from .transforms import (
 )
 
 __all__ = [
-    "ADE20KDataset", "CityscapesDataset", "Compose", "DATASETS", "DatasetInfo", "DatasetNotFoundError",
-    "FileSegmentationDataset", "IMAGENET_MEAN", "IMAGENET_STD", "Normalize", "Pad", "PascalContext59Dataset",
+    "ADE20KDataset", "CityscapesDataset", "Compose", "DATASETS", "DatasetError", "DatasetInfo",
+    "DatasetNotFoundError", "FileSegmentationDataset", "IMAGENET_MEAN", "IMAGENET_STD", "Normalize", "Pad",
+    "PascalContext59Dataset",
     "PascalVOCDataset", "PhotoMetricDistortion", "Pipeline", "RandomCrop", "RandomFlip", "RandomResize", "Resize",
     "SampleFiles", "SceneSample", "SegmentationDataset", "SyntheticScenes", "build_dataset", "load_image",
     "load_label", "test_pipeline", "train_pipeline",

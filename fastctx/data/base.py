@@ -19,7 +19,7 @@ import torch
 
 from .transforms import Compose, Sample
 
-__all__ = ["DatasetNotFoundError", "Pipeline", "SegmentationDataset"]
+__all__ = ["DatasetError", "DatasetNotFoundError", "Pipeline", "SegmentationDataset"]
 
 #: A transform or pipeline: ``(sample, rng) -> sample`` (see :mod:`fastctx.data.transforms`).
 Pipeline = Callable[[Sample, np.random.Generator], Sample]
@@ -27,6 +27,29 @@ Pipeline = Callable[[Sample, np.random.Generator], Sample]
 
 class DatasetNotFoundError(FileNotFoundError):
     """A dataset's root, folder, split file or listed file is missing; the message says what layout was expected."""
+
+
+class DatasetError(ValueError):
+    """A sample's file cannot be read or does not hold what the dataset expects; the message names the file.
+
+    Raised in a DataLoader worker, it reaches the main process as a DatasetError
+    whose message is the worker's traceback text (torch re-raises that way);
+    the original one-line message is recovered from it, so the main process
+    reports what the worker said.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(_worker_message(str(message)))
+
+
+def _worker_message(message: str) -> str:
+    # torch's ExceptionWrapper: "Caught DatasetError in DataLoader worker process N.\nOriginal Traceback ...\n
+    # fastctx.data.base.DatasetError: <message>"
+    if not message.startswith("Caught DatasetError in DataLoader worker process"):
+        return message
+    marker = f"\n{DatasetError.__module__}.{DatasetError.__qualname__}: "
+    at = message.find(marker)
+    return message[at + len(marker):].rstrip("\n") if at >= 0 else message
 
 
 class SegmentationDataset(torch.utils.data.Dataset):

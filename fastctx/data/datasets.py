@@ -15,12 +15,13 @@ import numpy as np
 from PIL import Image
 
 from . import metainfo
-from .base import DatasetNotFoundError, Pipeline, SegmentationDataset
+from .base import DatasetError, DatasetNotFoundError, Pipeline, SegmentationDataset
 from .synthetic import SyntheticScenes
 from .transforms import _pair, test_pipeline, train_pipeline
 
 __all__ = [
-    "ADE20KDataset", "CityscapesDataset", "DATASETS", "DatasetInfo", "DatasetNotFoundError", "FileSegmentationDataset",
+    "ADE20KDataset", "CityscapesDataset", "DATASETS", "DatasetError", "DatasetInfo", "DatasetNotFoundError",
+    "FileSegmentationDataset",
     "PascalContext59Dataset", "PascalVOCDataset", "SampleFiles", "SegmentationDataset", "build_dataset",
     "load_image", "load_label",
 ]
@@ -34,24 +35,39 @@ class SampleFiles:
     label_path: Path
 
 
+def _decode(path, what: str, rgb: bool = False) -> tuple[str, np.ndarray]:
+    """(PIL mode as stored, pixels; converted to RGB if `rgb`); DatasetError naming the file if it cannot be
+    decoded (truncated, corrupt, not an image)."""
+    try:
+        with Image.open(path) as im:
+            return im.mode, np.array(im.convert("RGB") if rgb and im.mode != "RGB" else im)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:  # what PIL raises for bad files
+        raise DatasetError(f"cannot read {what} {path}: {exc}") from None
+
+
 def load_image(path: str | os.PathLike) -> np.ndarray:
     """H x W x 3 uint8 RGB (grey, palette, RGBA and CMYK images are converted)."""
-    with Image.open(path) as im:
-        return np.array(im if im.mode == "RGB" else im.convert("RGB"), dtype=np.uint8)
+    return _decode(path, "image", rgb=True)[1].astype(np.uint8, copy=False)
 
 
 def load_label(path: str | os.PathLike) -> np.ndarray:
-    """H x W uint8 label ids from a single-channel (grey or palette-index) PNG, as mmseg reads them."""
-    with Image.open(path) as im:
-        mode = im.mode
-        label = np.array(im)
+    """H x W uint8 label ids from a single-channel (grey or palette-index) PNG, as mmseg reads them.
+
+    16-bit and 32-bit grey maps are accepted when their ids fit 0..255.
+    """
+    mode, label = _decode(path, "label map")
     if label.ndim != 2:
-        raise ValueError(
+        raise DatasetError(
             f"label map {path} has mode {mode} with shape {label.shape}: expected a single-channel image of class "
             "ids (grey 'L' or palette 'P' PNG), not a colour visualisation")
+    if label.dtype.kind == "f":
+        raise DatasetError(f"label map {path} holds floating-point values (mode {mode}): expected integer class ids")
     if label.dtype != np.uint8:
         if label.size and (label.min() < 0 or label.max() > 255):
-            raise ValueError(f"label map {path} has ids outside 0..255 (mode {mode})")
+            raise DatasetError(f"label map {path} (mode {mode}) has ids {int(label.min())}..{int(label.max())}, "
+                               "outside 0..255: expected class ids with 255 = ignore")
         label = label.astype(np.uint8)
     return label
 
@@ -89,11 +105,23 @@ class FileSegmentationDataset(SegmentationDataset):
         img = load_image(files.img_path)
         label = load_label(files.label_path)
         if label.shape != img.shape[:2]:
-            raise ValueError(f"image {files.img_path} is {img.shape[:2]} but its label {files.label_path} is "
-                             f"{label.shape}: they must have the same height and width")
+            raise DatasetError(f"image {files.img_path} is {img.shape[:2]} but its label {files.label_path} is "
+                               f"{label.shape}: they must have the same height and width")
+        self._check_ids(label, files.label_path)
         if self.reduce_zero_label:
             label = _reduce_zero_label(label)
         return img, label, files.name
+
+    def _check_ids(self, label: np.ndarray, path: Path) -> None:
+        """Class ids as stored: 0..K-1 (0..K with reduce_zero_label, where 0 is ignored) or ignore_index."""
+        highest = self.num_classes if self.reduce_zero_label else self.num_classes - 1
+        if not label.size or label.max() <= highest:
+            return
+        bad = np.unique(label[(label > highest) & (label != self.ignore_index)])
+        if bad.size:
+            shown = ", ".join(map(str, bad[:8].tolist())) + (", ..." if bad.size > 8 else "")
+            raise DatasetError(f"label map {path} has class ids {shown} outside 0..{highest} for the "
+                               f"{self.num_classes} classes of {type(self).__name__} ({self.ignore_index} = ignore)")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -14,9 +14,19 @@ optional; omitted keys keep their defaults):
 
 `load_config("apcnet_r18-d8_synthetic", ["train.iters=200", "optim.lr=0.01"])`
 finds `configs/apcnet_r18-d8_synthetic.yaml` (the package `fastctx.configs`),
-or takes a path. Bases are merged first, then the file, then the overrides
-(values are parsed as YAML: `[32, 32]`, `null`, `true`). Unknown keys and
-bad values raise ConfigError naming the key and what it accepts.
+or takes a path. Bases are merged first, then the file, then the overrides.
+Unknown keys and bad values raise ConfigError naming the key and what it
+accepts. Overrides (`fastctx ... --set`):
+
+    train.iters=200                              one key; values are YAML: [32, 32], null, true, {a: 1}
+    model.kwargs.decode_head.dropout_ratio=0     a dotted key reaches into a mapping value and merges there
+    data.train_kwargs:={num_images: 100}         ':=' replaces the value (or a whole section, data:={...})
+                                                 instead of merging mappings into the inherited one
+    data.name=pascal_voc12 data.root=data/VOCdevkit
+                                                 switching data.name resets the inherited dataset-specific
+                                                 keys (root, splits, crop_size, scale, train_kwargs,
+                                                 val_kwargs) to their defaults: they described the old
+                                                 dataset; the overrides then set the new one's
 """
 from __future__ import annotations
 
@@ -33,7 +43,8 @@ import yaml
 
 __all__ = [
     "Config", "ConfigError", "DataConfig", "EvalConfig", "ModelConfig", "OptimConfig", "RuntimeConfig",
-    "ScheduleConfig", "TrainConfig", "available_configs", "load_config", "parse_overrides", "resolve_config_path",
+    "ScheduleConfig", "TrainConfig", "apply_overrides", "available_configs", "load_config", "parse_overrides",
+    "resolve_config_path",
 ]
 
 
@@ -57,7 +68,9 @@ class ModelConfig:
     norm: "BN" or "SyncBN" (SyncBN is used when training with several processes).
     fused: run the context heads with fastctx's fused kernels (False: mmseg's eager maths).
     pretrained: a local backbone or segmentor checkpoint to initialise from.
-    kwargs: further keyword arguments of build_model (architecture overrides).
+    kwargs: further keyword arguments of build_model (architecture overrides),
+        e.g. {decode_head: {dropout_ratio: 0}} or, from the command line,
+        model.kwargs.decode_head.dropout_ratio=0.
     """
 
     name: str = "apcnet_r18-d8"
@@ -230,9 +243,7 @@ class Config:
 
     def with_overrides(self, overrides: list[str] | None) -> Config:
         """A copy with `section.key=value` overrides applied (and validated)."""
-        raw = self.to_dict()
-        _merge(raw, parse_overrides(overrides or []))
-        return Config.from_dict(raw, self.name)
+        return Config.from_dict(apply_overrides(self.to_dict(), overrides or []), self.name)
 
 
 def _is_cuda_index(device: str) -> bool:
@@ -368,42 +379,90 @@ def _plain(obj):
     return obj
 
 
+class _Replace:
+    """An override value given with ':=': it replaces what it is merged into, mappings included."""
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __repr__(self) -> str:
+        return f"_Replace({self.value!r})"
+
+
+# Keys of the data section that describe one dataset: reset when an override switches data.name.
+_DATASET_KEYS = ("root", "train_split", "val_split", "crop_size", "scale", "train_kwargs", "val_kwargs")
+
+
 def _merge(base: dict, update: dict) -> dict:
-    """Recursive in-place merge of `update` into `base` (mappings merge, anything else replaces)."""
+    """Recursive in-place merge of `update` into `base` (mappings merge, anything else and ':=' values replace)."""
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
+        if isinstance(value, _Replace):
+            base[key] = _plain_overrides(value.value)
+        elif isinstance(value, dict) and isinstance(base.get(key), dict):
             _merge(base[key], value)
         else:
-            base[key] = value
+            base[key] = _plain_overrides(value)
     return base
+
+
+def _plain_overrides(value: Any) -> Any:
+    """`value` with any nested ':=' markers unwrapped (nothing below them to merge into)."""
+    if isinstance(value, _Replace):
+        return _plain_overrides(value.value)
+    if isinstance(value, dict):
+        return {k: _plain_overrides(v) for k, v in value.items()}
+    return value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Merge `section.key=value` / `key:=value` overrides into a raw config dict (in place; returned).
+
+    An override switching data.name to another dataset first resets the
+    inherited dataset-specific keys of the data section (they described the
+    old dataset) to their defaults.
+    """
+    nested = parse_overrides(overrides)
+    data = nested.get("data")
+    inherited = raw.get("data")
+    if isinstance(data, dict) and "name" in data and isinstance(inherited, dict):
+        if _plain_overrides(data["name"]) != inherited.get("name", DataConfig.name):
+            for key in _DATASET_KEYS:
+                inherited.pop(key, None)
+    return _merge(raw, nested)
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """["train.iters=200", "data.crop_size=[32, 32]"] -> {"train": {"iters": 200}, "data": {...}}.
 
-    Values are parsed as YAML scalars/lists; a dotted key may reach into a
-    mapping-valued key (`model.kwargs.dropout_ratio=0`).
+    Values are parsed as YAML scalars/lists/mappings; a dotted key may reach
+    into a mapping-valued key (`model.kwargs.decode_head.dropout_ratio=0`).
+    `key:=value` replaces instead of merging (see the module docstring).
     """
     nested: dict[str, Any] = {}
     for item in overrides:
         key, sep, text = item.partition("=")
         key = key.strip()
+        replace = key.endswith(":")
+        key = key.removesuffix(":").strip()
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected section.key=value, e.g. train.iters=200")
         parts = key.split(".")
-        if len(parts) < 2 or not all(parts):
+        if not all(parts) or (len(parts) < 2 and not replace):
             raise ConfigError(f"override {item!r}: the key must be section.key (sections: "
-                              f"{', '.join(_section_types())})")
+                              f"{', '.join(_section_types())}); section:={{...}} replaces a whole section")
         try:
             value = yaml.safe_load(text) if text.strip() else ""
         except yaml.YAMLError as exc:
             raise ConfigError(f"override {item!r}: the value is not valid YAML ({exc})") from None
+        if replace and len(parts) == 1 and not isinstance(value, dict):
+            raise ConfigError(f"override {item!r}: a section is replaced by a mapping, e.g. "
+                              f"{parts[0]}:={{key: value}}")
         node = nested
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r} conflicts with an earlier override of {part!r}")
-        node[parts[-1]] = value
+        node[parts[-1]] = _Replace(value) if replace else value
     return nested
 
 
@@ -472,8 +531,7 @@ def _load_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
 def load_config(name_or_path: str | Path, overrides: list[str] | None = None) -> Config:
     """Load a config by shipped name or path, apply `section.key=value` overrides, validate."""
     path = resolve_config_path(name_or_path)
-    raw = _load_raw(path)
-    _merge(raw, parse_overrides(overrides or []))
+    raw = apply_overrides(_load_raw(path), overrides or [])
     name = path.name
     for suffix in (".yaml", ".yml"):
         if name.endswith(suffix):

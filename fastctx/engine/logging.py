@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from .checkpoint import WorkDirError, write_failure
+
 __all__ = ["ProgressBar", "JsonLinesLog", "format_duration", "json_safe", "read_json_lines"]
 
 
@@ -90,8 +92,11 @@ class JsonLinesLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(json_safe(record), sort_keys=False) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(json_safe(record), sort_keys=False) + "\n")
+        except OSError as exc:
+            raise WorkDirError(write_failure(exc, self.path)) from None
 
     def truncate_after(self, iteration: int) -> None:
         """Drop records past `iteration`: a resumed run logs again what the interrupted one did after its checkpoint."""
@@ -99,10 +104,14 @@ class JsonLinesLog:
             return
         kept = [r for r in read_json_lines(self.path) if r.get("iter", 0) <= iteration]
         tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w") as f:
-            for record in kept:
-                f.write(json.dumps(record) + "\n")
-        tmp.replace(self.path)
+        try:
+            with open(tmp, "w") as f:
+                for record in kept:
+                    f.write(json.dumps(record) + "\n")
+            tmp.replace(self.path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise WorkDirError(write_failure(exc, self.path)) from None
 
 
 def read_json_lines(path: str | Path) -> list[dict[str, Any]]:

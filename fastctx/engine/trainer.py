@@ -33,10 +33,11 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
-from .. import __version__, use_backend
+from .. import __version__, available_backends, use_backend
 from ..nn._batchnorm import SyncBatchNorm, convert_sync_batchnorm
-from .checkpoint import (CheckpointError, find_latest, load_checkpoint, load_weights, rng_state, save_checkpoint,
-                         set_rng_state, update_latest)
+from .checkpoint import (CheckpointError, WorkDirError, ensure_work_dir, find_latest, load_checkpoint, load_weights,
+                         previous_checkpoints, remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state,
+                         update_latest, write_failure)
 from .config import Config, ConfigError
 from .distributed import DistInfo, all_reduce_mean, barrier, init_distributed
 from .evaluate import autocast_context, evaluate
@@ -46,7 +47,7 @@ from .sampler import TrainBatchSampler, collate_samples
 from .schedule import PolyLR
 
 __all__ = ["Trainer", "TrainResult", "build_model_from_config", "build_datasets", "build_optimizer",
-           "default_work_dir", "eval_window"]
+           "check_backend", "default_work_dir", "eval_window"]
 
 
 @dataclass
@@ -65,6 +66,18 @@ class TrainResult:
 
 def default_work_dir(config: Config) -> Path:
     return Path(config.runtime.work_dir) if config.runtime.work_dir else Path("work_dirs") / config.name
+
+
+def check_backend(config: Config, device: torch.device) -> None:
+    """ConfigError unless runtime.backend can run this run's tensors (float32 on `device`): refused before
+    anything is built rather than at the first forward pass."""
+    backend = config.runtime.backend
+    if backend == "auto":
+        return
+    usable = available_backends(device)
+    if backend not in usable:
+        raise ConfigError(f"runtime.backend: {backend!r} cannot run {device.type} tensors here; use 'auto' or one "
+                          f"of {', '.join(repr(b) for b in usable)}")
 
 
 def build_model_from_config(config: Config, num_classes: int) -> nn.Module:
@@ -169,8 +182,12 @@ class Trainer:
         if cfg.train.batch_size % world:
             raise ConfigError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by the number of "
                               f"processes ({world}): each process takes batch_size / {world} images")
+        check_backend(cfg, self.device)
         self.batch_per_rank = cfg.train.batch_size // world
         self.work_dir = Path(work_dir) if work_dir is not None else default_work_dir(cfg)
+        if self.dist.is_main:
+            ensure_work_dir(self.work_dir)
+            remove_stale_temporaries(self.work_dir)  # left by a run killed while writing a checkpoint
         self.stream = stream if stream is not None else sys.stderr
         self.show_progress = self.dist.is_main if progress is None else (progress and self.dist.is_main)
 
@@ -181,6 +198,9 @@ class Trainer:
             train_dataset = train_dataset if train_dataset is not None else built_train
             val_dataset = val_dataset if val_dataset is not None else built_val
         self.train_dataset, self.val_dataset = train_dataset, val_dataset
+        if len(train_dataset) < cfg.train.batch_size:
+            raise ConfigError(f"the training set has {len(train_dataset)} image(s), fewer than one batch of "
+                              f"train.batch_size={cfg.train.batch_size}: lower train.batch_size or use more images")
         num_classes = getattr(train_dataset, "num_classes", None)
         if model is None:
             if num_classes is None:
@@ -237,21 +257,46 @@ class Trainer:
         """Write work_dir/iter_<n>.pth (main process) and point latest.pth at it."""
         path = None
         if self.dist.is_main:
-            path = save_checkpoint(self.state_dict(), self.work_dir / f"iter_{self.iteration}.pth")
-            update_latest(self.work_dir, path)
+            try:
+                path = save_checkpoint(self.state_dict(), self.work_dir / f"iter_{self.iteration}.pth")
+                update_latest(self.work_dir, path)
+            except WorkDirError as exc:
+                kept = f"; the previous checkpoint {self.last_checkpoint} is kept" if self.last_checkpoint else ""
+                raise WorkDirError(f"{exc}{kept}") from None
             self.last_checkpoint = path
         barrier()
         return path
 
+    def _warn(self, text: str) -> None:
+        if self.dist.is_main:
+            self.stream.write(f"fastctx: warning: {text}\n")
+            self.stream.flush()
+
+    def _load_latest(self, latest: Path) -> tuple[Path, dict[str, Any]]:
+        """`latest`, or when it is corrupt or unreadable the newest earlier checkpoint that loads (said so)."""
+        try:
+            return latest, load_checkpoint(latest)
+        except CheckpointError as exc:
+            failure = exc
+        for previous in previous_checkpoints(self.work_dir, before=latest):
+            try:
+                state = load_checkpoint(previous)
+            except CheckpointError:
+                continue
+            self._warn(f"{failure}; resuming from the previous checkpoint {previous} instead")
+            return previous, state
+        raise CheckpointError(f"{failure}; no earlier checkpoint in {self.work_dir} loads either") from None
+
     def _resume(self, resume: bool | str | Path) -> None:
         if resume is True:
-            path = find_latest(self.work_dir)
-            if path is None:
+            latest = find_latest(self.work_dir)
+            if latest is None:
                 raise FileNotFoundError(f"--resume: no checkpoint to resume from in {self.work_dir} "
                                         f"(expected {self.work_dir / 'latest.pth'})")
+            path, state = self._load_latest(latest)
         else:
             path = Path(resume)
-        state = load_checkpoint(path)
+            state = load_checkpoint(path)
         missing = [k for k in ("meta", "state_dict", "optimizer", "rng") if k not in state]
         if missing:
             raise CheckpointError(f"{path} is not a fastctx training checkpoint (no {missing}); "
@@ -342,9 +387,12 @@ class Trainer:
             raise ValueError(f"stop_at must be in ({start_iter}, {total_iters}] (after the current iteration, "
                              f"at most train.iters), got {stop_at}")
         if self.dist.is_main:
-            self.work_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.work_dir / "config.yaml", "w") as f:
-                yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+            config_path = ensure_work_dir(self.work_dir) / "config.yaml"
+            try:
+                with open(config_path, "w") as f:
+                    yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+            except OSError as exc:
+                raise WorkDirError(write_failure(exc, config_path)) from None
         bar = ProgressBar(total_iters, stream=self.stream, line_interval=cfg.train.log_interval,
                           enabled=self.show_progress, prefix="iter ")
         imgs_per_iter = cfg.train.batch_size * cfg.train.accum_steps

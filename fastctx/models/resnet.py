@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..nn._checks import check_positive_int
 from ..nn.conv_module import make_norm
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNetV1c", "LoadReport", "load_pretrained"]
@@ -133,6 +134,15 @@ class ResNetV1c(nn.Module):
             raise ValueError(f"out_indices must be stage indices in 0..3, got {out_indices}")
         if not -1 <= frozen_stages <= 4:
             raise ValueError(f"frozen_stages must be in -1..4, got {frozen_stages}")
+        for name, value in (("in_channels", in_channels), ("stem_channels", stem_channels),
+                            ("base_channels", base_channels)):
+            check_positive_int(value, name, "ResNetV1c")
+        if stem_channels < 2:
+            raise ValueError(f"ResNetV1c: stem_channels must be >= 2 (the deep stem's first convs have "
+                             f"stem_channels // 2 channels), got {stem_channels}")
+        for name, values in (("strides", strides), ("dilations", dilations)):
+            for value in values:
+                check_positive_int(value, f"every entry of {name}", "ResNetV1c")
         self.depth, self.in_channels = depth, in_channels
         self.stem_channels, self.base_channels = stem_channels, base_channels
         self.strides, self.dilations, self.out_indices = strides, dilations, out_indices
