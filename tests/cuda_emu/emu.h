@@ -136,6 +136,7 @@ struct CudaThread {
   std::deque<std::vector<AsyncCopy>> committed;  // oldest first
   // serialised schedule
   Wait wait = Wait::kRunnable;
+  uint64_t collectives = 0;  // warp collectives so far (free schedule)
   ucontext_t context;
   char* stack = nullptr;  // from fiber_stack(id)
   void* asan_fake_stack = nullptr;
@@ -206,7 +207,8 @@ struct LaneSlot {
 struct Block {
   int threads = 0, warps = 0;
   std::vector<unsigned char> dynamic_smem;
-  std::vector<std::array<LaneSlot, 32>> lanes;  // [warp][lane]
+  // [warp][lane]; the free schedule alternates between two sets (see warp_collective)
+  std::vector<std::array<std::array<LaneSlot, 32>, 2>> lanes;
   std::vector<CudaThread> cuda_threads;
   const std::function<void()>* kernel = nullptr;
   // free schedule
@@ -312,7 +314,7 @@ inline void open_sync_points() {
     if (done > 0)
       fatal("block (%u,%u,%u) warp %d: a full-mask warp collective after %d lanes exited", blockIdx.x, blockIdx.y,
             blockIdx.z, w, done);
-    auto& slots = b.lanes[w];
+    auto& slots = b.lanes[w][0];
     for (int l = 1; l < 32; ++l)
       if (slots[l].kind != slots[0].kind) fatal("warp %d: lanes in different warp collectives", w);
     for (int l = 0; l < 32; ++l) slots[l].result = collective_result(slots, l);
@@ -350,16 +352,20 @@ inline void sync_block() {
 
 inline uint64_t warp_collective(Kind kind, uint64_t value, int src, bool valid) {
   const int lane = self->id & 31, w = self->id >> 5;
-  auto& slots = block->lanes[w];
-  slots[lane] = LaneSlot{kind, value, src, valid, 0};
   if (settings.order != Order::kFree) {
+    auto& slots = block->lanes[w][0];
+    slots[lane] = LaneSlot{kind, value, src, valid, 0};
     yield(Wait::kWarpCollective);  // the scheduler fills in every lane's result
     return slots[lane].result;
   }
+  // Consecutive collectives of a warp use alternate slot sets: a lane that
+  // has read its result may publish the next value without waiting for the
+  // others to read theirs, and cannot get two collectives ahead, since the
+  // next barrier waits for all of them.
+  auto& slots = block->lanes[w][self->collectives++ & 1];
+  slots[lane] = LaneSlot{kind, value, src, valid, 0};
   block->warp_barriers[w]->arrive_and_wait();
-  const uint64_t r = collective_result(slots, lane);
-  block->warp_barriers[w]->arrive_and_wait();  // nobody republishes before all have read
-  return r;
+  return collective_result(slots, lane);
 }
 
 // Worker threads of the free schedule. They live for the whole program
@@ -522,6 +528,7 @@ inline void emu_launch(dim3 grid, int threads, const std::function<void()>& kern
       threadIdx = dim3(static_cast<unsigned>(t));
       for (int64_t i = 0; i < blocks; ++i) {
         blockIdx = block_index(i);
+        emu::self->collectives = 0;
         kernel();
         emu::drop_pending_copies();
         // An exited thread no longer holds up the block's barriers.
