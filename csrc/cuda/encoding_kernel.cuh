@@ -34,7 +34,9 @@
 //   reduce    sums the slots of every block in a fixed order and applies the
 //             colsum * c' terms: deterministic run to run.
 //
-// Backward (V = -2 s dL, v_i = sum_k V_ik, dL = A (dA - rowsum(A dA))):
+// Backward (V = -2 s dL, v_i = sum_k V_ik, dL = A (dA - rowsum(A dA)), with
+// dA shifted by its value at the row's winning codeword first, which leaves
+// dL unchanged and avoids its cancellation at near one-hot rows):
 //   grad_x_i = sum_k A_ik dE_k + sum_k V_ik c'_k - v_i x'_i
 //   grad_c_k = sum_b [ -colsum(A)_bk dE_bk + (V^T X')_bk - colsum(V)_bk c'_k ]
 //   grad_s_k = sum_{b,i} dL_ik ||x'_i - c'_k||^2
@@ -433,11 +435,26 @@ __global__ void __launch_bounds__(kThreads, kTileMinBlocks<acc_t, KP, BWD>)
 #pragma unroll
         for (int h = 0; h < KP / 32; ++h) st[(lane + 32 * h) * XS_LD + n] = a[h];
       } else {
-        acc_t da[2], r = acc_t(0);
+        // dA_ik = dE_k . (x_i - c_k), shifted by dA_iw of the row's winning
+        // codeword w (the lowest k holding the row max): dL = A (dA - sum_j
+        // A_ij dA_ij) is unchanged (sum_j A_ij = 1), but near one-hot rows no
+        // longer subtract two nearly equal terms, so dL keeps its relative
+        // accuracy (dL_iw = -A_iw sum_{j != w} A_ij dA'_ij).
+        acc_t da[2];
 #pragma unroll
         for (int h = 0; h < KP / 32; ++h) {
           const int k = lane + 32 * h;
-          da[h] = st[(KP + k) * XS_LD + n] - gk[k];  // dE_k . (x_i - c_k)
+          da[h] = st[(KP + k) * XS_LD + n] - gk[k];
+        }
+        const unsigned win_lo = __ballot_sync(0xffffffffu, logit[0] == mx);
+        const unsigned win_hi = KP > 32 ? __ballot_sync(0xffffffffu, logit[KP / 32 - 1] == mx) : 0u;
+        const unsigned win = win_lo != 0u ? win_lo : win_hi;  // 0 only for NaN rows
+        const acc_t da_w = __shfl_sync(0xffffffffu, win_lo != 0u ? da[0] : da[KP / 32 - 1],
+                                       win != 0u ? __ffs(static_cast<int>(win)) - 1 : 0);
+        acc_t r = acc_t(0);
+#pragma unroll
+        for (int h = 0; h < KP / 32; ++h) {
+          da[h] -= da_w;
           r += a[h] * da[h];
         }
         r = warp_sum(r);

@@ -6,8 +6,10 @@
 // Cases reach both padded codeword widths (KP = 32, 64), several logit and
 // aggregation channel chunks with D % 4 != 0, ragged pixel tiles, x
 // channels-first and channels-last, the 4-wide and scalar grad_x stores, more
-// than one tile block (partial slot) per image, and inputs of norm ~1e3 lying
-// near the codewords.
+// than one tile block (partial slot) per image, inputs of norm ~1e3 lying
+// near the codewords, and near one-hot assignments, where fp32 grad_scale and
+// grad_codewords must stay within the "peaked" tolerance of float64 (the
+// backward's shifted softmax gradient).
 #include "emu.h"
 #include "driver.h"
 
@@ -23,7 +25,7 @@ struct Shape {
   bool aligned;        // grad_x 16-byte aligned (false: the scalar store path)
   int64_t sm_count;    // with blocks_per_sm, sizes the tile blocks per image
   int64_t blocks_per_sm;
-  enum Inputs { kUniform, kFarNear } inputs;
+  enum Inputs { kUniform, kFarNear, kPeaked } inputs;
 };
 
 template <typename T>
@@ -32,7 +34,8 @@ struct Data {
 };
 
 // Uniform: x, c in [-1, 1), s in [-2, -0.5). FarNear: ||x|| ~ 1e3 with x and
-// c within O(1) of a common centre.
+// c within O(1) of a common centre. Peaked: well separated codewords and a
+// large |s|, so each pixel's assignment is near one-hot.
 template <typename T>
 Data<T> make_data(const Shape& s, uint32_t seed) {
   std::mt19937 rng(seed);
@@ -47,11 +50,17 @@ Data<T> make_data(const Shape& s, uint32_t seed) {
     for (auto& v : centre) v = 1e3 / std::sqrt(static_cast<double>(s.D)) * (u(rng) > 0 ? 1 : -1);
   for (int k = 0; k < s.K; ++k)
     for (int j = 0; j < s.D; ++j) d.codewords[k * s.D + j] = static_cast<T>(centre[j] + u(rng));
-  for (int k = 0; k < s.K; ++k) d.scale[k] = static_cast<T>(-1.25 + 0.75 * u(rng));
+  // Peaked: a pixel lies at squared distance ~0.03 D from its codeword and
+  // ~0.7 D from the others, so s ~ -20 / D puts the others ~13 below in logit
+  // (assignments ~1 - 1e-4 for the winner).
+  for (int k = 0; k < s.K; ++k)
+    d.scale[k] = static_cast<T>(s.inputs == Shape::kPeaked ? -(36 + 4 * u(rng)) / s.D : -1.25 + 0.75 * u(rng));
   for (int b = 0; b < s.B; ++b)
     for (int i = 0; i < s.N; ++i) {
+      const int k = static_cast<int>(rng() % s.K);  // peaked: the pixel's codeword
       for (int j = 0; j < s.D; ++j) {
-        const double v = centre[j] + u(rng);
+        const double base = s.inputs == Shape::kPeaked ? value(d.codewords[k * s.D + j]) - centre[j] : 0.0;
+        const double v = centre[j] + base + u(rng);
         const size_t idx = s.channels_first ? (static_cast<size_t>(b) * s.D + j) * s.N + i
                                             : (static_cast<size_t>(b) * s.N + i) * s.D + j;
         d.x[idx] = static_cast<T>(v);
@@ -65,6 +74,7 @@ Data<T> make_data(const Shape& s, uint32_t seed) {
 
 struct Reference {
   std::vector<double> E, grad_x, grad_c, grad_s;
+  double min_top = 1;  // smallest winning assignment over the pixels (how peaked)
 };
 
 template <typename T>
@@ -95,14 +105,16 @@ Reference reference(const Shape& s, const Data<T>& d) {
       }
       double sum = 0;
       for (int k = 0; k < K; ++k) sum += (A[k] = std::exp(A[k] - mx));
-      double a_dot_da = 0;
+      double top = 0, a_dot_da = 0;
       for (int k = 0; k < K; ++k) {
         A[k] /= sum;
+        top = std::max(top, A[k]);
         double da = 0;
         for (int j = 0; j < D; ++j) da += value(d.grad[(b * K + k) * D + j]) * (xi[j] - value(d.codewords[k * D + j]));
         dA[k] = da;
         a_dot_da += A[k] * da;
       }
+      r.min_top = std::min(r.min_top, top);
       for (int k = 0; k < K; ++k) {
         const double dl = A[k] * (dA[k] - a_dot_da), sk = value(d.scale[k]);
         r.grad_s[k] += dl * dist[k];
@@ -205,10 +217,16 @@ Outcome run(const Shape& s, uint32_t seed) {
   o.check("grad_x", gx, want.grad_x, tol);
   o.check("grad_codewords", gc, want.grad_c, tol);
   o.check("grad_scale", gs, want.grad_s, tol);
+  if (s.inputs == Shape::kPeaked) {
+    o.require(want.min_top > 0.9, "assignments_not_peaked");
+    const Tol peaked = options.tol.at("peaked");
+    o.check("peaked_grad_codewords", gc, want.grad_c, peaked);
+    o.check("peaked_grad_scale", gs, want.grad_s, peaked);
+  }
   char buf[160];
-  std::snprintf(buf, sizeof buf, " KP=%d Dp=%ld tiles=%ld parts=%ld,%ld vec_out=%d", KP,
+  std::snprintf(buf, sizeof buf, " KP=%d Dp=%ld tiles=%ld parts=%ld,%ld vec_out=%d min_top=%.4f", KP,
                 static_cast<long>(fwd.Dp), static_cast<long>(fwd.tiles), static_cast<long>(fwd.parts),
-                static_cast<long>(bwd.parts), static_cast<int>(bwd.vec_out));
+                static_cast<long>(bwd.parts), static_cast<int>(bwd.vec_out), want.min_top);
   o.detail = buf + o.detail;
   return o;
 }
@@ -217,7 +235,7 @@ template <typename T>
 Case make(Shape s, const char* what) {
   static uint32_t seed = 5;
   const uint32_t sd = seed++;
-  const char* inputs[] = {"uniform", "far-near"};
+  const char* inputs[] = {"uniform", "far-near", "peaked"};
   char name[240];
   std::snprintf(name, sizeof name, "%s B=%d N=%d D=%d K=%d %s aligned=%d sms=%ld x%ld %s (%s)", dtype_name<T>(), s.B,
                 s.N, s.D, s.K, s.channels_first ? "cf" : "cl", s.aligned, static_cast<long>(s.sm_count),
@@ -229,6 +247,7 @@ Case make(Shape s, const char* what) {
 
 int main(int argc, char** argv) {
   parse_args(argc, argv);
+  if (!options.tol.count("peaked")) emu::fatal("missing --tol peaked=RTOL,ATOL");
   using S = Shape;
   return run_cases(
       "encoding",
@@ -241,6 +260,8 @@ int main(int argc, char** argv) {
                       "KP 64, channels-first; unaligned grad_x: scalar stores; ragged: 16 tiles, 4 blocks per image"),
           make<float>({2, 150, 36, 12, false, true, 1, 1, S::kFarNear},
                       "||x|| ~ 1e3 near the codewords; D % 4 == 0 channels-last: 4-wide stores"),
+          make<float>({1, 130, 64, 64, true, true, 1, 1, S::kPeaked}, "near one-hot assignments, K = 64"),
+          make<float>({1, 160, 40, 24, false, true, 1, 1, S::kPeaked}, "near one-hot assignments, K = 24"),
           make<double>({1, 400, 45, 30, true, true, 2, 1, S::kFarNear}, "fp64; far-near; 2 blocks per image"),
           make<BF16>({1, 150, 48, 36, false, true, 1, 1, S::kUniform}, "16-bit data, KP 64"),
       });
