@@ -30,16 +30,7 @@
 
 #include "common/activation.h"
 #include "cpu/blas.h"
-
-// The hand-written kernels are compiled for AVX-512, AVX2 and baseline x86-64,
-// picked at load time (the extension itself is built for baseline x86-64).
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && \
-    defined(__linux__)
-#define FASTCTX_SIMD_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FASTCTX_SIMD_CLONES
-#endif
+#include "cpu/parallel.h"
 
 namespace fastctx {
 namespace {
@@ -47,6 +38,7 @@ namespace {
 using cpu::blas_gemm;
 using cpu::kN;
 using cpu::kT;
+using cpu::Simd;
 using cpu::SingleThreadedBlas;
 
 // Pixels per tile. Rows of a tile are strided by N in memory; the forward
@@ -55,31 +47,11 @@ using cpu::SingleThreadedBlas;
 // tiles (256 KiB each at C = 512) and keeps both in L2.
 constexpr int64_t kTileFwd = 256;
 constexpr int64_t kTileBwd = 128;
-// Backward partial buffers: aim for about this many chunks in total, enough
-// parallel slack while the partials stay a few MiB at most (they are fresh
-// memory on every call, and page faults are not free).
-constexpr int64_t kTargetChunks = 64;
 
 // ---------------------------------------------------------------------------
-// Hand-written kernels (GCC vector extensions: 32-byte vectors, which the
-// clones map to one ymm register, two xmm registers on baseline x86-64).
-// Everything below is inlined into the cloned entry points, so the baseline
-// ABI of 32-byte vector arguments (what -Wpsabi warns about) never applies.
-#pragma GCC diagnostic ignored "-Wpsabi"
-
-template <typename scalar_t>
-struct Simd {
-  static constexpr int kLanes = 32 / sizeof(scalar_t);
-  typedef scalar_t vec __attribute__((vector_size(32)));
-  __attribute__((always_inline)) static vec load(const scalar_t* p) {
-    vec v;
-    std::memcpy(&v, p, sizeof(vec));
-    return v;
-  }
-  __attribute__((always_inline)) static void store(scalar_t* p, vec v) {
-    std::memcpy(p, &v, sizeof(vec));
-  }
-};
+// Hand-written kernels: Simd<T> bodies inlined into FASTCTX_SIMD_CLONES entry
+// points (cpu/parallel.h).
+#pragma GCC diagnostic ignored "-Wpsabi"  // see Simd
 
 // out[r, n] = sum_{k < K} coef[r*rs + k*ks] * a[k*lda + n]   for r < R, n < n_cur.
 // Two output rows x 4 vectors of pixels are kept in registers while k runs, so
@@ -222,7 +194,9 @@ void pack_tile(scalar_t* dst, int64_t ld, const scalar_t* src, int64_t N, int64_
 }
 
 // ---------------------------------------------------------------------------
-// Contract checks
+// Checks: the ones the loops' memory accesses and the BLAS calls rely on
+// (device, dtype, contiguity, shapes, 32-bit BLAS sizes); fastctx/ops
+// validates user input before.
 
 struct Groups {
   std::vector<int64_t> size;    // S_g
@@ -233,9 +207,12 @@ struct Groups {
 
 Groups make_groups(at::IntArrayRef group_sizes) {
   Groups g;
-  TORCH_CHECK(!group_sizes.empty(), "gla_context: group_sizes must not be empty");
+  TORCH_CHECK(!group_sizes.empty(), "gla_context (cpu): group_sizes must not be empty");
   for (const int64_t s : group_sizes) {
-    TORCH_CHECK(s >= 1, "gla_context: every group size must be >= 1, got ", group_sizes);
+    // S_tot is a BLAS leading dimension (pooled's rows): a 32-bit int, and no
+    // overflowed sum can pass for weight's row count.
+    TORCH_CHECK(s >= 1 && s <= INT32_MAX - g.total, "gla_context (cpu): group sizes ", group_sizes,
+                " must be >= 1 with a sum below 2^31");
     g.size.push_back(s);
     g.offset.push_back(g.total);
     g.total += s;
@@ -346,9 +323,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gla_context_bwd(
 
   // Chunking is a function of the shapes only (determinism across thread counts).
   const int64_t n_tiles = (N + kTileBwd - 1) / kTileBwd;
-  const int64_t tiles_per_chunk =
-      std::max<int64_t>(1, (B * G * n_tiles + kTargetChunks - 1) / kTargetChunks);
-  const int64_t n_chunks = (n_tiles + tiles_per_chunk - 1) / tiles_per_chunk;  // per (b, g)
+  const cpu::ChunkPlan plan = cpu::plan_chunks(B * G, n_tiles);
+  const int64_t tiles_per_chunk = plan.tiles_per_chunk;
+  const int64_t n_chunks = plan.chunks_per_row;  // per (b, g)
 
   // Partials per (b, chunk); group g's rows are k in [o_g, o_g + S_g):
   //   part_w [B, n_chunks, S_tot, C]  sum_n dL[k, n] x[c, n]

@@ -12,7 +12,9 @@
 // the bins containing it, computed once and stored to each of its rows.
 //
 // Bin edges and their inverses are the shared FASTCTX_HOST_DEVICE functions
-// of common/adaptive_pool.h (PyTorch's adaptive_avg_pool2d bins).
+// of common/adaptive_pool.h (PyTorch's adaptive_avg_pool2d bins). The checks
+// are the ones the loops' memory accesses and size arithmetic rely on;
+// fastctx/ops validates user input before.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -24,6 +26,7 @@
 #include <vector>
 
 #include "common/adaptive_pool.h"
+#include "cpu/parallel.h"
 
 namespace fastctx {
 namespace {
@@ -42,41 +45,56 @@ struct Pyramid {
   std::vector<int64_t> seg;
 };
 
-Pyramid make_pyramid(at::IntArrayRef scales, int64_t H, int64_t W) {
-  TORCH_CHECK(!scales.empty(), "pyramid_pool: scales must not be empty");
+void check_data(const at::Tensor& t, const char* name, int64_t dim, const char* op) {
+  TORCH_CHECK(t.device().is_cpu() && t.dim() == dim && t.is_contiguous() &&
+                  (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble),
+              op, " (cpu): ", name, " must be a contiguous ", dim, "-D float32/float64 CPU tensor, got ",
+              t.scalar_type(), " of shape ", t.sizes(), " on ", t.device(),
+              t.is_contiguous() ? "" : " (not contiguous)");
+}
+
+// The bin layout of `scales` over an H x W map, for `planes` planes. Every
+// size the kernels index with or allocate is checked against int64 overflow
+// (the edge formulas multiply a bin index < s by H or W), and nothing here
+// loops over more than min(s, H) bins of a scale: an absurd scale (2**40,
+// which the public op refuses more kindly) fails at once instead of looping
+// for minutes, and a merely huge one fails when its output is allocated.
+Pyramid make_pyramid(at::IntArrayRef scales, int64_t planes, int64_t H, int64_t W, const char* op) {
+  TORCH_CHECK(H >= 1 && W >= 1, op, ": the map must be at least 1x1, got ", H, "x", W);
+  constexpr int64_t kMax = INT64_MAX;
   Pyramid p;
   std::vector<char> edge(H + 1, 0);
   edge[0] = edge[H] = 1;
   for (const int64_t s : scales) {
-    TORCH_CHECK(s >= 1, "pyramid_pool: every scale must be >= 1, got ", scales);
+    TORCH_CHECK(s >= 1, op, ": every scale must be >= 1, got ", scales);
+    TORCH_CHECK(s <= kMax / (std::max(H, W) + 1) && s <= kMax / s && s * s <= kMax - p.bins &&
+                    s * W <= kMax - p.acc_size,
+                op, ": scales ", scales, " overflow int64 sizes for a ", H, "x", W, " map");
     p.scales.push_back({s, p.bins, p.acc_size});
     p.bins += s * s;
     p.acc_size += s * W;
+    if (s >= H) {
+      // Bin starts floor(r*H/s) step by H/s <= 1 row: every row boundary is an edge.
+      std::fill(edge.begin(), edge.end(), 1);
+      continue;
+    }
     for (int64_t r = 0; r < s; ++r) {
       edge[adaptive_bin_start(r, H, s)] = 1;
       edge[adaptive_bin_end(r, H, s)] = 1;
     }
   }
+  TORCH_CHECK(p.bins <= kMax / std::max<int64_t>(planes, 1), op, ": ", planes, " planes of ", p.bins,
+              " bins overflow int64");
   for (int64_t h = 0; h <= H; ++h) {
     if (edge[h]) p.seg.push_back(h);
   }
   return p;
 }
 
-// Planes per task: enough work per task to amortise the scratch setup.
-int64_t plane_grain(int64_t plane_size) {
-  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, plane_size));
-}
-
 at::Tensor pyramid_pool_fwd(const at::Tensor& x, at::IntArrayRef scales) {
-  TORCH_CHECK(x.device().is_cpu(), "pyramid_pool (cpu): x must be a CPU tensor, got ", x.device());
-  TORCH_CHECK(x.dim() == 4, "pyramid_pool: x must be 4-D [B, C, H, W], got shape ", x.sizes());
-  TORCH_CHECK(x.is_contiguous(), "pyramid_pool: x must be contiguous (NCHW)");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "pyramid_pool (cpu): x must be float32 or float64, got ", x.scalar_type());
+  check_data(x, "x", 4, "pyramid_pool_fwd");
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  TORCH_CHECK(H >= 1 && W >= 1, "pyramid_pool: H and W must be >= 1, got ", x.sizes());
-  const Pyramid py = make_pyramid(scales, H, W);
+  const Pyramid py = make_pyramid(scales, B * C, H, W, "pyramid_pool_fwd");
   const int64_t S = py.bins;
   auto out = at::empty({B, C, S}, x.options());
   if (B * C == 0) return out;
@@ -85,7 +103,7 @@ at::Tensor pyramid_pool_fwd(const at::Tensor& x, at::IntArrayRef scales) {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, B * C, plane_grain(H * W), [&](int64_t p0, int64_t p1) {
+    at::parallel_for(0, B * C, cpu::task_grain(H * W), [&](int64_t p0, int64_t p1) {
       std::vector<acc_t> acc(py.acc_size), seg(W);
       for (int64_t plane = p0; plane < p1; ++plane) {
         std::fill(acc.begin(), acc.end(), acc_t(0));
@@ -127,28 +145,21 @@ at::Tensor pyramid_pool_fwd(const at::Tensor& x, at::IntArrayRef scales) {
 
 at::Tensor pyramid_pool_bwd(const at::Tensor& grad, at::IntArrayRef scales, int64_t height,
                             int64_t width) {
-  TORCH_CHECK(grad.device().is_cpu(), "pyramid_pool (cpu): grad must be a CPU tensor, got ",
-              grad.device());
-  TORCH_CHECK(grad.dim() == 3, "pyramid_pool: grad must be 3-D [B, C, S_tot], got shape ",
-              grad.sizes());
-  TORCH_CHECK(grad.is_contiguous(), "pyramid_pool: grad must be contiguous");
-  TORCH_CHECK(grad.scalar_type() == at::kFloat || grad.scalar_type() == at::kDouble,
-              "pyramid_pool (cpu): grad must be float32 or float64, got ", grad.scalar_type());
-  TORCH_CHECK(height >= 1 && width >= 1, "pyramid_pool: height and width must be >= 1, got ",
-              height, "x", width);
+  check_data(grad, "grad", 3, "pyramid_pool_bwd");
   const int64_t B = grad.size(0), C = grad.size(1), H = height, W = width;
-  const Pyramid py = make_pyramid(scales, H, W);
-  const int64_t S = py.bins;
-  TORCH_CHECK(grad.size(2) == S, "pyramid_pool: grad must have S_tot = sum(s*s) = ", S,
-              " bins for scales ", scales, ", got ", grad.size(2));
+  // Allocated first: its size checks also bound the caller's height and width.
   auto dx = at::empty({B, C, H, W}, grad.options());
+  const Pyramid py = make_pyramid(scales, B * C, H, W, "pyramid_pool_bwd");
+  const int64_t S = py.bins;
+  TORCH_CHECK(grad.size(2) == S, "pyramid_pool_bwd: grad has ", grad.size(2), " bins, scales ",
+              scales, " have ", S);
   if (B * C == 0) return dx;
 
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "pyramid_pool_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* gp = grad.const_data_ptr<scalar_t>();
     scalar_t* dp = dx.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, B * C, plane_grain(H * W), [&](int64_t p0, int64_t p1) {
+    at::parallel_for(0, B * C, cpu::task_grain(H * W), [&](int64_t p0, int64_t p1) {
       std::vector<acc_t> spread(py.acc_size), row(W);
       std::vector<scalar_t> out_row(W);
       for (int64_t plane = p0; plane < p1; ++plane) {
