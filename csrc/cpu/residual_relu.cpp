@@ -1,34 +1,29 @@
 // CPU backend of residual_relu (see docs/kernels.md, "residual_relu"):
 //   out = relu(relu(y * scale[c] + shift[c]) + residual)
 // Forward and backward are one pass each over (b, c) planes. For the backward
-// the forward saves out > 0 as a bit mask (LSB first, ceil(H*W / 8) bytes per
-// plane): the backward then reads 1 bit per element instead of out. The backward's
-// channel sums (grad_scale, grad_shift) are first summed per plane into a
-// [B, C] partial buffer, then over b in a fixed order: deterministic, no
-// atomics. The scalar maths is common/activation.h, shared with CUDA.
+// the forward saves relu_active(out) (out > 0, or NaN) as a bit mask (LSB
+// first, ceil(H*W / 8) bytes per plane): the backward then reads 1 bit per
+// element instead of out. The backward's channel sums (grad_scale, grad_shift)
+// are first summed per plane into a [B, C] partial buffer, then over b in a
+// fixed order: deterministic, no atomics. The scalar maths is
+// common/activation.h, shared with CUDA.
+//
+// The checks here are the ones the loops' memory accesses rely on (device,
+// dtype, contiguity, shapes); fastctx/ops validates user input before.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <tuple>
-#include <type_traits>
-
-#ifdef __SSE2__
-#include <emmintrin.h>
-#endif
 
 #include "common/activation.h"
+#include "cpu/parallel.h"
 
 namespace fastctx {
 namespace {
-
-int64_t plane_grain(int64_t plane_size) {
-  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, plane_size));
-}
 
 void check_data(const at::Tensor& t, const char* name, const at::Tensor& like) {
   TORCH_CHECK(t.device().is_cpu(), "residual_relu (cpu): ", name, " must be a CPU tensor, got ",
@@ -72,33 +67,15 @@ const acc_t (&bit_table())[256][8] {
   return table.v;
 }
 
-// mask bit n % 8 of byte n / 8 = (v[n] > 0), for n < N; the last byte's spare bits 0.
+// mask bit n % 8 of byte n / 8 = relu_active(v[n]) for n < N (set at NaN, as
+// torch's ReLU backward passes the gradient there); the last byte's spare bits 0.
 template <typename scalar_t>
-void pack_positive(const scalar_t* v, int64_t N, uint8_t* mask) {
+void pack_active(const scalar_t* v, int64_t N, uint8_t* mask) {
   const int64_t full = N / 8;
-  int64_t i = 0;
-#ifdef __SSE2__
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    // Compare + movemask: 4 bits per instruction pair (the portable loop below
-    // costs as much as the forward's arithmetic).
-    const __m128 zero = _mm_setzero_ps();
-    for (; i < full; ++i) {
-      const float* p = v + 8 * i;
-      const int lo = _mm_movemask_ps(_mm_cmpgt_ps(_mm_loadu_ps(p), zero));
-      const int hi = _mm_movemask_ps(_mm_cmpgt_ps(_mm_loadu_ps(p + 4), zero));
-      mask[i] = static_cast<uint8_t>(lo | (hi << 4));
-    }
-  }
-#endif
-  for (; i < full; ++i) {
-    const scalar_t* p = v + 8 * i;
-    unsigned bits = 0;
-    for (int j = 0; j < 8; ++j) bits |= static_cast<unsigned>(p[j] > scalar_t(0)) << j;
-    mask[i] = static_cast<uint8_t>(bits);
-  }
+  for (int64_t i = 0; i < full; ++i) mask[i] = static_cast<uint8_t>(cpu::not_le_zero_bits8(v + 8 * i));
   if (N % 8 != 0) {
     unsigned bits = 0;
-    for (int64_t n = 8 * full; n < N; ++n) bits |= static_cast<unsigned>(v[n] > scalar_t(0)) << (n % 8);
+    for (int64_t n = 8 * full; n < N; ++n) bits |= static_cast<unsigned>(relu_active(v[n])) << (n % 8);
     mask[full] = static_cast<uint8_t>(bits);
   }
 }
@@ -125,7 +102,7 @@ std::tuple<at::Tensor, at::Tensor> residual_relu_fwd(const at::Tensor& y, const 
     const acc_t* shp = shift.const_data_ptr<acc_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     uint8_t* mp = save_mask ? mask.mutable_data_ptr<uint8_t>() : nullptr;
-    at::parallel_for(0, planes, plane_grain(N), [&](int64_t p0, int64_t p1) {
+    at::parallel_for(0, planes, cpu::task_grain(N), [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
         const acc_t sc = scp[p % C], sh = shp[p % C];
         const scalar_t* yy = yp + p * N;
@@ -136,7 +113,7 @@ std::tuple<at::Tensor, at::Tensor> residual_relu_fwd(const at::Tensor& y, const 
           oo[n] = static_cast<scalar_t>(
               residual_relu<acc_t>(static_cast<acc_t>(yy[n]), static_cast<acc_t>(rr[n]), sc, sh));
         }
-        if (mm != nullptr) pack_positive(oo, N, mm);
+        if (mm != nullptr) pack_active(oo, N, mm);
       }
     });
   });
@@ -178,7 +155,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_relu_bwd(
     acc_t* part_scale = partial.mutable_data_ptr<acc_t>();
     acc_t* part_shift = part_scale + B * C;
 
-    at::parallel_for(0, B * C, plane_grain(N), [&](int64_t p0, int64_t p1) {
+    at::parallel_for(0, B * C, cpu::task_grain(N), [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
         const acc_t sc = scp[p % C], sh = shp[p % C];
         const scalar_t* gg = gp + p * N;
