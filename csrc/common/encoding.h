@@ -37,18 +37,37 @@ FASTCTX_HOST_DEVICE acc_t encoding_exp_nonpos(acc_t v) {
   return v < lo ? acc_t(0) : encoding_exp(v);
 }
 
+// v where it is finite, else 0 (v - v == 0 is false for +-inf and NaN). For
+// offsets that are free to choose: the centring mean m_d (an infinite
+// codeword entry must stay infinite in c' while x' stays finite, as in the
+// reference's x - c) and the softmax-gradient shift (an infinite shift would
+// turn the row's infinite gradients into inf - inf).
+template <typename acc_t>
+FASTCTX_HOST_DEVICE acc_t encoding_finite_or_zero(acc_t v) {
+  return v - v == acc_t(0) ? v : acc_t(0);
+}
+
 // ||x' - c'||^2 from its expanded terms, clamped at 0: rounding can still
 // leave a tiny negative value when x' == c', and a negative distance would
 // flip the sign of its contribution to grad_scale.
+// Non-finite values follow the reference's sum_d (x_d - c_d)^2: NaN stays
+// NaN (the clamp's comparison is false for it), and where exactly one of
+// the norms is infinite the distance is +inf (the expansion would give
+// inf - inf = NaN there).
 template <typename acc_t>
 FASTCTX_HOST_DEVICE acc_t encoding_sq_dist(acc_t x_sq, acc_t x_dot_c, acc_t c_sq) {
+  const acc_t inf = static_cast<acc_t>(INFINITY);
+  if ((x_sq == inf && c_sq < inf) || (c_sq == inf && x_sq < inf)) return inf;
   const acc_t d = x_sq - acc_t(2) * x_dot_c + c_sq;
-  return d > acc_t(0) ? d : acc_t(0);
+  return d < acc_t(0) ? acc_t(0) : d;
 }
 
 // In-place softmax of one pixel's K logits (stride 1). Subtracting the row
 // maximum keeps exp() <= 1 so nothing overflows, whatever the scale's sign
 // or size; the maximum term contributes exp(0) = 1, so the sum is >= 1.
+// Non-finite logits give torch.softmax's result: a NaN anywhere, a +inf, or
+// a row of -inf make the whole row NaN (through exp(NaN) or inf - inf); a
+// -inf next to finite logits gets 0.
 template <typename acc_t>
 FASTCTX_HOST_DEVICE void encoding_softmax_row(acc_t* v, int64_t K) {
   acc_t mx = v[0];
@@ -64,7 +83,9 @@ FASTCTX_HOST_DEVICE void encoding_softmax_row(acc_t* v, int64_t K) {
 }
 
 // Softmax backward for one entry: dL_ik = A_ik (dA_ik - sum_j A_ij dA_ij),
-// where a_dot_da is that row sum.
+// where a_dot_da is that row sum. Callers pass dA shifted by the row's value
+// at its winning codeword (the result is the same since sum_j A_ij = 1): near
+// one-hot rows then no longer subtract two nearly equal terms.
 template <typename acc_t>
 FASTCTX_HOST_DEVICE acc_t encoding_softmax_grad(acc_t a, acc_t da, acc_t a_dot_da) {
   return a * (da - a_dot_da);

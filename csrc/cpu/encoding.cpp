@@ -12,7 +12,11 @@
 //             grad_x tile = rowsum(W) x' + M S   (written straight into grad_x)
 //             Pc += (-W)^T X'               [K x D]
 // Pixel-major [tile_n][K] assignment rows keep each pixel's K values contiguous,
-// so the per-pixel maths is the row helpers of common/encoding.h.
+// so the per-pixel maths is the row helpers of common/encoding.h. The softmax
+// gradient uses dA shifted by the pixel's winning codeword (no cancellation
+// for near one-hot rows). NaN and inf propagate as in the reference: see
+// encoding_sq_dist / encoding_finite_or_zero, and the term-by-term path of
+// the backward for non-finite gradient rows.
 //
 // Determinism: tiles are grouped into chunks (a fixed run of tiles of one image;
 // the chunking depends on the shapes only, never on the thread count). Each
@@ -38,6 +42,7 @@
 
 #include "common/encoding.h"
 #include "cpu/blas.h"
+#include "cpu/parallel.h"
 
 namespace fastctx {
 namespace {
@@ -105,9 +110,8 @@ Shape check_inputs(const at::Tensor& x, const at::Tensor& codewords, const at::T
 // BLAS packing stay well inside a 1-2 MiB L2.
 constexpr int64_t kTileElems = 1 << 16;
 constexpr int64_t kMinTile = 16, kMaxTile = 256;
-// Aim for this many chunks (parallel slack), but give each chunk >= 16 K
-// pixels so the [K, D] partials stay small against x.
-constexpr int64_t kTargetChunks = 64;
+// Chunks (cpu/parallel.h) hold >= 16 K pixels, so the [K, D] partials stay
+// small against x.
 constexpr int64_t kMinChunkPixelsPerCode = 16;
 
 struct Tiling {
@@ -119,17 +123,17 @@ Tiling make_tiling(const Shape& s) {
   const int64_t fit = kTileElems / std::max<int64_t>(s.D, 1) / kMinTile * kMinTile;
   t.tile_n = std::clamp<int64_t>(fit, kMinTile, kMaxTile);
   t.n_tiles = (s.N + t.tile_n - 1) / t.tile_n;
-  const int64_t total = s.B * t.n_tiles;
-  const int64_t by_count = (total + kTargetChunks - 1) / kTargetChunks;
-  const int64_t by_memory = (kMinChunkPixelsPerCode * s.K + t.tile_n - 1) / t.tile_n;
-  t.tiles_per_chunk = std::max<int64_t>(1, std::max(by_count, by_memory));
-  t.chunks_per_image = (t.n_tiles + t.tiles_per_chunk - 1) / t.tiles_per_chunk;
-  t.n_chunks = s.B * t.chunks_per_image;
+  const int64_t min_tiles = (kMinChunkPixelsPerCode * s.K + t.tile_n - 1) / t.tile_n;
+  const cpu::ChunkPlan plan = cpu::plan_chunks(s.B, t.n_tiles, min_tiles);
+  t.tiles_per_chunk = plan.tiles_per_chunk;
+  t.chunks_per_image = plan.chunks_per_row;
+  t.n_chunks = plan.chunks;
   return t;
 }
 
 // Centred codewords c' = c - m, m = mean_k c_k, and ||c'_k||^2. Any m keeps the
 // maths exact (translation invariance); the mean puts c' and nearby x' at O(spread).
+// A channel whose mean is not finite is not centred (encoding_finite_or_zero).
 // c' is a GEMM operand, so it lives in a 64-byte aligned ATen buffer: MKL's
 // summation order can depend on operand alignment, which must not vary per call.
 template <typename scalar_t>
@@ -149,7 +153,8 @@ Codebook<scalar_t> make_codebook(const scalar_t* c, int64_t K, int64_t D,
   cb.sq.assign(K, scalar_t(0));
   for (int64_t k = 0; k < K; ++k)
     for (int64_t d = 0; d < D; ++d) cb.mean[d] += c[k * D + d];
-  for (int64_t d = 0; d < D; ++d) cb.mean[d] /= static_cast<scalar_t>(K);
+  for (int64_t d = 0; d < D; ++d)
+    cb.mean[d] = encoding_finite_or_zero(cb.mean[d] / static_cast<scalar_t>(K));
   for (int64_t k = 0; k < K; ++k) {
     scalar_t acc = 0;
     for (int64_t d = 0; d < D; ++d) {
@@ -352,14 +357,20 @@ void encoding_bwd_impl(const at::Tensor& grad, const at::Tensor& x, const at::Te
   // x'.dE_k, and one GEMM with M = [-W | A] yields A dE - W c'. dEc = dE_k.c'_k.
   auto stacked = at::empty({s.B, K2, D}, x.options());
   scalar_t* stp = buffer_ptr<scalar_t>(stacked);
+  // grad_finite[b*K + k]: whether row dE_k of image b is finite (see below).
   std::vector<scalar_t> dec(s.B * K);
+  std::vector<char> grad_finite(s.B * K);
   for (int64_t b = 0; b < s.B; ++b) {
     std::copy(cp, cp + K * D, stp + b * K2 * D);
     std::copy(gp + b * K * D, gp + (b + 1) * K * D, stp + b * K2 * D + K * D);
     for (int64_t k = 0; k < K; ++k) {
-      scalar_t acc = 0;
-      for (int64_t d = 0; d < D; ++d) acc += gp[(b * K + k) * D + d] * cp[k * D + d];
+      scalar_t acc = 0, sum = 0;
+      for (int64_t d = 0; d < D; ++d) {
+        acc += gp[(b * K + k) * D + d] * cp[k * D + d];
+        sum += gp[(b * K + k) * D + d];
+      }
       dec[b * K + k] = acc;
+      grad_finite[b * K + k] = encoding_finite_or_zero(sum) == sum;
     }
   }
 
@@ -375,6 +386,9 @@ void encoding_bwd_impl(const at::Tensor& grad, const at::Tensor& x, const at::Te
     scalar_t* xb = buffer_ptr<scalar_t>(xb_buf);
     scalar_t* mrows = buffer_ptr<scalar_t>(m_buf);  // [nc][2K], pixel-major
     std::vector<scalar_t> xsq(t.tile_n), rowsum_w(t.tile_n), dist(K), col_a(K), col_w(K);
+    // Pixels of the tile whose W row is not finite, and that row.
+    std::vector<int64_t> direct_px;
+    std::vector<scalar_t> direct_w;
     RowBlockPrefetcher pf_x, pf_g;
     for (int64_t chunk = c_begin; chunk < c_end; ++chunk) {
       const int64_t b = chunk / t.chunks_per_image;
@@ -383,6 +397,7 @@ void encoding_bwd_impl(const at::Tensor& grad, const at::Tensor& x, const at::Te
       const scalar_t* S = stp + b * K2 * D;
       const scalar_t* dE = gp + b * K * D;
       const scalar_t* dEc = dec.data() + b * K;
+      const char* dE_finite = grad_finite.data() + b * K;
       scalar_t* Pc = pcp + chunk * K * D;  // [K][D] = column-major [D x K], ld D
       scalar_t* Ps = psp + chunk * K;
       std::fill(Pc, Pc + K * D, scalar_t(0));
@@ -399,6 +414,19 @@ void encoding_bwd_impl(const at::Tensor& grad, const at::Tensor& x, const at::Te
           pf_g.reset(gxp + b * D * s.N + n0, D, row_bytes, stride, true);
         }
         const int64_t pf_x_step = pf_x.per_step(nc), pf_g_step = pf_g.per_step(nc);
+        // Non-finite values. The expanded forms x'.v - c'_k.v and
+        // rowsum(W) x' - W c' give inf - inf = NaN where the reference's
+        // sums of terms v_d (x_d - c_kd) are +-inf. Rows dE_k and W_i that
+        // are not finite (an infinite upstream gradient) are therefore
+        // evaluated term by term; finite ones never reach this path.
+        const auto x_at = [&](int64_t i, int64_t d) { return cf ? xb[d * nc + i] : xb[i * D + d]; };
+        const auto residual_dot = [&](const scalar_t* v, int64_t i, int64_t k) {
+          scalar_t acc = 0;
+          for (int64_t d = 0; d < D; ++d) acc += v[d] * (x_at(i, d) - cp[k * D + d]);
+          return acc;
+        };
+        direct_px.clear();
+        direct_w.clear();
         // rows [2K x nc] = S X'^T: pixel i has x'_i.c'_k at [i*2K + k] and x'_i.dE_k
         // at [i*2K + K + k].
         blas_gemm<scalar_t>(kT, cf ? kT : kN, K2, nc, D, 1, S, D, xb, ldx, 0, mrows, K2);
@@ -411,21 +439,41 @@ void encoding_bwd_impl(const at::Tensor& grad, const at::Tensor& x, const at::Te
             row[k] = sp[k] * dist[k];
           }
           encoding_softmax_row(row, K);
+          // dA_ik = x'.dE_k - dE_k.c'_k, shifted by its value at the winning
+          // (largest-A, first) codeword: see encoding_softmax_grad.
+          for (int64_t k = 0; k < K; ++k) {
+            row[K + k] = dE_finite[k] ? row[K + k] - dEc[k] : residual_dot(dE + k * D, i, k);
+          }
+          int64_t win = 0;
+          for (int64_t k = 1; k < K; ++k) win = row[k] > row[win] ? k : win;
+          const scalar_t da_win = encoding_finite_or_zero(row[K + win]);
           scalar_t a_dot_da = 0;
-          for (int64_t k = 0; k < K; ++k) a_dot_da += row[k] * (row[K + k] - dEc[k]);
+          for (int64_t k = 0; k < K; ++k) {
+            row[K + k] -= da_win;
+            a_dot_da += row[k] * row[K + k];
+          }
           scalar_t rw = 0;
           for (int64_t k = 0; k < K; ++k) {
             const scalar_t ak = row[k];
-            const scalar_t dl = encoding_softmax_grad(ak, row[K + k] - dEc[k], a_dot_da);
+            const scalar_t dl = encoding_softmax_grad(ak, row[K + k], a_dot_da);
             const scalar_t w = scalar_t(2) * sp[k] * dl;
             Ps[k] += dl * dist[k];
             col_a[k] += ak;
-            col_w[k] += w;
             rw += w;
             row[K + k] = ak;
             row[k] = -w;
           }
-          rowsum_w[i] = rw;
+          if (encoding_finite_or_zero(rw) == rw) {
+            for (int64_t k = 0; k < K; ++k) col_w[k] -= row[k];
+            rowsum_w[i] = rw;
+          } else {  // the W terms are added after the GEMMs, term by term
+            direct_px.push_back(i);
+            for (int64_t k = 0; k < K; ++k) {
+              direct_w.push_back(-row[k]);
+              row[k] = 0;
+            }
+            rowsum_w[i] = 0;
+          }
         }
         // grad_x tile = rowsum(W) x' + [-W | A] [c'; dE] (beta = 1 onto the first term).
         if (cf) {
@@ -448,6 +496,19 @@ void encoding_bwd_impl(const at::Tensor& grad, const at::Tensor& x, const at::Te
         }
         // Pc^T [D x K] += X'^T (-W)
         blas_gemm<scalar_t>(cf ? kT : kN, kT, D, K, nc, 1, xb, ldx, mrows, K2, 1, Pc, D);
+        for (size_t j = 0; j < direct_px.size(); ++j) {
+          const int64_t i = direct_px[j];
+          scalar_t* g = cf ? gxp + b * D * s.N + n0 + i : gxp + (b * s.N + n0 + i) * D;
+          const int64_t g_step = cf ? s.N : 1;
+          for (int64_t k = 0; k < K; ++k) {
+            const scalar_t w = direct_w[j * K + k];
+            for (int64_t d = 0; d < D; ++d) {
+              const scalar_t term = w * (x_at(i, d) - cp[k * D + d]);
+              g[d * g_step] += term;
+              Pc[k * D + d] -= term;
+            }
+          }
+        }
       }
       // grad_c_k = -colsum(A)_k dE_k - (W^T X')_k + colsum(W)_k c'_k, this chunk's share.
       for (int64_t k = 0; k < K; ++k) {
