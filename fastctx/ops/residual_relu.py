@@ -3,7 +3,7 @@
 BatchNorm enters as a per-channel affine map (scale, shift) that the caller
 derives from batch statistics (train) or running statistics (eval); because
 scale and shift are ordinary autograd tensors, the gradient through the batch
-statistics is handled by autograd outside this op. The forward saves out > 0
+statistics is handled by autograd outside this op. The forward saves !(out <= 0)
 as a bit mask for the backward (layout: fastctx/reference/residual_relu.py).
 
 Backends: reference (fastctx/reference/residual_relu.py), cpu (csrc/cpu/residual_relu.cpp), cuda
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..reference.residual_relu import new_mask, pack_mask
+from ..reference.residual_relu import active, new_mask, pack_mask
 from ..reference.residual_relu import residual_relu as _reference
 from ..reference.residual_relu import residual_relu_backward as _reference_backward
 from ._checks import check_same, check_tensor
@@ -40,7 +40,7 @@ def _residual_relu(
         return torch.empty_like(y, memory_format=torch.contiguous_format), new_mask(y, save_mask)
     if backend == "reference":
         out = reference_forward(_reference, [y, residual, scale, shift])
-        return out, (pack_mask(out > 0) if save_mask else new_mask(y, False))
+        return out, (pack_mask(active(out)) if save_mask else new_mask(y, False))
     return OP.kernels(backend).residual_relu_fwd(y.contiguous(), residual.contiguous(), scale.contiguous(),
                                               shift.contiguous(), save_mask)
 

@@ -11,11 +11,17 @@ def residual_relu(y, residual, scale, shift) -> torch.Tensor:
     return F.relu(F.relu(affine) + residual)
 
 
-# The forward saves out > 0 for its backward as bits: one uint8 row of ceil(H*W / 8) bytes per (b, c)
+# The forward saves active(out) for its backward as bits: one uint8 row of ceil(H*W / 8) bytes per (b, c)
 # plane, pixel n = h*W + w in bit n % 8 (LSB first) of byte n // 8, the last byte's unused bits 0.
 
+
+def active(v: torch.Tensor) -> torch.Tensor:
+    """Where ReLU passes the gradient: !(v <= 0), i.e. v > 0 or NaN (torch's threshold_backward)."""
+    return ~(v <= 0)
+
+
 def mask_bytes(height: int, width: int) -> int:
-    """Bytes per (b, c) plane of the saved out > 0 mask: one bit per pixel."""
+    """Bytes per (b, c) plane of the saved active(out) mask: one bit per pixel."""
     return (height * width + 7) // 8
 
 
@@ -45,14 +51,14 @@ def unpack_mask(mask: torch.Tensor, shape) -> torch.Tensor:
 
 
 def residual_relu_backward(grad, y, mask, scale, shift):
-    """The backward of docs/kernels.md from the forward's packed out > 0:
+    """The backward of docs/kernels.md from the forward's packed active(out):
     -> (grad_y, grad_residual, grad_scale, grad_shift)."""
     shape = (1, -1, 1, 1)
     # torch.where, not a product with the mask: relu's backward passes 0 where inactive even for an
     # inf or NaN incoming gradient (inf * 0 would be NaN).
     g = torch.where(unpack_mask(mask, y.shape), grad, 0)
     pre = y * scale.view(shape).to(y.dtype) + shift.view(shape).to(y.dtype)  # as residual_relu
-    gu = torch.where(pre > 0, g.to(scale.dtype), 0)
+    gu = torch.where(active(pre), g.to(scale.dtype), 0)
     grad_y = (gu * scale.view(shape)).to(y.dtype)
     return (grad_y.contiguous(), g.contiguous(), (gu * y.to(scale.dtype)).sum(dim=(0, 2, 3)),
             gu.sum(dim=(0, 2, 3)))
