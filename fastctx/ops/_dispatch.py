@@ -33,6 +33,7 @@ float dtypes are accepted inside autocast, as eager PyTorch accepts them there.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import importlib.util
 import warnings
@@ -57,7 +58,9 @@ class Support:
 
     dtypes: device type -> data dtypes it computes in (None: the backend's
     defaults, `_backend.default_dtypes`). limits: shape facts -> None, or the
-    reason the call is out of range (e.g. "K = 128 codewords > 64").
+    reason the call is out of range (e.g. "K = 128 codewords > 64"); for the
+    cuda backend the facts also hold "sm", the device's compute capability
+    (80 for sm_80), as shared memory per block depends on it.
     """
 
     dtypes: Mapping[str, tuple[torch.dtype, ...]] | None = None
@@ -118,7 +121,11 @@ class FusedOp:
             return (f"{self.name} on backend {backend!r} supports {_backend.dtype_names(dtypes)} on {device.type}, "
                     f"got {_backend.dtype_names([dtype])}")
         limits = self.support[backend].limits
-        return limits(facts) if limits is not None else None
+        if limits is None:
+            return None
+        if backend == "cuda":
+            facts = {**facts, "sm": cuda_capability(device)}
+        return limits(facts)
 
     def choose(self, device: torch.device, dtype: torch.dtype, facts: Facts) -> str:
         """Automatic choice: the first fused backend that runs the call, else "reference"."""
@@ -186,6 +193,18 @@ class FusedOp:
                 rows.append((backend, _backend.dtype_names(self.dtypes(backend, device)),
                              limits if reason is None else f"not here: {reason}"))
         return rows
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
+
+
+def cuda_capability(device: torch.device) -> int:
+    """Compute capability of a CUDA device as 10 * major + minor (80 for sm_80): the CUDA kernels' limits
+    (shared memory per block) depend on it."""
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _has_kernel(schema: str, dispatch_key: str) -> bool:

@@ -25,6 +25,9 @@ CUDA_MAX_CODES = 64
 def _cuda_limits(facts):
     if facts["K"] > CUDA_MAX_CODES:
         return f"K = {facts['K']} codewords > {CUDA_MAX_CODES} (the codewords are one tile)"
+    if facts["sm"] < 80:
+        return (f"the CUDA backward needs 86-89 KiB of shared memory per block; sm_{facts['sm']} allows 64 KiB "
+                "(sm_80 and newer run it)")
     if facts["B"] > 65535:
         return f"batch = {facts['B']} > 65535 (grid axis 1)"
     return None
@@ -39,7 +42,7 @@ def _triton_limits(facts):
 OP = register(FusedOp(
     "encoding",
     cpu=Support(),
-    cuda=Support(limits=_cuda_limits, note=f"K <= {CUDA_MAX_CODES}, B <= 65535"),
+    cuda=Support(limits=_cuda_limits, note=f"K <= {CUDA_MAX_CODES}, B <= 65535, sm_80+"),
     triton=Support(limits=_triton_limits, note="K <= 64, B <= 65535, N*D < 2^31"),
 ))
 

@@ -31,6 +31,9 @@ def _cuda_limits(facts):
         return f"a group of {facts['S_max']} bins > {CUDA_MAX_GROUP_SIZE} (the CUDA kernels' affinity tile)"
     if facts["B"] > 65535:
         return f"batch = {facts['B']} > 65535 (grid axis 2)"
+    if facts["sm"] < 80 and facts["S_max"] > 36:
+        return (f"a group of {facts['S_max']} bins needs more than the 64 KiB of shared memory per block of "
+                f"sm_{facts['sm']} in the CUDA backward (groups up to 36 bins fit)")
     return None
 
 
@@ -43,7 +46,8 @@ def _triton_limits(facts):
 OP = register(FusedOp(
     "gla_context",
     cpu=Support(),
-    cuda=Support(limits=_cuda_limits, note=f"G <= {CUDA_MAX_GROUPS}, S_g <= {CUDA_MAX_GROUP_SIZE}, B <= 65535"),
+    cuda=Support(limits=_cuda_limits,
+                 note=f"G <= {CUDA_MAX_GROUPS}, S_g <= {CUDA_MAX_GROUP_SIZE} (36 below sm_80), B <= 65535"),
     triton=Support(limits=_triton_limits, note="G, B <= 65535"),
 ))
 

@@ -196,8 +196,9 @@ def test_k128_on_a_cuda_tensor_runs_on_a_backend_that_supports_it(monkeypatch):
     """Triton and CUDA hold K <= 64 codewords: automatic selection skips both (one warning per reason)
     and runs the reference; K = 64 still takes Triton."""
     op = ops.OPS["encoding"]
-    # as on a GPU machine with every backend built (selection is metadata only, so testable here)
+    # as on an sm_90 machine with every backend built (selection is metadata only, so testable here)
     monkeypatch.setattr(op, "built", lambda backend, device: None)
+    monkeypatch.setattr("fastctx.ops._dispatch.cuda_capability", lambda device: 90)
     cuda = torch.device("cuda")
     facts = dict(B=2, N=4096, K=128, D=512)
     with pytest.warns(fastctx.BackendFallbackWarning) as record:
@@ -212,6 +213,10 @@ def test_k128_on_a_cuda_tensor_runs_on_a_backend_that_supports_it(monkeypatch):
     with pytest.warns(fastctx.BackendFallbackWarning, match="batch = 70000 exceeds"):
         assert op.choose(cuda, torch.float16, dict(facts, K=32, B=70000)) == "reference"
     assert op.choose(cuda, torch.float16, dict(facts, K=32, N=2**22, D=2048)) == "cuda"
+    # an sm_75 GPU: the CUDA backward does not fit in its shared memory
+    monkeypatch.setattr("fastctx.ops._dispatch.cuda_capability", lambda device: 75)
+    with pytest.warns(fastctx.BackendFallbackWarning, match="sm_75 allows 64 KiB"):
+        assert op.choose(cuda, torch.float16, dict(facts, K=32, N=2**22, D=2048)) == "reference"
 
 
 def test_forced_backend_names_the_limit():
