@@ -47,4 +47,19 @@ TORCH_LIBRARY(fastctx, m) {
   m.def(
       "encoding_bwd(Tensor grad, Tensor x, Tensor codewords, Tensor scale, bool channels_first)"
       " -> (Tensor, Tensor, Tensor)");
+  // Class centres [B, K, C] of feats [B, C, H, W] weighted by a softmax of scale * probs
+  // [B, K, H, W], over the pixels ("ocr") or over the classes ("paper"); also the per-class
+  // statistic the backward needs (log-sum-exp or mass). Contract: docs/kernels.md.
+  m.def("class_gather_fwd(Tensor feats, Tensor probs, str mode, float scale) -> (Tensor, Tensor)");
+  m.def(
+      "class_gather_bwd(Tensor grad, Tensor feats, Tensor probs, Tensor centres, Tensor stat,"
+      " str mode, float scale) -> (Tensor, Tensor)");
+  // out [B, Cv, H, W] = sum_k softmax_k(scale * s) values_k per pixel, s = query . keys_k or the
+  // logits; also the per-pixel log-sum-exp the backward recomputes the attention from.
+  m.def(
+      "class_attention_fwd(Tensor? query, Tensor? keys, Tensor values, Tensor? logits, float scale)"
+      " -> (Tensor, Tensor)");
+  m.def(
+      "class_attention_bwd(Tensor grad, Tensor? query, Tensor? keys, Tensor values, Tensor? logits,"
+      " Tensor out, Tensor lse, float scale) -> (Tensor, Tensor, Tensor, Tensor)");
 }

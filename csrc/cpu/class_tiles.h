@@ -1,0 +1,523 @@
+#pragma once
+// Tile kernels of the CPU class-context ops (class_gather.cpp,
+// class_attention.cpp). A tile is `rows` rows of n pixels, each row
+// contiguous, rows `ld` elements apart: the layout of a pixel tile of an NCHW
+// map (ld = H*W) and of the kernels' tile buffers.
+//
+//  * Softmax pieces on [K x n] class tiles. Softmaxes over pixels run along
+//    rows, softmaxes over classes down columns; both are vectorised across
+//    pixels. Compiled for AVX-512, AVX2+FMA and the baseline
+//    (FASTCTX_SIMD_CLONES, cpu/parallel.h). A pixel's result does not depend
+//    on where it sits in a tile: a row's last, partial vector goes through the
+//    same vector code (partial loads and stores).
+//  * tile_gemm, the products of the kernels, all of one form: out = coef . x,
+//    a small coefficient matrix times a tile whose rows are vectors. BLAS
+//    packs both operands on every call, and MKL runs only its AVX2 code on
+//    non-Intel CPUs; these register-blocked loops run at the vector width of
+//    the machine (2-3x MKL on AVX-512 AMD CPUs at the kernels' shapes).
+//  * pack_rows (a prefetching copy of an NCHW tile into a dense buffer) and
+//    transpose_rows (a small [K x n] tile to [n x K]).
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "common/class_context.h"
+#include "cpu/parallel.h"
+
+// A value that is not fused into an FMA with the expression using it (GCC
+// contracts a * b + c across statements).
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_assoc_barrier)
+#define FASTCTX_NO_FMA_FUSION(x) __builtin_assoc_barrier(x)
+#endif
+#endif
+#ifndef FASTCTX_NO_FMA_FUSION
+#define FASTCTX_NO_FMA_FUSION(x) (x)
+#endif
+
+namespace fastctx {
+namespace cpu {
+namespace softmax_detail {
+
+template <typename T>
+using vec = typename Simd<T>::vec;
+template <typename T>
+constexpr int64_t kLanes = Simd<T>::kLanes;
+
+// Vectors of kLanes<T> elements; a partial vector (the end of a row) has
+// `count` <= kLanes<T> elements and zeros in its other lanes. (Static members
+// of a class template: only instantiated inside the cloned entry points.)
+template <typename T>
+struct V {
+  __attribute__((always_inline)) static vec<T> all(T v) { return vec<T>{} + v; }
+  __attribute__((always_inline)) static vec<T> load(const T* p, int64_t count) {
+    vec<T> v = {};
+    if (count == kLanes<T>) {
+      std::memcpy(&v, p, sizeof(v));  // a plain vector load
+    } else {
+      std::memcpy(&v, p, count * sizeof(T));
+    }
+    return v;
+  }
+  __attribute__((always_inline)) static void store(T* p, const vec<T>& v, int64_t count) {
+    if (count == kLanes<T>) {
+      std::memcpy(p, &v, sizeof(v));
+    } else {
+      std::memcpy(p, &v, count * sizeof(T));
+    }
+  }
+  // scale * x rounded on its own, never fused into an FMA with what follows:
+  // the forward's softmax and the backward's exp(scale * x - lse) then see the
+  // same logit (with K = 1 the backward's weight is exactly 1, as the forward's).
+  __attribute__((always_inline)) static vec<T> scaled(T scale, const vec<T>& x) {
+    return FASTCTX_NO_FMA_FUSION(scale * x);
+  }
+  __attribute__((always_inline)) static T sum(const vec<T>& v) {
+    T s = 0;
+    for (int64_t j = 0; j < kLanes<T>; ++j) s += v[j];
+    return s;
+  }
+};
+
+// v = exp(v) lane by lane, for v <= 88 (the kernels pass a value minus a
+// maximum or a log-sum-exp: <= 0 up to rounding). Cody-Waite reduction
+// x = n ln2 + r, |r| <= ln2/2, then Cephes' polynomial (float) or Pade form
+// (double) for exp(r): within 1.1 ulp (float) and 2 ulp (double) of the exact
+// value. Results below the smallest normal number are flushed to 0 (the
+// softmax sums they join are >= 1); -inf gives 0 and NaN stays NaN (the
+// clamp's comparison is false for NaN, and 2^n multiplies, so it cannot turn
+// a NaN's bits into a number).
+template <typename T>
+__attribute__((always_inline)) inline void exp_inplace(vec<T>& v) {
+  if constexpr (sizeof(T) == sizeof(float)) {
+    const vec<T> x = v;
+    typedef int32_t ivec __attribute__((vector_size(32)));
+    const vec<T> lo = V<T>::all(-87.3365447f);  // log(FLT_MIN)
+    const vec<T> magic = V<T>::all(12582912.0f);  // 1.5 * 2^23: t + magic rounds t to an integer
+    const vec<T> xc = x < lo ? lo : x;
+    const vec<T> t = xc * 1.44269504088896341f + magic;
+    const vec<T> n = t - magic;
+    vec<T> r = xc - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    vec<T> p = V<T>::all(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    vec<T> y = p * (r * r) + r + 1.0f;
+    const ivec bits = ((ivec)t - (ivec)magic + 127) << 23;  // 2^n, n in [-126, 127]
+    y = y * (vec<T>)bits;
+    v = x < lo ? vec<T>{} : y;
+  } else {
+    const vec<T> x = v;
+    typedef int64_t ivec __attribute__((vector_size(32)));
+    const vec<T> lo = V<T>::all(-708.39641853226408);  // log(DBL_MIN)
+    const vec<T> magic = V<T>::all(6755399441055744.0);  // 1.5 * 2^52
+    const vec<T> xc = x < lo ? lo : x;
+    const vec<T> t = xc * 1.4426950408889634074 + magic;
+    const vec<T> n = t - magic;
+    vec<T> r = xc - n * 6.93145751953125e-1;
+    r = r - n * 1.42860682030941723212e-6;
+    const vec<T> rr = r * r;
+    vec<T> px = V<T>::all(1.26177193074810590878e-4);
+    px = px * rr + 3.02994407707441961300e-2;
+    px = (px * rr + 9.99999999999999999910e-1) * r;
+    vec<T> qx = V<T>::all(3.00198505138664455042e-6);
+    qx = qx * rr + 2.52448340349684104192e-3;
+    qx = qx * rr + 2.27265548208155028766e-1;
+    qx = qx * rr + 2.00000000000000000009e0;
+    vec<T> y = px / (qx - px);
+    y = y + y + 1.0;
+    const ivec bits = ((ivec)t - (ivec)magic + 1023) << 52;  // 2^n, n in [-1022, 127]
+    y = y * (vec<T>)bits;
+    v = x < lo ? vec<T>{} : y;
+  }
+}
+
+// a[k, i] = softmax over k of scale * s[k, i]; lse[i] = log sum_k exp(scale * s[k, i]) when
+// lse is given. a may be s (in place).
+template <typename T>
+__attribute__((always_inline)) inline void softmax_columns_body(T* a, int64_t lda, const T* s,
+                                                                int64_t lds, int64_t K, int64_t n,
+                                                                T scale, T* lse) {
+  constexpr int64_t L = kLanes<T>;
+  for (int64_t i = 0; i < n; i += L) {
+    const int64_t cnt = n - i < L ? n - i : L;
+    vec<T> m = V<T>::all(-static_cast<T>(INFINITY));
+    for (int64_t k = 0; k < K; ++k) {
+      const vec<T> v = V<T>::scaled(scale, V<T>::load(s + k * lds + i, cnt));
+      V<T>::store(a + k * lda + i, v, cnt);
+      m = v > m ? v : m;  // ignores NaN: a NaN reaches the sum through exp
+    }
+    vec<T> sum = {};
+    for (int64_t k = 0; k < K; ++k) {
+      vec<T> e = V<T>::load(a + k * lda + i, cnt) - m;
+      exp_inplace<T>(e);
+      V<T>::store(a + k * lda + i, e, cnt);
+      sum += e;
+    }
+    const vec<T> inv = T(1) / sum;
+    for (int64_t k = 0; k < K; ++k) {
+      V<T>::store(a + k * lda + i, V<T>::load(a + k * lda + i, cnt) * inv, cnt);
+    }
+    if (lse != nullptr) {
+      for (int64_t j = 0; j < cnt; ++j) lse[i + j] = m[j] + class_log(sum[j]);
+    }
+  }
+}
+
+// a[k, i] = exp(scale * s[k, i] - shift[i]) (a softmax over k, recomputed from its log-sum-exp).
+template <typename T>
+__attribute__((always_inline)) inline void exp_columns_body(T* a, int64_t lda, const T* s,
+                                                            int64_t lds, int64_t K, int64_t n,
+                                                            T scale, const T* shift) {
+  constexpr int64_t L = kLanes<T>;
+  for (int64_t i = 0; i < n; i += L) {
+    const int64_t cnt = n - i < L ? n - i : L;
+    const vec<T> sh = V<T>::load(shift + i, cnt);
+    for (int64_t k = 0; k < K; ++k) {
+      vec<T> e = V<T>::scaled(scale, V<T>::load(s + k * lds + i, cnt)) - sh;
+      exp_inplace<T>(e);
+      V<T>::store(a + k * lda + i, e, cnt);
+    }
+  }
+}
+
+// w[k, i] = exp(scale * s[k, i] - shift[k]); rowsum[k] += sum_i w[k, i] when rowsum is given.
+template <typename T>
+__attribute__((always_inline)) inline void exp_rows_body(T* w, int64_t ldw, const T* s,
+                                                         int64_t lds, int64_t K, int64_t n,
+                                                         T scale, const T* shift, T* rowsum) {
+  constexpr int64_t L = kLanes<T>;
+  for (int64_t k = 0; k < K; ++k) {
+    const vec<T> sh = V<T>::all(shift[k]);
+    vec<T> acc = {};
+    for (int64_t i = 0; i < n; i += L) {
+      const int64_t cnt = n - i < L ? n - i : L;
+      vec<T> e = V<T>::scaled(scale, V<T>::load(s + k * lds + i, cnt)) - sh;
+      exp_inplace<T>(e);
+      V<T>::store(w + k * ldw + i, e, cnt);
+      for (int64_t j = cnt; j < L; ++j) e[j] = 0;  // unused lanes of a partial vector
+      acc += e;
+    }
+    if (rowsum != nullptr) rowsum[k] += V<T>::sum(acc);
+  }
+}
+
+// m[k] = max(m[k], max_i scale * s[k, i]), ignoring NaN.
+template <typename T>
+__attribute__((always_inline)) inline void row_max_body(const T* s, int64_t lds, int64_t K,
+                                                        int64_t n, T scale, T* m) {
+  constexpr int64_t L = kLanes<T>;
+  for (int64_t k = 0; k < K; ++k) {
+    vec<T> mv = V<T>::all(m[k]);
+    for (int64_t i = 0; i < n; i += L) {
+      const int64_t cnt = n - i < L ? n - i : L;
+      vec<T> v = V<T>::scaled(scale, V<T>::load(s + k * lds + i, cnt));
+      if (cnt < L) {  // unused lanes must not raise the maximum
+        for (int64_t j = cnt; j < L; ++j) v[j] = -static_cast<T>(INFINITY);
+      }
+      mv = v > mv ? v : mv;
+    }
+    T r = m[k];
+    for (int64_t j = 0; j < L; ++j) r = mv[j] > r ? mv[j] : r;
+    m[k] = r;
+  }
+}
+
+// sums[k] += sum_i a[k, i].
+template <typename T>
+__attribute__((always_inline)) inline void add_row_sums_body(const T* a, int64_t lda, int64_t K,
+                                                             int64_t n, T* sums) {
+  constexpr int64_t L = kLanes<T>;
+  for (int64_t k = 0; k < K; ++k) {
+    vec<T> acc = {};
+    for (int64_t i = 0; i < n; i += L) acc += V<T>::load(a + k * lda + i, n - i < L ? n - i : L);
+    sums[k] += V<T>::sum(acc);
+  }
+}
+
+// Softmax backward down columns: with dd[k, i] = d[k, i] - offset[k] (offset optional),
+// out[k, i] = scale * a[k, i] * (dd[k, i] - sum_k' a[k', i] dd[k', i]). out may be d.
+template <typename T>
+__attribute__((always_inline)) inline void softmax_grad_columns_body(
+    T* out, int64_t ldo, const T* a, int64_t lda, const T* d, int64_t ldd, const T* offset,
+    int64_t K, int64_t n, T scale) {
+  constexpr int64_t L = kLanes<T>;
+  for (int64_t i = 0; i < n; i += L) {
+    const int64_t cnt = n - i < L ? n - i : L;
+    vec<T> dot = {};
+    for (int64_t k = 0; k < K; ++k) {
+      const T off = offset != nullptr ? offset[k] : T(0);
+      dot += V<T>::load(a + k * lda + i, cnt) * (V<T>::load(d + k * ldd + i, cnt) - off);
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      const T off = offset != nullptr ? offset[k] : T(0);
+      const vec<T> dd = V<T>::load(d + k * ldd + i, cnt) - off;
+      V<T>::store(out + k * ldo + i, scale * (V<T>::load(a + k * lda + i, cnt) * (dd - dot)), cnt);
+    }
+  }
+}
+
+// Softmax backward along rows, with the row's dot product given:
+// out[k, i] = scale * w[k, i] * (d[k, i] - offset[k]).
+template <typename T>
+__attribute__((always_inline)) inline void softmax_grad_rows_body(
+    T* out, int64_t ldo, const T* w, int64_t ldw, const T* d, int64_t ldd, const T* offset,
+    int64_t K, int64_t n, T scale) {
+  for (int64_t k = 0; k < K; ++k) {
+    const T off = offset[k];
+    const T* wk = w + k * ldw;
+    const T* dk = d + k * ldd;
+    T* ok = out + k * ldo;
+    for (int64_t i = 0; i < n; ++i) ok[i] = scale * (wk[i] * (dk[i] - off));
+  }
+}
+
+}  // namespace softmax_detail
+
+// Entry points, for float and double.
+#define FASTCTX_CLASS_SOFTMAX_ENTRIES(T)                                                       \
+  FASTCTX_SIMD_CLONES static inline void softmax_columns(T* a, int64_t lda, const T* s,        \
+                                                         int64_t lds, int64_t K, int64_t n,    \
+                                                         T scale, T* lse) {                    \
+    softmax_detail::softmax_columns_body(a, lda, s, lds, K, n, scale, lse);                    \
+  }                                                                                            \
+  FASTCTX_SIMD_CLONES static inline void exp_columns(T* a, int64_t lda, const T* s,            \
+                                                     int64_t lds, int64_t K, int64_t n,        \
+                                                     T scale, const T* shift) {                \
+    softmax_detail::exp_columns_body(a, lda, s, lds, K, n, scale, shift);                      \
+  }                                                                                            \
+  FASTCTX_SIMD_CLONES static inline void exp_rows(T* w, int64_t ldw, const T* s, int64_t lds,  \
+                                                  int64_t K, int64_t n, T scale,               \
+                                                  const T* shift, T* rowsum) {                 \
+    softmax_detail::exp_rows_body(w, ldw, s, lds, K, n, scale, shift, rowsum);                 \
+  }                                                                                            \
+  FASTCTX_SIMD_CLONES static inline void row_max(const T* s, int64_t lds, int64_t K,           \
+                                                 int64_t n, T scale, T* m) {                   \
+    softmax_detail::row_max_body(s, lds, K, n, scale, m);                                      \
+  }                                                                                            \
+  FASTCTX_SIMD_CLONES static inline void add_row_sums(const T* a, int64_t lda, int64_t K,      \
+                                                      int64_t n, T* sums) {                    \
+    softmax_detail::add_row_sums_body(a, lda, K, n, sums);                                     \
+  }                                                                                            \
+  FASTCTX_SIMD_CLONES static inline void softmax_grad_columns(                                 \
+      T* out, int64_t ldo, const T* a, int64_t lda, const T* d, int64_t ldd, const T* offset,  \
+      int64_t K, int64_t n, T scale) {                                                         \
+    softmax_detail::softmax_grad_columns_body(out, ldo, a, lda, d, ldd, offset, K, n, scale);  \
+  }                                                                                            \
+  FASTCTX_SIMD_CLONES static inline void softmax_grad_rows(                                    \
+      T* out, int64_t ldo, const T* w, int64_t ldw, const T* d, int64_t ldd, const T* offset,  \
+      int64_t K, int64_t n, T scale) {                                                         \
+    softmax_detail::softmax_grad_rows_body(out, ldo, w, ldw, d, ldd, offset, K, n, scale);     \
+  }
+
+FASTCTX_CLASS_SOFTMAX_ENTRIES(float)
+FASTCTX_CLASS_SOFTMAX_ENTRIES(double)
+#undef FASTCTX_CLASS_SOFTMAX_ENTRIES
+
+// ---------------------------------------------------------------------------
+// tile_gemm
+
+namespace gemm_detail {
+
+// RB rows x VB vectors of out, kept in registers while k runs:
+//   out[r, j] (= or +=) sum_k coef[r * rs + k * ks] * x[k * ldx + j].
+// Each element is its initial value (0 or out) plus the products in k order,
+// whatever the block shape: results do not depend on the blocking.
+// `count` < kLanes: one partial vector (VB = 1) of `count` lanes.
+template <typename T, int kBytes, int RB, int VB>
+__attribute__((always_inline)) inline void gemm_block(int64_t Kin, const T* coef, int64_t rs,
+                                                      int64_t ks, const T* x, int64_t ldx, T* out,
+                                                      int64_t ldo, bool accumulate, int64_t count) {
+  typedef T vt __attribute__((vector_size(kBytes)));
+  constexpr int64_t L = kBytes / sizeof(T);
+  const int64_t bytes = count * static_cast<int64_t>(sizeof(T));
+  const bool full = count == L;
+  vt acc[RB][VB];
+  for (int r = 0; r < RB; ++r) {
+    for (int j = 0; j < VB; ++j) {
+      acc[r][j] = vt{};
+      if (!accumulate) continue;
+      if (full) {
+        std::memcpy(&acc[r][j], out + r * ldo + j * L, sizeof(vt));
+      } else {
+        std::memcpy(&acc[r][j], out + r * ldo, bytes);
+      }
+    }
+  }
+  for (int64_t k = 0; k < Kin; ++k) {
+    vt xv[VB];
+    for (int j = 0; j < VB; ++j) {
+      if (full) {
+        std::memcpy(&xv[j], x + k * ldx + j * L, sizeof(vt));
+      } else {
+        xv[j] = vt{};
+        std::memcpy(&xv[j], x + k * ldx, bytes);
+      }
+    }
+    for (int r = 0; r < RB; ++r) {
+      const T c = coef[r * rs + k * ks];
+      for (int j = 0; j < VB; ++j) acc[r][j] += c * xv[j];
+    }
+  }
+  for (int r = 0; r < RB; ++r) {
+    for (int j = 0; j < VB; ++j) {
+      if (full) {
+        std::memcpy(out + r * ldo + j * L, &acc[r][j], sizeof(vt));
+      } else {
+        std::memcpy(out + r * ldo, &acc[r][j], bytes);
+      }
+    }
+  }
+}
+
+// All R rows for one run of VB vectors (count lanes each when partial): blocks
+// of RB rows, then the rest in blocks of RB/2, RB/4, ... rows.
+template <typename T, int kBytes, int RB, int VB>
+__attribute__((always_inline)) inline void gemm_rows(int64_t R, int64_t Kin, const T* coef,
+                                                     int64_t rs, int64_t ks, const T* x,
+                                                     int64_t ldx, T* out, int64_t ldo,
+                                                     bool accumulate, int64_t count) {
+  int64_t r = 0;
+  for (; r + RB <= R; r += RB) {
+    gemm_block<T, kBytes, RB, VB>(Kin, coef + r * rs, rs, ks, x, ldx, out + r * ldo, ldo,
+                                  accumulate, count);
+  }
+  if constexpr (RB > 1) {
+    if (r < R) {
+      gemm_rows<T, kBytes, RB / 2, VB>(R - r, Kin, coef + r * rs, rs, ks, x, ldx, out + r * ldo,
+                                       ldo, accumulate, count);
+    }
+  }
+}
+
+// Register blocks: kAcc accumulator vectors as RB rows x VB vectors (rows
+// capped at 16: each row costs a broadcast per step).
+template <int kAcc, int VB>
+constexpr int rows_per_block() {
+  return kAcc / VB < 16 ? kAcc / VB : 16;
+}
+
+template <typename T, int kBytes, int kAcc, int VB>
+__attribute__((always_inline)) inline void gemm_vectors(int64_t R, int64_t Kin, int64_t vectors,
+                                                        const T* coef, int64_t rs, int64_t ks,
+                                                        const T* x, int64_t ldx, T* out,
+                                                        int64_t ldo, bool accumulate) {
+  // `vectors` (< VB on the recursive calls) whole vectors, VB at a time.
+  constexpr int64_t L = kBytes / sizeof(T);
+  int64_t v = 0;
+  for (; v + VB <= vectors; v += VB) {
+    gemm_rows<T, kBytes, rows_per_block<kAcc, VB>(), VB>(R, Kin, coef, rs, ks, x + v * L, ldx,
+                                                         out + v * L, ldo, accumulate, L);
+  }
+  if constexpr (VB > 1) {
+    if (v < vectors) {
+      gemm_vectors<T, kBytes, kAcc, VB - 1>(R, Kin, vectors - v, coef, rs, ks, x + v * L, ldx,
+                                            out + v * L, ldo, accumulate);
+    }
+  }
+}
+
+template <typename T, int kBytes, int kAcc, int VB>
+__attribute__((always_inline)) inline void gemm_body(int64_t R, int64_t Kin, int64_t n,
+                                                     const T* coef, int64_t rs, int64_t ks,
+                                                     const T* x, int64_t ldx, T* out, int64_t ldo,
+                                                     bool accumulate) {
+  constexpr int64_t L = kBytes / sizeof(T);
+  const int64_t full = n / L;
+  // Vector blocks outermost: the [Kin x VB*L] panel of x is reused by every row block.
+  gemm_vectors<T, kBytes, kAcc, VB>(R, Kin, full, coef, rs, ks, x, ldx, out, ldo, accumulate);
+  if (full * L < n) {
+    gemm_rows<T, kBytes, rows_per_block<kAcc, 1>(), 1>(R, Kin, coef, rs, ks, x + full * L, ldx,
+                                                       out + full * L, ldo, accumulate,
+                                                       n - full * L);
+  }
+}
+
+// One variant per instruction set, each with its vector width, accumulators
+// and widest block that fit its register file (32 zmm; 16 ymm / xmm).
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && \
+    defined(__linux__)
+#define FASTCTX_TILE_GEMM_ISAS 1
+#define FASTCTX_TILE_GEMM_VARIANT(T, NAME, TARGET, BYTES, ACC, VB)                                \
+  TARGET static void NAME(int64_t R, int64_t Kin, int64_t n, const T* coef, int64_t rs,          \
+                          int64_t ks, const T* x, int64_t ldx, T* out, int64_t ldo, bool acc) { \
+    gemm_body<T, BYTES, ACC, VB>(R, Kin, n, coef, rs, ks, x, ldx, out, ldo, acc);                \
+  }
+FASTCTX_TILE_GEMM_VARIANT(float, gemm_v4, __attribute__((target("arch=x86-64-v4"))), 64, 24, 4)
+FASTCTX_TILE_GEMM_VARIANT(double, gemm_v4, __attribute__((target("arch=x86-64-v4"))), 64, 24, 4)
+FASTCTX_TILE_GEMM_VARIANT(float, gemm_v3, __attribute__((target("arch=x86-64-v3"))), 32, 12, 3)
+FASTCTX_TILE_GEMM_VARIANT(double, gemm_v3, __attribute__((target("arch=x86-64-v3"))), 32, 12, 3)
+FASTCTX_TILE_GEMM_VARIANT(float, gemm_base, , 16, 12, 3)
+FASTCTX_TILE_GEMM_VARIANT(double, gemm_base, , 16, 12, 3)
+#undef FASTCTX_TILE_GEMM_VARIANT
+
+// 2: x86-64-v4 (AVX-512), 1: x86-64-v3 (AVX2 + FMA), 0: baseline. Checked once.
+inline int isa_level() {
+  static const int level = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("x86-64-v4") ? 2 : __builtin_cpu_supports("x86-64-v3") ? 1 : 0;
+  }();
+  return level;
+}
+#endif
+
+}  // namespace gemm_detail
+
+// out[r, i] = (accumulate ? out[r, i] : 0) + sum_{k < Kin} coef[r*rs + k*ks] * x[k*ldx + i]
+// for r < R, i < n. The rows of x and out are vectors: n need not be a multiple
+// of the vector width (the last vector is partial), but a multiple of 16
+// keeps every row on the full-vector path. The results are the same on every
+// call and thread (fixed order of the k sums); across instruction sets they
+// may differ by rounding (FMA contraction).
+template <typename T>
+inline void tile_gemm(int64_t R, int64_t Kin, int64_t n, const T* coef, int64_t rs, int64_t ks,
+                      const T* x, int64_t ldx, T* out, int64_t ldo, bool accumulate) {
+  if (R <= 0 || n <= 0) return;
+#ifdef FASTCTX_TILE_GEMM_ISAS
+  switch (gemm_detail::isa_level()) {
+    case 2: return gemm_detail::gemm_v4(R, Kin, n, coef, rs, ks, x, ldx, out, ldo, accumulate);
+    case 1: return gemm_detail::gemm_v3(R, Kin, n, coef, rs, ks, x, ldx, out, ldo, accumulate);
+    default: return gemm_detail::gemm_base(R, Kin, n, coef, rs, ks, x, ldx, out, ldo, accumulate);
+  }
+#else
+  gemm_detail::gemm_body<T, 32, 12, 3>(R, Kin, n, coef, rs, ks, x, ldx, out, ldo, accumulate);
+#endif
+}
+
+// ---------------------------------------------------------------------------
+// Moving tiles
+
+// Copies `rows` rows of n elements, `ld` apart, into a dense buffer with row
+// stride ldd. An NCHW tile is C short rows N apart: more streams than the
+// hardware prefetchers follow, so the copy prefetches the rows a few ahead.
+template <typename T>
+inline void pack_rows(T* dst, int64_t ldd, const T* src, int64_t ld, int64_t rows, int64_t n) {
+  constexpr int64_t kAhead = 8;
+  const int64_t lines = (n * static_cast<int64_t>(sizeof(T)) + 63) / 64;
+  for (int64_t r = 0; r < rows; ++r) {
+    if (r + kAhead < rows) {
+      const char* p = reinterpret_cast<const char*>(src + (r + kAhead) * ld);
+      for (int64_t l = 0; l < lines; ++l) __builtin_prefetch(p + l * 64, 0, 3);
+    }
+    std::memcpy(dst + r * ldd, src + r * ld, n * sizeof(T));
+  }
+}
+
+// dst[i, k] = src[k, i] for k < K, i < n: a [K x n] tile (row stride lds) to
+// [n x K] (row stride ldd). Small tiles (K * n elements, K classes).
+template <typename T>
+inline void transpose_rows(T* dst, int64_t ldd, const T* src, int64_t lds, int64_t K, int64_t n) {
+  constexpr int64_t kBlock = 16;  // a 16 x 16 block of either side stays in L1
+  for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
+    const int64_t i1 = i0 + kBlock < n ? i0 + kBlock : n;
+    for (int64_t k = 0; k < K; ++k) {
+      for (int64_t i = i0; i < i1; ++i) dst[i * ldd + k] = src[k * lds + i];
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace fastctx
