@@ -23,8 +23,9 @@
 // The sums over pixels go to per-chunk partials (chunks: a fixed run of tiles
 // of one image, planned from the shapes only, cpu/parallel.h) merged in chunk
 // order: results are identical for any thread count. The partials are
-// [chunks, C, K]: at most 1/16 of the tiles they sum (chunks hold >= 16 K
-// pixels).
+// [chunks, Cv + Cq, Kp] (Kp: K padded to whole vectors); a chunk holds >= 16
+// Kp pixels or a whole image, so they stay below 1/16 of the tiles they sum on
+// maps of at least 16 Kp pixels.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -183,7 +184,7 @@ void attention_bwd_impl(const BackwardArgs<T>& p, const Dims& d, const at::Tenso
   const int64_t Kp = round_up(K, 16);  // class vectors padded to whole vectors
   const int64_t tile_n = tile_pixels(Cq + Cv);
   const int64_t n_tiles = (N + tile_n - 1) / tile_n;
-  const int64_t min_tiles = (kMinChunkPixelsPerClass * K + tile_n - 1) / tile_n;
+  const int64_t min_tiles = (kMinChunkPixelsPerClass * Kp + tile_n - 1) / tile_n;
   const cpu::ChunkPlan plan = cpu::plan_chunks(d.B, n_tiles, min_tiles);
   // Per chunk: grad_values^T [Cv, Kp] and grad_keys^T [Cq, Kp].
   auto partial = at::empty({plan.chunks, Cv + Cq, Kp}, options);

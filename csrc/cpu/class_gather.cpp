@@ -34,7 +34,9 @@
 // chunk owns its partials, and partials are merged in chunk order; every sum
 // inside a tile has a fixed order. Results are identical for any thread count.
 // Memory beyond inputs and outputs: per-thread tile buffers and the chunks'
-// [C, K] partials, at most 1/16 of feats (a chunk holds >= 16 K pixels).
+// [C, Kp] partials (Kp: K padded to whole vectors); a chunk holds >= 16 Kp
+// pixels or a whole image, so the partials stay below 1/16 of feats on maps
+// of at least 16 Kp pixels.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -104,11 +106,15 @@ void check_like(const at::Tensor& t, const char* name, at::IntArrayRef sizes, at
 // so tile_gemm's rows are whole vectors except at an image's end.
 constexpr int64_t kTileElems = 1 << 16;
 constexpr int64_t kMinTile = 16, kMaxTile = 512;
-// Chunks hold >= 16 K pixels, so the [C, K] partials stay below 1/16 of feats.
+// Chunks hold >= 16 Kp pixels (Kp: K padded to whole vectors), so the chunks'
+// [C, Kp] partials stay below 1/16 of feats.
 constexpr int64_t kMinChunkPixelsPerClass = 16;
+
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 struct Tiling {
   int64_t tile_n, n_tiles;
+  int64_t Kp;  // classes padded to whole vectors (a multiple of 16)
   cpu::ChunkPlan chunks;
 };
 
@@ -116,12 +122,11 @@ Tiling make_tiling(const Dims& d) {
   Tiling t;
   t.tile_n = std::clamp<int64_t>(kTileElems / d.C / kMinTile * kMinTile, kMinTile, kMaxTile);
   t.n_tiles = (d.N + t.tile_n - 1) / t.tile_n;
-  const int64_t min_tiles = (kMinChunkPixelsPerClass * d.K + t.tile_n - 1) / t.tile_n;
+  t.Kp = round_up(d.K, 16);
+  const int64_t min_tiles = (kMinChunkPixelsPerClass * t.Kp + t.tile_n - 1) / t.tile_n;
   t.chunks = cpu::plan_chunks(d.B, t.n_tiles, min_tiles);
   return t;
 }
-
-int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 // ---------------------------------------------------------------------------
 // Forward
@@ -129,11 +134,9 @@ int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 template <typename T>
 void gather_fwd_impl(const at::Tensor& feats, const at::Tensor& probs, Mode mode, T scale,
                      const Dims& d, at::Tensor& centres, at::Tensor& stat) {
-  const int64_t C = d.C, K = d.K, N = d.N;
-  // Class vectors padded to whole vectors (the padding columns stay 0 in W^T
-  // and give unused partial columns).
-  const int64_t Kp = round_up(K, 16);
   const Tiling t = make_tiling(d);
+  // W^T's padding columns stay 0 and give unused partial columns.
+  const int64_t C = d.C, K = d.K, N = d.N, Kp = t.Kp;
   const int64_t n_chunks = t.chunks.chunks;
   const T* fp = feats.const_data_ptr<T>();
   const T* pp = probs.const_data_ptr<T>();

@@ -4,8 +4,9 @@ are tested in test_class_attention_triton.py.)
 
 The cpu shapes reach the kernel's paths: N not a multiple of the pixel tile (64K / (Cq + Cv) pixels in the
 backward, 64K / max(Cq, Cv) in the forward, at most 512) with several tiles and several chunks per image
-(the grad_values / grad_keys partials), one chunk per image (K = 150, 171), channel counts that are no
-multiple of a vector width, K = 1, 19, 150, 171, batch 1, both forms.
+(the grad_values / grad_keys partials), one chunk per image (K = 150, 171: a chunk holds >= 16 Kp pixels,
+Kp = K rounded up to 16), channel counts that are no multiple of a vector width, K = 1, 19, 150, 171,
+batch 1, both forms.
 """
 import pytest
 import torch

@@ -4,8 +4,9 @@ are tested in test_class_gather_triton.py.)
 
 The cpu shapes reach the kernel's paths: N not a multiple of the pixel tile (whose size follows C: 64K / C
 pixels, at most 512) with several tiles and several chunks per image (the "ocr" online-softmax merge),
-one chunk per image (K = 150, 171: a chunk holds >= 16 K pixels), C not a multiple of any vector width
-(1, 3, 37, 70), K = 1, 19, 150, 171 (the classes padded to whole vectors), batch 1, and a negative scale.
+one chunk per image (K = 150, 171: a chunk holds >= 16 Kp pixels, Kp = K rounded up to 16), C not a
+multiple of any vector width (1, 3, 37, 70), K = 1, 19, 150, 171 (the classes padded to whole vectors),
+batch 1, and a negative scale.
 """
 import pytest
 import torch
@@ -64,7 +65,7 @@ SHAPES = [
     (2, 70, 150, 17, 19, 0.7),  # ADE20K's K, one chunk per image
     (1, 3, 171, 9, 13, -0.5),   # COCO-Stuff's K, C = 3, a negative scale
     (2, 1, 1, 5, 7, 1.0),       # K = 1, C = 1
-    (1, 130, 19, 40, 41, 2.0),  # tiles of 496 pixels (not a power of two), 4 tiles, 4 chunks
+    (1, 130, 19, 40, 41, 2.0),  # tiles of 496 pixels (not a power of two), 4 tiles, 2 chunks
 ]
 
 
