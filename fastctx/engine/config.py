@@ -105,11 +105,25 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """SGD with momentum and weight decay (mmseg: lr 0.01, momentum 0.9, weight decay 5e-4)."""
+    """The optimizer: SGD with momentum (mmseg: lr 0.01, momentum 0.9, weight decay 5e-4) or AdamW.
+
+    type: "SGD" (uses momentum) or "AdamW" (uses betas, eps; torch's decoupled weight decay, as mmseg's
+        AdamW configs, e.g. lr 6e-5, betas [0.9, 0.999], weight_decay 0.01 for Swin).
+    paramwise: mmseg's paramwise_cfg custom_keys, {substring: {lr_mult: m, decay_mult: d}}: a parameter
+        whose full name (e.g. backbone.stages.0.blocks.0.norm1.weight) contains a key gets lr * lr_mult
+        and weight_decay * decay_mult; with several matches the longest key wins (alphabetical among
+        equal lengths), as mmengine's DefaultOptimWrapperConstructor. Swin's rules:
+        {norm: {decay_mult: 0}, absolute_pos_embed: {decay_mult: 0}, relative_position_bias_table:
+        {decay_mult: 0}}.
+    """
 
     lr: float = field(default=0.01, metadata={"min_exclusive": 0.0})
     momentum: float = field(default=0.9, metadata={"min": 0.0})
     weight_decay: float = field(default=5e-4, metadata={"min": 0.0})
+    type: Literal["SGD", "AdamW"] = "SGD"
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = field(default=1e-8, metadata={"min_exclusive": 0.0})
+    paramwise: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -224,6 +238,13 @@ class Config:
         if self.schedule.warmup_iters >= self.train.iters and self.schedule.warmup_iters > 0:
             raise ConfigError(f"schedule.warmup_iters ({self.schedule.warmup_iters}) must be smaller than "
                               f"train.iters ({self.train.iters})")
+        if any(not 0.0 <= b < 1.0 for b in self.optim.betas):
+            raise ConfigError(f"optim.betas: expected two numbers in [0, 1), got {list(self.optim.betas)}")
+        for key, rule in self.optim.paramwise.items():
+            if not isinstance(rule, dict) or not rule or set(rule) - {"lr_mult", "decay_mult"} or any(
+                    isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 for v in rule.values()):
+                raise ConfigError(f"optim.paramwise.{key}: expected a mapping of lr_mult and/or decay_mult to "
+                                  f"numbers >= 0, got {rule!r}")
         if not self.eval.tta_scales:
             raise ConfigError("eval.tta_scales: expected at least one scale, got an empty list")
         if any(s <= 0 for s in self.eval.tta_scales):

@@ -41,10 +41,10 @@ class PolyLR:
         return (self.base_lr - self.eta_min) * remaining ** self.power + self.eta_min
 
     def apply(self, optimizer: torch.optim.Optimizer, iteration: int) -> float:
-        """Set every parameter group's lr for `iteration`; returns it."""
+        """Set every parameter group's lr for `iteration` (times the group's "lr_mult", default 1); returns it."""
         lr = self.lr_at(iteration)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_mult", 1.0)
         return lr
 
     def state_dict(self) -> dict:

@@ -2,13 +2,13 @@
 
 One iteration is one optimizer step: `train.accum_steps` forward/backward
 passes over batches of `train.batch_size` images (split over the processes),
-SGD with momentum and weight decay, the learning rate from `PolyLR` for that
-iteration. Every `log_interval` iterations a JSON record goes to
+SGD with momentum or AdamW (with mmseg's paramwise lr / decay multipliers),
+the learning rate from `PolyLR` for that iteration. Every `log_interval` iterations a JSON record goes to
 work_dir/log.jsonl; every `val_interval` the model is evaluated; every
 `checkpoint_interval` (and at the end) a checkpoint is written atomically and
 work_dir/latest.pth points at it.
 
-Resuming restores the weights, optimizer (momentum buffers), GradScaler, the
+Resuming restores the weights, optimizer (momentum buffers, Adam moments), GradScaler, the
 iteration and the torch / numpy / python RNG states; the data order is a pure
 function of (seed, batches consumed) (see sampler.py), so a resumed run
 produces bitwise the weights of an uninterrupted one on the same machine.
@@ -47,7 +47,7 @@ from .sampler import TrainBatchSampler, collate_samples
 from .schedule import PolyLR
 
 __all__ = ["Trainer", "TrainResult", "build_model_from_config", "build_datasets", "build_optimizer",
-           "check_backend", "default_work_dir", "eval_window"]
+           "check_backend", "default_work_dir", "eval_window", "param_groups"]
 
 
 @dataclass
@@ -107,11 +107,36 @@ def build_datasets(config: Config, train: bool = True, val: bool = True) -> tupl
             build(d.val_split, d.val_kwargs) if val else None)
 
 
-def build_optimizer(model: nn.Module, config: Config) -> torch.optim.SGD:
-    """SGD(lr, momentum, weight_decay) over all trainable parameters (mmseg's OptimWrapper default)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def param_groups(model: nn.Module, lr: float, weight_decay: float,
+                 custom_keys: dict[str, dict[str, float]] | None = None) -> list[dict[str, Any]]:
+    """The trainable parameters in groups of equal (lr_mult, decay_mult), mmengine's custom_keys rule.
+
+    A parameter takes the multipliers of the longest key (alphabetical among equal lengths) contained in
+    its full name, 1 for a multiplier the key does not set, (1, 1) without a match; only the first
+    match counts, as in mmengine. Groups come in the order of their first parameter, parameters in
+    the model's order; each group carries "lr_mult" for `PolyLR.apply`.
+    """
+    keys = sorted(sorted(custom_keys or {}), key=len, reverse=True)
+    groups: dict[tuple[float, float], dict[str, Any]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        rule = next((custom_keys[k] for k in keys if k in name), {})
+        mults = (float(rule.get("lr_mult", 1.0)), float(rule.get("decay_mult", 1.0)))
+        group = groups.setdefault(mults, {"params": [], "lr": lr * mults[0], "lr_mult": mults[0],
+                                          "weight_decay": weight_decay * mults[1]})
+        group["params"].append(param)
+    return list(groups.values())
+
+
+def build_optimizer(model: nn.Module, config: Config) -> torch.optim.Optimizer:
+    """The optim section's SGD(lr, momentum, weight_decay) or AdamW(lr, betas, eps, weight_decay) over the
+    trainable parameters, grouped by `param_groups` when optim.paramwise has rules (mmseg's OptimWrapper)."""
     o = config.optim
-    return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    groups = param_groups(model, o.lr, o.weight_decay, o.paramwise)
+    if o.type == "AdamW":
+        return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
 
 
 def eval_window(config: Config) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:

@@ -7,6 +7,11 @@ r101 only changes the depth; r18 (mmseg's `fcn_r18-d8` recipe, applied to all
 three) shrinks the heads: decode in_channels 512 / channels 128 (EncNet:
 in_channels [128, 256, 512]), auxiliary in_channels 256 / channels 64.
 
+`ullmc_swin-{t,s,b}` are ULLMC (fastctx.models.ullmc, docs/ullmc.md): a Swin
+backbone with strides (4, 2, 1, 1) as the released configs, the IIWA neck and
+decoder, an auxiliary FCNHead on the last Swin stage, OHEM on the decode loss;
+`ullmc_swin-tiny` is a CPU-sized one for the synthetic scenes.
+
 `ocrnet_r*-d8` follow `configs/_base_/models/ocrnet_r50-d8.py` (a
 CascadeEncoderDecoder: FCNHead then OCRHead); `acfnet_r*-d8` are ACFNet with an
 ASPP base (fastctx.nn.acf_head), built like the others. Their r18 heads shrink
@@ -25,20 +30,26 @@ from ..nn import ACFHead, APCHead, ASPPHead, EncHead, FCNHead, OCRHead
 from .cascade import CascadeEncoderDecoder, CoarseToFineEncoderDecoder
 from .resnet import ResNetV1c, load_pretrained
 from .segmentor import EncoderDecoder
+from .swin import SwinTransformer
+from .ullmc import ULLMC, IIWAHead, IIWANeck
 
 __all__ = ["MODEL_NAMES", "PRESETS", "HEADS", "SEGMENTORS", "get_preset", "build_model"]
 
 HEADS: dict[str, type[nn.Module]] = {"APCHead": APCHead, "EncHead": EncHead, "FCNHead": FCNHead}
-HEADS.update(OCRHead=OCRHead, ACFHead=ACFHead, ASPPHead=ASPPHead)
+HEADS.update(OCRHead=OCRHead, ACFHead=ACFHead, ASPPHead=ASPPHead, IIWAHead=IIWAHead)
+# A preset's "backbone_type" (default "ResNetV1c") and "neck" type name their classes here.
+BACKBONES: dict[str, type[nn.Module]] = {"ResNetV1c": ResNetV1c, "SwinTransformer": SwinTransformer}
+NECKS: dict[str, type[nn.Module]] = {"IIWANeck": IIWANeck}
 
 # A preset's "segmentor" entry (default "EncoderDecoder") names its class here.
 SEGMENTORS: dict[str, type[nn.Module]] = {"EncoderDecoder": EncoderDecoder,
                                           "CascadeEncoderDecoder": CascadeEncoderDecoder,
-                                          "CoarseToFineEncoderDecoder": CoarseToFineEncoderDecoder}
+                                          "CoarseToFineEncoderDecoder": CoarseToFineEncoderDecoder,
+                                          "ULLMC": ULLMC}
 
 _SEGMENTOR_OPTIONS = ("align_corners", "decode_loss_weight", "aux_loss_weight", "se_loss_weight", "ignore_index",
-                      "coarse_loss_weight")
-_SECTIONS = ("backbone", "decode_head", "auxiliary_head")
+                      "coarse_loss_weight", "ohem")
+_SECTIONS = ("backbone", "neck", "decode_head", "auxiliary_head")
 
 
 def _backbone(depth: int) -> dict[str, Any]:
@@ -102,6 +113,44 @@ def _acfnet(depth: int) -> dict[str, Any]:
 
 PRESETS.update({f"{kind}_r{depth}-d8": build(depth) for kind, build in (("ocrnet", _ocrnet), ("acfnet", _acfnet))
                 for depth in (18, 50, 101)})
+
+
+# Swin variants (mmseg's swin configs; B with the 384-pixel pretraining's 12x12 windows, as ULLMC's Swin-B configs).
+_SWIN = {"t": dict(embed_dims=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7,
+                   pretrain_img_size=224, drop_path_rate=0.3),
+         "s": dict(embed_dims=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), window_size=7,
+                   pretrain_img_size=224, drop_path_rate=0.3),
+         "b": dict(embed_dims=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), window_size=12,
+                   pretrain_img_size=384, drop_path_rate=0.3),
+         "tiny": dict(embed_dims=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 4, 8), window_size=4,
+                      pretrain_img_size=64, drop_path_rate=0.1)}
+
+
+def _ullmc(variant: str) -> dict[str, Any]:
+    """ULLMC on Swin-`variant`: the released configs' neck (channels of the first three stages, 4/8/16 heads,
+    4x4 / 8x8 / 4x4 windows, MLP ratio 2) and decoder (384 wide, 8 heads per scale, 8x8 windows, 256-channel
+    classifier input); auxiliary FCNHead on stage 3; OHEM(0.7, 100000) on the decode loss. The tiny variant
+    shrinks every width for 64x64 CPU training."""
+    tiny = variant == "tiny"
+    swin = _SWIN[variant]
+    dims = [swin["embed_dims"] * 2 ** i for i in range(4)]
+    backbone = dict(swin, patch_size=4, mlp_ratio=4, strides=(4, 2, 1, 1), out_indices=(0, 1, 2, 3),
+                    qkv_bias=True, drop_rate=0.0, attn_drop_rate=0.0, use_abs_pos_embed=False)
+    neck = dict(type="IIWANeck", in_channels=dims, channels=dims[:3], num_heads=(2, 2, 4) if tiny else (4, 8, 16),
+                window_sizes=((4, 4), (4, 4), (4, 4)) if tiny else ((4, 4), (8, 8), (4, 4)), mlp_ratios=2.0,
+                drop_path_rate=0.1, proj_drop=0.1)
+    head = dict(type="IIWAHead", in_channels=dims[3], memory_channels=dims[:3], memory_strides=(2, 1, 1),
+                embed_dims=64 if tiny else 384, channels=32 if tiny else 256, num_heads=2 if tiny else 8,
+                window_size=(4, 4) if tiny else (8, 8), depth=1, mlp_ratio=4.0, drop_path_rate=0.2,
+                dropout_ratio=0.1)
+    aux = dict(type="FCNHead", in_channels=dims[3], in_index=3, channels=32 if tiny else 256, num_convs=1,
+               concat_input=False, dropout_ratio=0.1)
+    return dict(segmentor="ULLMC", backbone_type="SwinTransformer", backbone=backbone, neck=neck, decode_head=head,
+                auxiliary_head=aux, align_corners=False, decode_loss_weight=1.0, aux_loss_weight=0.4,
+                ohem=dict(thresh=0.7, min_kept=100000), ignore_index=255)
+
+
+PRESETS.update({f"ullmc_swin-{variant}": _ullmc(variant) for variant in _SWIN})
 MODEL_NAMES: tuple[str, ...] = tuple(PRESETS)
 
 
@@ -170,7 +219,10 @@ def build_model(name: str, num_classes: int, fused: bool = True, norm: str | typ
                 raise TypeError(f"override {key}= must be a dict of {key} options (or None), "
                                 f"got {type(value).__name__}")
             if key == "backbone" and "type" in value:
-                raise ValueError("the backbone is always ResNetV1c; change its depth with backbone=dict(depth=...)")
+                raise ValueError(f"the backbone of {name} is always {cfg.get('backbone_type', 'ResNetV1c')}; "
+                                 "override its arguments only (e.g. backbone=dict(depth=...))")
+            if key == "neck" and cfg.get("neck") is None:
+                raise ValueError(f"{name} has no neck to override")
             if isinstance(cfg[key], list):
                 raise TypeError(f"{name} has {len(cfg[key])} decode stages: override decode_head= with a list of "
                                 "one dict (or None) per stage")
@@ -181,7 +233,10 @@ def build_model(name: str, num_classes: int, fused: bool = True, norm: str | typ
             cfg[key] = value
     align_corners = cfg["align_corners"]
 
-    backbone = _build(ResNetV1c, "backbone", {**cfg["backbone"], "norm": norm})
+    backbone_cls = BACKBONES[cfg.get("backbone_type", "ResNetV1c")]
+    # Swin's norms are LayerNorms (norm_cfg); its window attention is what `fused` switches there
+    extra = {"norm": norm} if backbone_cls is ResNetV1c else {"fused": fused}
+    backbone = _build(backbone_cls, "backbone", {**cfg["backbone"], **extra})
     heads: dict[str, nn.Module | None] = {}
     for section in ("decode_head", "auxiliary_head"):
         options = cfg[section]
@@ -196,6 +251,10 @@ def build_model(name: str, num_classes: int, fused: bool = True, norm: str | typ
 
     segmentor = SEGMENTORS[cfg.get("segmentor", "EncoderDecoder")]
     options = {k: cfg[k] for k in _SEGMENTOR_OPTIONS if k in cfg}
+    if cfg.get("neck") is not None:
+        neck_options = dict(cfg["neck"])
+        neck_type = neck_options.pop("type")
+        options["neck"] = _build(NECKS[neck_type], "neck", {**neck_options, "fused": fused})
     model = _build(segmentor, "segmentor", dict(backbone=backbone, decode_head=heads["decode_head"],
                                                 auxiliary_head=heads["auxiliary_head"], num_classes=num_classes,
                                                 **options))
