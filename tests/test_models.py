@@ -113,6 +113,7 @@ def test_fcn_head_init_and_errors():
     assert head.conv_seg.bias.abs().sum() == 0 and head.convs[0].bn.weight.eq(1).all()
     assert isinstance(FCNHead(8, 8, 3, num_convs=0).convs, nn.Identity)
     assert FCNHead(8, 4, 3, dropout_ratio=0).dropout is None
+    assert FCNHead(8, 4, 3, dropout_ratio=-1).dropout is None  # mmseg's configs write -1 for none
     with pytest.raises(ValueError, match=r"in_channels \(8\) must equal channels \(4\)"):
         FCNHead(8, 4, 3, num_convs=0)
     with pytest.raises(ValueError, match="num_convs must be >= 0"):

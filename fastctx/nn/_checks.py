@@ -40,9 +40,9 @@ def check_pool_scales(scales, who: str) -> tuple[int, ...]:
 
 
 def check_dropout(ratio, who: str) -> float:
-    """A Dropout2d probability in [0, 1)."""
-    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0 <= ratio < 1:
-        raise ValueError(f"{who}: dropout_ratio must be a number in [0, 1), got {ratio!r}")
+    """A Dropout2d probability below 1; as in mmseg, a ratio <= 0 (its configs write -1) means no dropout."""
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not ratio < 1:
+        raise ValueError(f"{who}: dropout_ratio must be a number < 1 (<= 0: no dropout), got {ratio!r}")
     return float(ratio)
 
 

@@ -41,6 +41,7 @@ full query size), so there is no reference behaviour to reproduce.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import torch
@@ -115,9 +116,9 @@ class SpatialGatherModule(nn.Module):
         return f"scale={self.scale}"
 
 
-def _project(in_channels: int, channels: int, num_convs: int, layers: dict) -> nn.Module:
+def _project(in_channels: int, channels: int, num_convs: int, layers: dict, inplace: bool = True) -> nn.Module:
     """mmseg's SelfAttentionBlock.build_project with ConvModules: one ConvModule, or a Sequential of num_convs."""
-    convs = [ConvModule(in_channels, channels, 1, **layers)]
+    convs = [ConvModule(in_channels, channels, 1, inplace=inplace, **layers)]
     convs += [ConvModule(channels, channels, 1, **layers) for _ in range(num_convs - 1)]
     return nn.Sequential(*convs) if len(convs) > 1 else convs[0]
 
@@ -159,7 +160,9 @@ class ObjectAttentionBlock(nn.Module):
         self.key_project = _project(in_channels, channels, 2, layers)
         self.query_project = _project(in_channels, channels, 2, layers)
         self.value_project = _project(in_channels, channels, 1, layers)
-        self.out_project = _project(channels, in_channels, 1, layers)
+        # Out of place: without a norm, the fused path applies out_project's activation straight to
+        # class_attention's output, which that op saves for its backward.
+        self.out_project = _project(channels, in_channels, 1, layers, inplace=False)
         self.query_downsample = nn.MaxPool2d(kernel_size=scale) if scale > 1 else None
         self.key_downsample = None
         self.bottleneck = ConvModule(in_channels * 2, in_channels, 1, **layers)
@@ -374,9 +377,14 @@ def _structure_mismatch(new: nn.Module, old: nn.Module) -> str | None:
             if type(theirs).__name__ != "SpatialGatherModule" or theirs.scale != sub.scale:
                 return f"{where} is {type(theirs).__name__} (scale {getattr(theirs, 'scale', None)}), expected " \
                        f"SpatialGatherModule(scale={sub.scale})"
-        elif not ours_children and (type(theirs) is not type(sub) or repr(theirs) != repr(sub)):
+        elif not ours_children and (type(theirs) is not type(sub) or _leaf_repr(theirs) != _leaf_repr(sub)):
             return f"{where} is {theirs!r}, expected {sub!r}"  # torch.nn leaves: activations, pooling, dropout
     return None
+
+
+def _leaf_repr(module: nn.Module) -> str:
+    """A leaf module's repr without `inplace=True`: working in place does not change what it computes."""
+    return re.sub(r",?\s*inplace=True", "", repr(module))
 
 
 def _layer_args(module: nn.Module) -> dict:
