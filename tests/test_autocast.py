@@ -22,6 +22,7 @@ op implementations inside one bf16 head differ by up to ~3x the tolerance on
 gradients that are cancelling sums (global_info under train-mode BatchNorm).
 """
 import contextlib
+import importlib
 
 import pytest
 import torch
@@ -159,7 +160,9 @@ def _fp32_reference_ops(monkeypatch):
     """Every fastctx op runs its reference maths in fp32 (the oracle of the fused ops under autocast)."""
     with monkeypatch.context() as patch:
         for name in ("pyramid_pool", "gla_context", "residual_relu", "encoding"):
-            patch.setattr(reference, name, _fp32_reference(name, getattr(reference, name)))
+            # the op's module holds the reference it runs (bound at import), so that is what is patched
+            op_module = importlib.import_module(f"fastctx.ops.{name}")
+            patch.setattr(op_module, "_reference", _fp32_reference(name, op_module._reference))
         with fastctx.use_backend("reference"):
             yield
 

@@ -174,6 +174,9 @@ def test_cuda_limits_are_declared():
     """The CUDA kernels' table sizes decline a call before launch (automatic choice moves on)."""
     op = ops.OPS["gla_context"]
     limits = op.support["cuda"].limits
-    assert limits(dict(B=2, G=4, S_max=36, C=2048, N=4096)) is None
-    assert "17 groups > 16" in limits(dict(B=2, G=17, S_max=36, C=2048, N=4096))
-    assert "bins > 192" in limits(dict(B=2, G=1, S_max=193, C=512, N=4096))
+    # the cuda backend's facts carry the device's compute capability ("sm", e.g. 80)
+    assert limits(dict(B=2, G=4, S_max=36, C=2048, N=4096, sm=75)) is None
+    assert limits(dict(B=2, G=4, S_max=192, C=2048, N=4096, sm=80)) is None
+    assert "17 groups > 16" in limits(dict(B=2, G=17, S_max=36, C=2048, N=4096, sm=90))
+    assert "bins > 192" in limits(dict(B=2, G=1, S_max=193, C=512, N=4096, sm=90))
+    assert "64 KiB of shared memory per block of sm_75" in limits(dict(B=2, G=1, S_max=37, C=512, N=4096, sm=75))
