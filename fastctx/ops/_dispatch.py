@@ -171,7 +171,10 @@ class FusedOp:
         if backend not in _OP_BACKENDS:
             raise ValueError(f"unknown fastctx backend {backend!r}: expected one of {_OP_BACKENDS}")
         if backend == AUTO:
-            return self.choose(device, dtype, facts)
+            # "auto" is decided when the op runs: a traced or exported program follows the use_backend()
+            # block it runs in, not the one it was traced in.
+            forced = _backend.current_override()
+            return self.choose(device, dtype, facts) if forced is None else self._forced(forced, device, dtype, facts)
         return self._forced(backend, device, dtype, facts)
 
     def kernels(self, backend: str):
