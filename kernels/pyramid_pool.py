@@ -10,10 +10,12 @@ read of x and the tensor cores do the summing:
 
 Non-finite values. A product with the 0/1 membership would turn one inf into
 0 * inf = NaN in every bin that does not contain it. The dots therefore take
-the data with non-finite entries zeroed, and a tile that has any runs a second,
+the data with non-finite entries zeroed, and the tiles that have any run a second,
 exact dot of their codes (1 for +inf, 256 for -inf, 257 for NaN) with the same
 membership: per bin, the two fields count the +inf/NaN and -inf/NaN members
 (< 256 per tile), which give the NaN / +inf / -inf the eager sum would reach.
+That second dot runs in a separate pass after the main loop, only in programs
+that saw a non-finite value, so the common path pays one compare per element.
 
 M is exact in every dtype, so with 16-bit data the products are exact and
 the fp32 accumulation is as good as a plain fp32 sum. For fp32 data
@@ -71,11 +73,10 @@ def _forced_sum(counts):
 
 @triton.jit
 def _code_dot(a, b, acc_dtype: tl.constexpr):
-    """An exact dot of small integer codes and 0/1 memberships (fp16 operands; tf32 for fp32, fp64 for fp64)."""
+    """An exact dot of small integer codes and 0/1 memberships: fp16 operands (exact for both; half the
+    registers of fp32 ones), fp32 accumulation; fp64 under the interpreter."""
     if acc_dtype == tl.float64:
         return tl.dot(a.to(tl.float64), b.to(tl.float64), input_precision="ieee", out_dtype=acc_dtype)
-    elif a.dtype == tl.float32:
-        return tl.dot(a, b.to(tl.float32), input_precision="tf32", out_dtype=acc_dtype)
     else:
         return tl.dot(a.to(tl.float16), b.to(tl.float16), out_dtype=acc_dtype)
 
@@ -138,16 +139,25 @@ def pyramid_pool_fwd_kernel(
     n_lo = split * n_per_split
     n_hi = tl.minimum(N, n_lo + n_per_split)
     acc = tl.zeros([BLOCK_C, S_BLOCK], dtype=acc_dtype)
+    bad = 0.0  # largest non-finite code seen
     for n0 in range(n_lo, n_hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < n_hi
         x = tl.load(x_rows[:, None] + offs_n[None, :],
                     mask=mask_c[:, None] & mask_n[None, :], other=0.0)
-        code = _nonfinite_code(x).to(x.dtype)
+        code = _nonfinite_code(x)
+        bad = tl.maximum(bad, tl.max(code))
         m = _membership(offs_n, W, bins_ptr, offs_k, mask_k, x.dtype)
         acc = _dot_data_member(tl.where(code == 0, x, 0.0), m, acc, DOT_PRECISION)
-        if tl.max(code) > 0:  # rare: inf / NaN in this tile
-            acc += _forced_sum(_code_dot(code, m, acc_dtype))
+    if bad > 0:
+        # Rare: inf / NaN among these pixels. A second pass adds what they make of each bin, outside the
+        # main loop so that its registers never add to the main loop's.
+        for n0 in range(n_lo, n_hi, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            x = tl.load(x_rows[:, None] + offs_n[None, :],
+                        mask=mask_c[:, None] & (offs_n < n_hi)[None, :], other=0.0)
+            m = _membership(offs_n, W, bins_ptr, offs_k, mask_k, x.dtype)
+            acc += _forced_sum(_code_dot(_nonfinite_code(x).to(x.dtype), m, acc_dtype))
 
     inv_area = tl.load(inv_area_ptr + offs_k, mask=mask_k, other=0.0)
     res = acc * inv_area[None, :]
@@ -170,6 +180,8 @@ def pyramid_pool_bwd_kernel(
     the A operand (grad_x^T = M G^T), split over warps rather than replicated.
     ACCUMULATE (several bin blocks): later blocks read-modify-write grad_x
     written by earlier ones in the same program (an fp32 buffer for 16-bit data).
+    grad here has its non-finite entries zeroed (the launcher does it on the
+    small [B, C, S_tot] grad); pyramid_pool_bwd_nonfinite_kernel adds theirs.
     """
     if grad_ptr.dtype.element_ty == tl.float64:
         acc_dtype: tl.constexpr = tl.float64
@@ -197,15 +209,52 @@ def pyramid_pool_bwd_kernel(
             g_t = tl.load(grad_ptr + ((b * C + offs_c) * S_tot)[None, :] + offs_k[:, None],
                           mask=mask_k[:, None] & mask_c[None, :], other=0.0)
             g_t = (g_t.to(acc_dtype) * inv_area[:, None]).to(dtype)
-            code = _nonfinite_code(g_t).to(dtype)
-            gx = _dot_member_data(m, tl.where(code == 0, g_t, 0.0), tl.zeros([BLOCK_N, BLOCK_C], dtype=acc_dtype),
-                                  DOT_PRECISION)
-            if tl.max(code) > 0:  # rare: inf / NaN gradients in this tile
-                gx += _forced_sum(_code_dot(m, code, acc_dtype))
+            gx = _dot_member_data(m, g_t, tl.zeros([BLOCK_N, BLOCK_C], dtype=acc_dtype), DOT_PRECISION)
             mask = mask_n[:, None] & mask_c[None, :]
             ptrs = gx_ptr + ((b * C + offs_c) * N)[None, :] + offs_n[:, None]
             if ACCUMULATE:
                 gx += tl.load(ptrs, mask=mask & (k0 > 0), other=0.0).to(acc_dtype)
+            tl.store(ptrs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def pyramid_pool_bwd_nonfinite_kernel(
+    grad_ptr, nonfinite_ptr, bins_ptr, inv_area_ptr, gx_ptr,
+    C, N, W, S_tot, c_per_prog,
+    BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, S_BLOCK: tl.constexpr,
+):
+    """grid and tiles as pyramid_pool_bwd_kernel, which ran first on the finite part of grad.
+
+    Rare: grad has inf / NaN entries (nonfinite[0] != 0; else every program returns at once). Adds what
+    they make of each pixel (NaN, +inf or -inf, from the code dot) to the grad_x just stored. A kernel of
+    its own, so that the main backward's registers are untouched.
+    """
+    if tl.load(nonfinite_ptr) == 0:
+        return
+    if grad_ptr.dtype.element_ty == tl.float64:
+        acc_dtype: tl.constexpr = tl.float64
+    else:
+        acc_dtype: tl.constexpr = tl.float32
+    dtype: tl.constexpr = grad_ptr.dtype.element_ty
+    c_lo = tl.program_id(1) * c_per_prog
+    c_hi = tl.minimum(C, c_lo + c_per_prog)
+    b = tl.program_id(2).to(tl.int64)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    for k0 in range(0, S_tot, S_BLOCK):
+        offs_k = k0 + tl.arange(0, S_BLOCK)
+        mask_k = offs_k < S_tot
+        m = _membership(offs_n, W, bins_ptr, offs_k, mask_k, dtype)
+        inv_area = tl.load(inv_area_ptr + offs_k, mask=mask_k, other=0.0)
+        for c0 in range(c_lo, c_hi, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            mask_c = offs_c < c_hi
+            g_t = tl.load(grad_ptr + ((b * C + offs_c) * S_tot)[None, :] + offs_k[:, None],
+                          mask=mask_k[:, None] & mask_c[None, :], other=0.0)
+            code = _nonfinite_code((g_t.to(acc_dtype) * inv_area[:, None]).to(dtype))
+            mask = mask_n[:, None] & mask_c[None, :]
+            ptrs = gx_ptr + ((b * C + offs_c) * N)[None, :] + offs_n[:, None]
+            gx = tl.load(ptrs, mask=mask, other=0.0).to(acc_dtype) + _forced_sum(_code_dot(m, code, acc_dtype))
             tl.store(ptrs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -233,6 +282,12 @@ BWD = _launch.Kernel(
                                  (dict(BLOCK_C=128, BLOCK_N=128), 8, 2)),
         ("32",): _launch.configs((dict(BLOCK_C=64, BLOCK_N=128), 8, 2), (dict(BLOCK_C=32, BLOCK_N=64), 4, 2)),
     },
+    interpret=dict(BLOCK_C=16, BLOCK_N=32), tune_key=["C", "N", "S_tot"],
+)
+# Runs after BWD; its programs return at once unless grad had inf / NaN. One config: nothing to tune.
+BWD_NONFINITE = _launch.Kernel(
+    pyramid_pool_bwd_nonfinite_kernel,
+    configs={cls: _launch.configs((dict(BLOCK_C=64, BLOCK_N=64), 4, 1)) for cls in (("16",), ("32",))},
     interpret=dict(BLOCK_C=16, BLOCK_N=32), tune_key=["C", "N", "S_tot"],
 )
 
@@ -305,9 +360,16 @@ def pyramid_pool_bwd(grad: torch.Tensor, scales, height: int, width: int) -> tor
 
     # Later bin blocks accumulate into grad_x: keep that sum in fp32 for 16-bit grads.
     gx = torch.empty(batch, chans, height, width, dtype=acc if n_kb > 1 else grad.dtype, device=grad.device)
-    BWD(grad.dtype, lambda m: (triton.cdiv(n, m["BLOCK_N"]), c_split, batch),
-        grad, bins, inv_area, gx, chans, n, width, s_tot, c_per_prog,
+    # grad is small ([B, C, S_tot]): its non-finite entries are found and zeroed here, for the kernel's
+    # second pass (see the kernel).
+    finite = grad.isfinite()
+    finite_grad = torch.where(finite, grad, 0).contiguous()
+    nonfinite = (~finite).any().to(torch.int32).reshape(1)
+    grid = lambda m: (triton.cdiv(n, m["BLOCK_N"]), c_split, batch)  # noqa: E731
+    BWD(grad.dtype, grid, finite_grad, bins, inv_area, gx, chans, n, width, s_tot, c_per_prog,
         S_BLOCK=s_block, DOT_PRECISION=_launch.dot_precision(grad.dtype), ACCUMULATE=n_kb > 1)
+    BWD_NONFINITE(grad.dtype, grid, grad, nonfinite, bins, inv_area, gx, chans, n, width, s_tot, c_per_prog,
+                  S_BLOCK=s_block)
     return gx.to(grad.dtype)
 
 
