@@ -62,4 +62,12 @@ TORCH_LIBRARY(fastctx, m) {
   m.def(
       "class_attention_bwd(Tensor grad, Tensor? query, Tensor? keys, Tensor values, Tensor? logits,"
       " Tensor out, Tensor lse, float scale) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Multi-head attention inside (shifted) windows of qkv [B, H, W, 3C] -> [B, H, W, C]; padding,
+  // shift and region mask by index arithmetic. Contract: docs/kernels.md.
+  m.def(
+      "window_attention_fwd(Tensor qkv, Tensor? bias_table, Tensor? pad_qkv, int heads, int[] window,"
+      " int[] shift, float scale) -> Tensor");
+  m.def(
+      "window_attention_bwd(Tensor grad, Tensor qkv, Tensor? bias_table, Tensor? pad_qkv, int heads,"
+      " int[] window, int[] shift, float scale) -> (Tensor, Tensor, Tensor)");
 }

@@ -1,0 +1,688 @@
+// CPU backend of window_attention (contract: docs/kernels.md, "window_attention";
+// maths: fastctx/ops/window_attention.py).
+//
+// Work unit: one head of one window. A window's tokens are found by index
+// arithmetic (common/window_attention.h: padding, cyclic shift, region
+// labels); per head, q, k and v are gathered straight from the [B, H, W, 3C]
+// token rows into small dense per-thread buffers (q pre-scaled, k transposed),
+// and the output is scattered back to the token rows. No padded, rolled or
+// partitioned copy of the map, no mask tensor and no [windows, heads, N, N]
+// attention exist: the window's scores are one [queries x keys] buffer that
+// stays in L1/L2.
+//
+// Forward, per window and head, for each block of at most kMaxQueryBlock queries:
+//   S = (Qs K^T + bias) + mask   Qs = scale q; mask = -100 across shift regions,
+//                                -inf on padded keys when pad_qkv is absent
+//   online softmax over blocks of at most kMaxKeyBlock keys (one block for
+//   every window up to 16x16 tokens): m, l and O = sum exp(S - m) V rescaled
+//   as the maximum grows; out = O / l.
+// Backward (nothing saved, flash style), per window and head:
+//   one key block:  P = softmax(S), dP = dO V^T, D = rowsum(P dP), dS = P (dP - D)
+//   several blocks: a first pass recomputes m, l and O (D = dO . O), a second
+//                   recomputes P = exp(S - lse) and dP per key block
+//   dQ = scale dS K, dK += dS^T Qs, dV += P^T dO (window accumulators across
+//   query blocks), written to grad_qkv's token rows.
+// The products are register-blocked tile_gemm calls (cpu/class_tiles.h): at
+// these sizes (k = d or the window's tokens, 16..256) BLAS would repack both
+// operands on every call and MKL runs only its AVX2 code on this CPU family.
+//
+// grad_table and grad_pad are sums over windows. The backward cuts the windows
+// into runs (cpu/parallel.h plan_chunks: shapes only, never the thread count);
+// a chunk is one head of one run and owns a partial of the table column and of
+// pad_qkv's head slice; partials are summed in run order, so every result is
+// bit-identical for any thread count. Inside a chunk, dS of all its windows is
+// first summed into an [N x N] buffer (vector adds) and scattered to the
+// table's rows once.
+//
+// Non-finite values propagate as in the eager maths: the softmax maxima ignore
+// NaN but a NaN reaches every sum it is part of; a padded query row (whose
+// output is cropped) still passes a NaN of its window to dK, dV, the table and
+// pad_qkv through dS = P * 0, as autograd does.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "common/class_context.h"
+#include "common/window_attention.h"
+#include "cpu/class_tiles.h"
+#include "cpu/parallel.h"
+
+namespace fastctx {
+namespace {
+
+using cpu::Simd;
+using cpu::tile_gemm;
+
+// Block sizes: the [queries x keys] score and dP buffers (128 x 256 fp32 =
+// 128 KiB each) stay in L2. Windows of up to 256 tokens are one key block.
+constexpr int64_t kMaxQueryBlock = 128;
+constexpr int64_t kMaxKeyBlock = 256;
+// The bias of every (head, query, key) is expanded once per call into
+// [heads, N, N] matrices (added row by row) when they hold at most this many
+// elements (12x12 windows with 32 heads: 0.7M); larger windows look each
+// logit's bias up in the table.
+constexpr int64_t kMaxDenseBias = int64_t(1) << 20;
+// mmseg's value for pairs of tokens from different shift regions.
+constexpr double kRegionMask = -100.0;
+
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// The size of `ceil(n / max)` equal blocks covering n items.
+int64_t block_size(int64_t n, int64_t max) {
+  const int64_t blocks = (n + max - 1) / max;
+  return (n + blocks - 1) / blocks;
+}
+
+// ---------------------------------------------------------------------------
+// Element-wise row kernels: plain loops that GCC vectorises, inlined into
+// FASTCTX_SIMD_CLONES entry points (cpu/parallel.h).
+#pragma GCC diagnostic ignored "-Wpsabi"  // see Simd
+
+// s[r, c] += b[r, c]
+template <typename T>
+__attribute__((always_inline)) inline void add_rows_body(T* s, int64_t lds, const T* b, int64_t ldb,
+                                                         int64_t rows, int64_t n) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T* sr = s + r * lds;
+    const T* br = b + r * ldb;
+    for (int64_t c = 0; c < n; ++c) sr[c] += br[c];
+  }
+}
+
+// s[r, c] += (label_q[r] != label_k[c] ? -100 : 0) + key_mask[c]: the reference's
+// shift mask plus its padded-key mask, added as one value after the bias.
+template <typename T>
+__attribute__((always_inline)) inline void add_mask_body(T* s, int64_t lds, const int* label_q,
+                                                         const int* label_k, const T* key_mask,
+                                                         int64_t rows, int64_t n) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T* sr = s + r * lds;
+    const int lq = label_q[r];
+    for (int64_t c = 0; c < n; ++c) {
+      sr[c] += (label_k[c] != lq ? static_cast<T>(kRegionMask) : T(0)) + key_mask[c];
+    }
+  }
+}
+
+// s[r, c] *= f[r]
+template <typename T>
+__attribute__((always_inline)) inline void scale_rows_body(T* s, int64_t lds, const T* f,
+                                                           int64_t rows, int64_t n) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T* sr = s + r * lds;
+    const T fr = f[r];
+    for (int64_t c = 0; c < n; ++c) sr[c] *= fr;
+  }
+}
+
+// Softmax backward along rows: D[r] = sum_c p[r, c] dp[r, c] (per-lane partial
+// sums, a fixed order), then dp[r, c] <- p[r, c] (dp[r, c] - D[r]) in place.
+template <typename T>
+__attribute__((always_inline)) inline void softmax_grad_body(T* dp, int64_t lddp, const T* p,
+                                                             int64_t ldp, int64_t rows, int64_t n,
+                                                             T* D) {
+  using S = Simd<T>;
+  using vec = typename S::vec;
+  const int64_t n_vec = n - n % S::kLanes;
+  for (int64_t r = 0; r < rows; ++r) {
+    T* dr = dp + r * lddp;
+    const T* pr = p + r * ldp;
+    vec acc = {};
+    for (int64_t c = 0; c < n_vec; c += S::kLanes) acc += S::load(pr + c) * S::load(dr + c);
+    T dot = 0;
+    for (int j = 0; j < S::kLanes; ++j) dot += acc[j];
+    for (int64_t c = n_vec; c < n; ++c) dot += pr[c] * dr[c];
+    D[r] = dot;
+    for (int64_t c = 0; c < n; ++c) dr[c] = pr[c] * (dr[c] - dot);
+  }
+}
+
+#define FASTCTX_WINDOW_ROW_KERNELS(T)                                                             \
+  FASTCTX_SIMD_CLONES void add_rows(T* s, int64_t lds, const T* b, int64_t ldb, int64_t rows,    \
+                                    int64_t n) {                                                 \
+    add_rows_body(s, lds, b, ldb, rows, n);                                                      \
+  }                                                                                              \
+  FASTCTX_SIMD_CLONES void add_mask(T* s, int64_t lds, const int* label_q, const int* label_k,   \
+                                    const T* key_mask, int64_t rows, int64_t n) {                \
+    add_mask_body(s, lds, label_q, label_k, key_mask, rows, n);                                  \
+  }                                                                                              \
+  FASTCTX_SIMD_CLONES void scale_rows(T* s, int64_t lds, const T* f, int64_t rows, int64_t n) {  \
+    scale_rows_body(s, lds, f, rows, n);                                                         \
+  }                                                                                              \
+  FASTCTX_SIMD_CLONES void softmax_grad(T* dp, int64_t lddp, const T* p, int64_t ldp,            \
+                                        int64_t rows, int64_t n, T* D) {                         \
+    softmax_grad_body(dp, lddp, p, ldp, rows, n, D);                                             \
+  }
+FASTCTX_WINDOW_ROW_KERNELS(float)
+FASTCTX_WINDOW_ROW_KERNELS(double)
+#undef FASTCTX_WINDOW_ROW_KERNELS
+
+// ---------------------------------------------------------------------------
+// Problem description and the per-window token table
+
+template <typename T>
+struct Problem {
+  const T* qkv;        // [B*H*W, 3C]
+  const T* pad;        // [3C] or nullptr (padded keys excluded)
+  const T* bias;       // [heads, N, N] expanded bias, or nullptr
+  const T* table_col;  // [heads, entries]: the table's columns (large windows), or nullptr
+  WindowGeometry g;
+  int64_t heads, d, C, N, windows, entries;
+  T scale;
+  // Blocking: query and key block sizes, the score buffers' row stride.
+  int64_t bq, bk, ldk;
+  bool one_key_block() const { return bk == N; }
+};
+
+// Where a window's tokens live, and what its scores need added besides the bias.
+template <typename T>
+struct WindowTokens {
+  std::vector<int64_t> row;  // token row in qkv / out, -1 for a padded token
+  std::vector<int> label;    // shift region label
+  std::vector<T> key_mask;   // -inf for a padded key without pad_qkv, else 0
+  bool masked = false;       // some label differs, or some key is excluded
+
+  explicit WindowTokens(int64_t N) : row(N), label(N), key_mask(N) {}
+
+  void build(const Problem<T>& p, int64_t window) {
+    masked = false;
+    for (int64_t t = 0; t < p.N; ++t) {
+      const WindowToken token = window_token(p.g, window, t);
+      row[t] = token.row;
+      label[t] = token.label;
+      key_mask[t] = token.row < 0 && p.pad == nullptr ? -std::numeric_limits<T>::infinity() : T(0);
+      masked = masked || label[t] != label[0] || key_mask[t] != T(0);
+    }
+  }
+};
+
+// The d channels of part `part` (0 q, 1 k, 2 v) of head h of token t: its row
+// of qkv, pad_qkv's slice for a padded token, or nullptr (zeros).
+template <typename T>
+const T* token_channels(const Problem<T>& p, const WindowTokens<T>& win, int64_t t, int part,
+                        int64_t h) {
+  const int64_t offset = part * p.C + h * p.d;
+  if (win.row[t] >= 0) return p.qkv + win.row[t] * 3 * p.C + offset;
+  return p.pad != nullptr ? p.pad + offset : nullptr;
+}
+
+// dst[r, j] = mult * part's channel j of token t0 + r, rows ld apart.
+template <typename T>
+void gather_rows(T* dst, int64_t ld, const Problem<T>& p, const WindowTokens<T>& win, int part,
+                 int64_t h, int64_t t0, int64_t n, T mult) {
+  for (int64_t r = 0; r < n; ++r) {
+    const T* src = token_channels(p, win, t0 + r, part, h);
+    T* out = dst + r * ld;
+    if (src == nullptr) {
+      std::fill(out, out + p.d, T(0));
+    } else if (mult == T(1)) {
+      std::memcpy(out, src, p.d * sizeof(T));
+    } else {
+      for (int64_t j = 0; j < p.d; ++j) out[j] = mult * src[j];
+    }
+  }
+}
+
+// dst[j, c] = part's channel j of token t0 + c (transposed: tokens along rows).
+template <typename T>
+void gather_cols(T* dst, int64_t ld, const Problem<T>& p, const WindowTokens<T>& win, int part,
+                 int64_t h, int64_t t0, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) {
+    const T* src = token_channels(p, win, t0 + c, part, h);
+    for (int64_t j = 0; j < p.d; ++j) dst[j * ld + c] = src != nullptr ? src[j] : T(0);
+  }
+}
+
+// S [nq x nk] = (Qs K^T + bias) + mask for queries q0.. and keys k0.. of head h.
+template <typename T>
+void scores(const Problem<T>& p, const WindowTokens<T>& win, int64_t h, const T* qs, const T* kt,
+            int64_t q0, int64_t nq, int64_t k0, int64_t nk, T* s) {
+  tile_gemm<T>(nq, p.d, nk, qs, p.d, 1, kt, p.ldk, s, p.ldk, false);
+  if (p.bias != nullptr) {
+    add_rows(s, p.ldk, p.bias + (h * p.N + q0) * p.N + k0, p.N, nq, nk);
+  } else if (p.table_col != nullptr) {
+    const T* col = p.table_col + h * p.entries;
+    for (int64_t r = 0; r < nq; ++r) {
+      for (int64_t c = 0; c < nk; ++c) {
+        s[r * p.ldk + c] += col[window_table_index(q0 + r, k0 + c, p.g.Wh, p.g.Ww)];
+      }
+    }
+  }
+  if (win.masked) {
+    add_mask(s, p.ldk, win.label.data() + q0, win.label.data() + k0, win.key_mask.data() + k0, nq,
+             nk);
+  }
+}
+
+// Online softmax state of a query block: running maximum m, the shift the
+// exponentials were taken at (m, or 0 while m = -inf; common/class_context.h)
+// and their row sums l.
+template <typename T>
+struct OnlineSoftmax {
+  std::vector<T> m, shift, l, factor, block_sum;
+  explicit OnlineSoftmax(int64_t bq) : m(bq), shift(bq), l(bq), factor(bq), block_sum(bq) {}
+
+  // s [nq x nk] -> exp(s - shift) in place, for key block `first` or a later
+  // one; o [nq x d] (+)= exp(s - shift) v after rescaling o to the new shift.
+  void step(const Problem<T>& p, T* s, int64_t nq, int64_t nk, bool first, const T* v, T* o) {
+    if (first) std::fill(m.begin(), m.begin() + nq, -std::numeric_limits<T>::infinity());
+    cpu::row_max(s, p.ldk, nq, nk, T(1), m.data());
+    for (int64_t r = 0; r < nq; ++r) {
+      const T next = softmax_shift(m[r]);
+      factor[r] = first ? T(0) : softmax_merge_factor(shift[r], l[r], next);
+      shift[r] = next;
+      block_sum[r] = 0;
+    }
+    cpu::exp_rows(s, p.ldk, s, p.ldk, nq, nk, T(1), shift.data(), block_sum.data());
+    for (int64_t r = 0; r < nq; ++r) l[r] = first ? block_sum[r] : l[r] * factor[r] + block_sum[r];
+    if (o == nullptr) return;
+    if (!first) scale_rows(o, p.d, factor.data(), nq, p.d);
+    tile_gemm<T>(nq, nk, p.d, s, p.ldk, 1, v, p.d, o, p.d, !first);
+  }
+};
+
+// ---------------------------------------------------------------------------
+// Checks: the ones the loops' memory accesses rely on; fastctx/ops validates
+// user input (and says what was expected) before.
+
+void check_tensor(const at::Tensor& t, const char* name, int64_t dim, const at::Tensor& qkv,
+                  const char* fn) {
+  TORCH_CHECK(t.device().is_cpu(), fn, " (cpu): ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.dim() == dim && t.is_contiguous(), fn, ": ", name, " must be a contiguous ", dim,
+              "-D tensor, got shape ", t.sizes(), " and strides ", t.strides());
+  TORCH_CHECK(t.scalar_type() == qkv.scalar_type(), fn, ": ", name, " has dtype ", t.scalar_type(),
+              " but qkv has ", qkv.scalar_type());
+}
+
+struct Shape {
+  WindowGeometry g;
+  int64_t B, C, heads, d, N, entries;
+};
+
+Shape check_inputs(const at::Tensor& qkv, const std::optional<at::Tensor>& bias_table,
+                   const std::optional<at::Tensor>& pad_qkv, int64_t heads, at::IntArrayRef window,
+                   at::IntArrayRef shift, const char* fn) {
+  check_tensor(qkv, "qkv", 4, qkv, fn);
+  TORCH_CHECK(qkv.scalar_type() == at::kFloat || qkv.scalar_type() == at::kDouble, fn,
+              " (cpu): qkv must be float32 or float64, got ", qkv.scalar_type());
+  TORCH_CHECK(window.size() == 2 && shift.size() == 2, fn,
+              ": window and shift must be pairs, got ", window, " and ", shift);
+  TORCH_CHECK(window[0] >= 1 && window[1] >= 1 && shift[0] >= 0 && shift[1] >= 0 &&
+                  shift[0] < window[0] && shift[1] < window[1],
+              fn, ": expected window >= 1 and 0 <= shift < window, got window ", window,
+              " and shift ", shift);
+  Shape s{};
+  s.B = qkv.size(0);
+  const int64_t channels3 = qkv.size(3);
+  TORCH_CHECK(heads >= 1 && channels3 % 3 == 0 && (channels3 / 3) % heads == 0 && channels3 > 0,
+              fn, ": qkv's last dimension must be 3C with C divisible by heads = ", heads, ", got ",
+              channels3);
+  TORCH_CHECK(qkv.size(1) >= 1 && qkv.size(2) >= 1, fn, ": qkv must have H, W >= 1, got shape ",
+              qkv.sizes());
+  s.C = channels3 / 3;
+  s.heads = heads;
+  s.d = s.C / heads;
+  s.g = window_geometry(qkv.size(1), qkv.size(2), window[0], window[1], shift[0], shift[1]);
+  s.N = window[0] * window[1];
+  TORCH_CHECK(s.N <= (int64_t(1) << 24), fn, " (cpu): windows of ", s.N,
+              " tokens are beyond the kernels (their index arithmetic)");
+  s.entries = (2 * window[0] - 1) * (2 * window[1] - 1);
+  if (bias_table.has_value()) {
+    check_tensor(*bias_table, "bias_table", 2, qkv, fn);
+    TORCH_CHECK(bias_table->size(0) == s.entries && bias_table->size(1) == heads, fn,
+                ": bias_table must be [(2Wh-1)(2Ww-1), heads] = [", s.entries, ", ", heads,
+                "], got ", bias_table->sizes());
+  }
+  if (pad_qkv.has_value()) {
+    check_tensor(*pad_qkv, "pad_qkv", 1, qkv, fn);
+    TORCH_CHECK(pad_qkv->size(0) == channels3, fn, ": pad_qkv must be [3C] = [", channels3,
+                "], got ", pad_qkv->sizes());
+  }
+  return s;
+}
+
+// The Problem of a call, with the bias expanded (small windows) or the
+// table's columns (large ones) in `storage`.
+template <typename T>
+Problem<T> make_problem(const Shape& s, const at::Tensor& qkv,
+                        const std::optional<at::Tensor>& bias_table,
+                        const std::optional<at::Tensor>& pad_qkv, double scale,
+                        at::Tensor& storage) {
+  Problem<T> p{};
+  p.qkv = qkv.const_data_ptr<T>();
+  p.pad = pad_qkv.has_value() ? pad_qkv->const_data_ptr<T>() : nullptr;
+  p.g = s.g;
+  p.heads = s.heads;
+  p.d = s.d;
+  p.C = s.C;
+  p.N = s.N;
+  p.entries = s.entries;
+  p.windows = s.B * s.g.nWh * s.g.nWw;
+  p.scale = static_cast<T>(scale);
+  p.bq = block_size(s.N, kMaxQueryBlock);
+  p.bk = block_size(s.N, kMaxKeyBlock);
+  p.ldk = round_up(p.bk, 16);
+  if (!bias_table.has_value()) return p;
+  const T* table = bias_table->const_data_ptr<T>();
+  const int64_t N = s.N, heads = s.heads;
+  if (heads * N * N <= kMaxDenseBias) {
+    storage = at::empty({heads, N, N}, qkv.options());
+    T* bias = storage.mutable_data_ptr<T>();
+    at::parallel_for(0, heads * N, cpu::task_grain(N), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t h = i / N, t = i % N;
+        for (int64_t u = 0; u < N; ++u) {
+          bias[i * N + u] = table[window_table_index(t, u, s.g.Wh, s.g.Ww) * heads + h];
+        }
+      }
+    });
+    p.bias = bias;
+  } else {
+    storage = bias_table->t().contiguous();  // [heads, entries]
+    p.table_col = storage.const_data_ptr<T>();
+  }
+  return p;
+}
+
+// ---------------------------------------------------------------------------
+// Forward
+
+template <typename T>
+void forward(const Problem<T>& p, T* out) {
+  const int64_t N = p.N, d = p.d, bq = p.bq, bk = p.bk;
+  at::parallel_for(0, p.windows * p.heads, cpu::task_grain(4 * N * d), [&](int64_t begin,
+                                                                           int64_t end) {
+    std::vector<T> qs(bq * d), kt(d * p.ldk), v(bk * d), s(bq * p.ldk), o(bq * d);
+    WindowTokens<T> win(N);
+    OnlineSoftmax<T> softmax(bq);
+    int64_t built = -1;
+    for (int64_t u = begin; u < end; ++u) {
+      // Heads innermost: a window's token rows stay in cache across its heads.
+      const int64_t w = u / p.heads, h = u % p.heads;
+      if (w != built) {
+        win.build(p, w);
+        built = w;
+      }
+      if (p.one_key_block()) {
+        gather_cols(kt.data(), p.ldk, p, win, 1, h, 0, N);
+        gather_rows(v.data(), d, p, win, 2, h, 0, N, T(1));
+      }
+      for (int64_t q0 = 0; q0 < N; q0 += bq) {
+        const int64_t nq = std::min(bq, N - q0);
+        gather_rows(qs.data(), d, p, win, 0, h, q0, nq, p.scale);
+        for (int64_t k0 = 0; k0 < N; k0 += bk) {
+          const int64_t nk = std::min(bk, N - k0);
+          if (!p.one_key_block()) {
+            gather_cols(kt.data(), p.ldk, p, win, 1, h, k0, nk);
+            gather_rows(v.data(), d, p, win, 2, h, k0, nk, T(1));
+          }
+          scores(p, win, h, qs.data(), kt.data(), q0, nq, k0, nk, s.data());
+          softmax.step(p, s.data(), nq, nk, k0 == 0, v.data(), o.data());
+        }
+        for (int64_t r = 0; r < nq; ++r) {
+          const int64_t row = win.row[q0 + r];
+          if (row < 0) continue;  // a padded token: cropped
+          const T inv = T(1) / softmax.l[r];
+          T* dst = out + row * p.C + h * d;
+          for (int64_t j = 0; j < d; ++j) dst[j] = o[r * d + j] * inv;
+        }
+      }
+    }
+  });
+}
+
+at::Tensor window_attention_fwd(const at::Tensor& qkv, const std::optional<at::Tensor>& bias_table,
+                                const std::optional<at::Tensor>& pad_qkv, int64_t heads,
+                                at::IntArrayRef window, at::IntArrayRef shift, double scale) {
+  const Shape s =
+      check_inputs(qkv, bias_table, pad_qkv, heads, window, shift, "window_attention_fwd");
+  auto out = at::empty({s.B, s.g.H, s.g.W, s.C}, qkv.options());
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "window_attention_fwd", [&] {
+    at::Tensor storage;
+    const Problem<scalar_t> p = make_problem<scalar_t>(s, qkv, bias_table, pad_qkv, scale, storage);
+    forward(p, out.mutable_data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------
+// Backward
+
+template <typename T>
+struct BackwardScratch {
+  std::vector<T> qs, dout, kt, k, v, vt, s, dp, dq, dk, dv, table_acc, lse, D, inv_l;
+  OnlineSoftmax<T> softmax;
+  BackwardScratch(const Problem<T>& p, bool dense_table)
+      : qs(p.bq * p.d), dout(p.bq * p.d), kt(p.d * p.ldk), k(p.bk * p.d), v(p.bk * p.d),
+        vt(p.d * p.ldk), s(p.bq * p.ldk), dp(p.bq * p.ldk), dq(p.bq * p.d), dk(p.N * p.d),
+        dv(p.N * p.d), table_acc(dense_table ? p.N * p.N : 0), lse(p.bq), D(p.bq),
+        inv_l(p.bq), softmax(p.bq) {}
+};
+
+template <typename T>
+struct BackwardOut {
+  const T* grad;   // [B*H*W, C]
+  T* grad_qkv;     // [B*H*W, 3C]
+  T* table_part;   // [chunks, entries] or nullptr
+  T* pad_part;     // [chunks, 3d] or nullptr
+};
+
+// Gradients of one head of one window; table gradient into x.table_acc
+// (dense) or table_part (the chunk's column of the table), pad_qkv's into
+// pad_part (the chunk's q, k, v slices of head h).
+template <typename T>
+void window_backward(const Problem<T>& p, const WindowTokens<T>& win, int64_t h,
+                     const BackwardOut<T>& g, BackwardScratch<T>& x, T* table_part, T* pad_part) {
+  const int64_t N = p.N, d = p.d, bq = p.bq, bk = p.bk, ldk = p.ldk;
+  const bool dense_table = !x.table_acc.empty();
+  std::fill(x.dk.begin(), x.dk.end(), T(0));
+  std::fill(x.dv.begin(), x.dv.end(), T(0));
+  auto gather_keys = [&](int64_t k0, int64_t nk, bool for_pass1) {
+    gather_cols(x.kt.data(), ldk, p, win, 1, h, k0, nk);
+    if (for_pass1) {
+      gather_rows(x.v.data(), d, p, win, 2, h, k0, nk, T(1));
+    } else {
+      gather_rows(x.k.data(), d, p, win, 1, h, k0, nk, T(1));
+      gather_cols(x.vt.data(), ldk, p, win, 2, h, k0, nk);
+    }
+  };
+  // dS [nq x nk] in x.dp and P in x.s: dQ (+)= dS K, dK += dS^T Qs, dV += P^T dO, d(table) += dS.
+  auto accumulate = [&](int64_t q0, int64_t nq, int64_t k0, int64_t nk) {
+    tile_gemm<T>(nq, nk, d, x.dp.data(), ldk, 1, x.k.data(), d, x.dq.data(), d, k0 > 0);
+    tile_gemm<T>(nk, nq, d, x.dp.data(), 1, ldk, x.qs.data(), d, x.dk.data() + k0 * d, d, true);
+    tile_gemm<T>(nk, nq, d, x.s.data(), 1, ldk, x.dout.data(), d, x.dv.data() + k0 * d, d, true);
+    if (dense_table) {
+      add_rows(x.table_acc.data() + q0 * N + k0, N, x.dp.data(), ldk, nq, nk);
+    } else if (table_part != nullptr) {
+      for (int64_t r = 0; r < nq; ++r) {
+        for (int64_t c = 0; c < nk; ++c) {
+          table_part[window_table_index(q0 + r, k0 + c, p.g.Wh, p.g.Ww)] += x.dp[r * ldk + c];
+        }
+      }
+    }
+  };
+
+  if (p.one_key_block()) gather_keys(0, N, false);
+  for (int64_t q0 = 0; q0 < N; q0 += bq) {
+    const int64_t nq = std::min(bq, N - q0);
+    gather_rows(x.qs.data(), d, p, win, 0, h, q0, nq, p.scale);
+    for (int64_t r = 0; r < nq; ++r) {  // dO: zero on padded (cropped) rows
+      const int64_t row = win.row[q0 + r];
+      T* dst = x.dout.data() + r * d;
+      if (row >= 0) {
+        std::memcpy(dst, g.grad + row * p.C + h * d, d * sizeof(T));
+      } else {
+        std::fill(dst, dst + d, T(0));
+      }
+    }
+    if (p.one_key_block()) {
+      scores(p, win, h, x.qs.data(), x.kt.data(), q0, nq, 0, N, x.s.data());
+      x.softmax.step(p, x.s.data(), nq, N, true, nullptr, nullptr);
+      for (int64_t r = 0; r < nq; ++r) x.inv_l[r] = T(1) / x.softmax.l[r];
+      scale_rows(x.s.data(), ldk, x.inv_l.data(), nq, N);  // P
+      tile_gemm<T>(nq, d, N, x.dout.data(), d, 1, x.vt.data(), ldk, x.dp.data(), ldk, false);
+      softmax_grad(x.dp.data(), ldk, x.s.data(), ldk, nq, N, x.D.data());
+      accumulate(q0, nq, 0, N);
+    } else {
+      // Pass 1: the forward's m, l and O (in x.dq, free until pass 2); D = dO . O,
+      // lse = shift + log l.
+      for (int64_t k0 = 0; k0 < N; k0 += bk) {
+        const int64_t nk = std::min(bk, N - k0);
+        gather_keys(k0, nk, true);
+        scores(p, win, h, x.qs.data(), x.kt.data(), q0, nq, k0, nk, x.s.data());
+        x.softmax.step(p, x.s.data(), nq, nk, k0 == 0, x.v.data(), x.dq.data());
+      }
+      for (int64_t r = 0; r < nq; ++r) {
+        T dot = 0;
+        for (int64_t j = 0; j < d; ++j) dot += x.dout[r * d + j] * x.dq[r * d + j];
+        x.D[r] = dot / x.softmax.l[r];
+        x.lse[r] = x.softmax.shift[r] + class_log(x.softmax.l[r]);
+      }
+      // Pass 2: P = exp(S - lse), dS = P (dO V^T - D), per key block.
+      for (int64_t k0 = 0; k0 < N; k0 += bk) {
+        const int64_t nk = std::min(bk, N - k0);
+        gather_keys(k0, nk, false);
+        scores(p, win, h, x.qs.data(), x.kt.data(), q0, nq, k0, nk, x.s.data());
+        cpu::exp_rows(x.s.data(), ldk, x.s.data(), ldk, nq, nk, T(1), x.lse.data(),
+                      static_cast<T*>(nullptr));
+        tile_gemm<T>(nq, d, nk, x.dout.data(), d, 1, x.vt.data(), ldk, x.dp.data(), ldk, false);
+        cpu::softmax_grad_rows(x.dp.data(), ldk, x.s.data(), ldk, x.dp.data(), ldk, x.D.data(), nq,
+                               nk, T(1));
+        accumulate(q0, nq, k0, nk);
+      }
+    }
+    // grad_q = scale dQ
+    for (int64_t r = 0; r < nq; ++r) {
+      const int64_t row = win.row[q0 + r];
+      const T* src = x.dq.data() + r * d;
+      if (row >= 0) {
+        T* dst = g.grad_qkv + row * 3 * p.C + h * d;
+        for (int64_t j = 0; j < d; ++j) dst[j] = p.scale * src[j];
+      } else if (pad_part != nullptr) {
+        for (int64_t j = 0; j < d; ++j) pad_part[j] += p.scale * src[j];
+      }
+    }
+  }
+  for (int64_t t = 0; t < N; ++t) {
+    const int64_t row = win.row[t];
+    const T* dk = x.dk.data() + t * d;
+    const T* dv = x.dv.data() + t * d;
+    if (row >= 0) {
+      T* dst = g.grad_qkv + row * 3 * p.C + p.C + h * d;
+      std::memcpy(dst, dk, d * sizeof(T));
+      std::memcpy(dst + p.C, dv, d * sizeof(T));
+    } else if (pad_part != nullptr) {
+      for (int64_t j = 0; j < d; ++j) {
+        pad_part[d + j] += dk[j];
+        pad_part[2 * d + j] += dv[j];
+      }
+    }
+  }
+}
+
+template <typename T>
+void backward(const Problem<T>& p, const BackwardOut<T>& g, const cpu::ChunkPlan& plan) {
+  const int64_t N = p.N, d = p.d;
+  const bool dense_table = p.bias != nullptr;
+  at::parallel_for(0, plan.chunks, 1, [&](int64_t c_begin, int64_t c_end) {
+    BackwardScratch<T> x(p, dense_table);
+    WindowTokens<T> win(N);
+    for (int64_t chunk = c_begin; chunk < c_end; ++chunk) {
+      // Heads innermost, as in the forward.
+      const int64_t run = chunk / p.heads, h = chunk % p.heads;
+      const int64_t w0 = run * plan.tiles_per_chunk;
+      const int64_t w1 = std::min(w0 + plan.tiles_per_chunk, p.windows);
+      T* table_part = g.table_part != nullptr ? g.table_part + chunk * p.entries : nullptr;
+      T* pad_part = g.pad_part != nullptr ? g.pad_part + chunk * 3 * d : nullptr;
+      if (table_part != nullptr) std::fill(table_part, table_part + p.entries, T(0));
+      if (pad_part != nullptr) std::fill(pad_part, pad_part + 3 * d, T(0));
+      if (dense_table) std::fill(x.table_acc.begin(), x.table_acc.end(), T(0));
+      for (int64_t w = w0; w < w1; ++w) {
+        win.build(p, w);
+        window_backward(p, win, h, g, x, table_part, pad_part);
+      }
+      if (dense_table) {
+        for (int64_t t = 0; t < N; ++t) {
+          for (int64_t u = 0; u < N; ++u) {
+            table_part[window_table_index(t, u, p.g.Wh, p.g.Ww)] += x.table_acc[t * N + u];
+          }
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_bwd(
+    const at::Tensor& grad, const at::Tensor& qkv, const std::optional<at::Tensor>& bias_table,
+    const std::optional<at::Tensor>& pad_qkv, int64_t heads, at::IntArrayRef window,
+    at::IntArrayRef shift, double scale) {
+  const char* fn = "window_attention_bwd";
+  const Shape s = check_inputs(qkv, bias_table, pad_qkv, heads, window, shift, fn);
+  check_tensor(grad, "grad", 4, qkv, fn);
+  TORCH_CHECK(grad.sizes() == at::IntArrayRef({s.B, s.g.H, s.g.W, s.C}), fn,
+              ": grad must be [B, H, W, C] = ", at::IntArrayRef({s.B, s.g.H, s.g.W, s.C}),
+              ", got ", grad.sizes());
+  auto grad_qkv = at::empty_like(qkv);
+  auto grad_table = bias_table.has_value() ? at::zeros_like(*bias_table) : qkv.new_empty({0});
+  auto grad_pad = pad_qkv.has_value() ? at::zeros_like(*pad_qkv) : qkv.new_empty({0});
+  if (qkv.numel() == 0) return {grad_qkv, grad_table, grad_pad};
+  AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "window_attention_bwd", [&] {
+    using T = scalar_t;
+    at::Tensor storage;
+    const Problem<T> p = make_problem<T>(s, qkv, bias_table, pad_qkv, scale, storage);
+    // Runs of windows; chunk = run * heads + head.
+    const cpu::ChunkPlan windows = cpu::plan_chunks(s.heads, p.windows);
+    cpu::ChunkPlan plan = windows;
+    plan.chunks = windows.chunks_per_row * s.heads;
+    auto table_part = bias_table.has_value() ? at::empty({plan.chunks, s.entries}, qkv.options())
+                                             : at::Tensor();
+    auto pad_part =
+        pad_qkv.has_value() ? at::empty({plan.chunks, 3 * s.d}, qkv.options()) : at::Tensor();
+    BackwardOut<T> g{grad.const_data_ptr<T>(), grad_qkv.mutable_data_ptr<T>(),
+                     table_part.defined() ? table_part.mutable_data_ptr<T>() : nullptr,
+                     pad_part.defined() ? pad_part.mutable_data_ptr<T>() : nullptr};
+    backward(p, g, plan);
+
+    // Fixed-order reductions of the partials: run 0, 1, ... for each head.
+    const int64_t runs = windows.chunks_per_row, d = s.d;
+    if (g.table_part != nullptr) {
+      T* out = grad_table.mutable_data_ptr<T>();  // [entries, heads]
+      for (int64_t run = 0; run < runs; ++run) {
+        for (int64_t h = 0; h < s.heads; ++h) {
+          const T* part = g.table_part + (run * s.heads + h) * s.entries;
+          for (int64_t e = 0; e < s.entries; ++e) out[e * s.heads + h] += part[e];
+        }
+      }
+    }
+    if (g.pad_part != nullptr) {
+      T* out = grad_pad.mutable_data_ptr<T>();  // [3C]: part * C + h * d + j
+      for (int64_t run = 0; run < runs; ++run) {
+        for (int64_t h = 0; h < s.heads; ++h) {
+          const T* part = g.pad_part + (run * s.heads + h) * 3 * d;
+          for (int64_t q = 0; q < 3; ++q) {
+            for (int64_t j = 0; j < d; ++j) out[q * s.C + h * d + j] += part[q * d + j];
+          }
+        }
+      }
+    }
+  });
+  return {grad_qkv, grad_table, grad_pad};
+}
+
+}  // namespace
+}  // namespace fastctx
+
+TORCH_LIBRARY_IMPL(fastctx, CPU, m) {
+  m.impl("window_attention_fwd", &fastctx::window_attention_fwd);
+  m.impl("window_attention_bwd", &fastctx::window_attention_bwd);
+}
