@@ -204,16 +204,21 @@ def test_head_is_mmsegs_head_with_the_same_weights(case):
     assert_close(ours.eval().predict(feats, metas, {}), theirs.eval().predict(feats, metas, {}), F64, "predict")
 
 
-def test_init_weights_is_mmsegs():
-    """Runner calls init_weights: conv_seg gets mmseg's Normal(0, 0.01) init_cfg, the rest keeps its init."""
-    head = MODELS.build(dict(type="fastctx.APCHead", in_channels=8, channels=8, num_classes=3, pool_scales=(1, 2)))
-    assert head.init_cfg == dict(type="Normal", std=0.01, override=dict(name="conv_seg"))
+@pytest.mark.parametrize("head,classifiers", [
+    (dict(type="fastctx.APCHead", pool_scales=(1, 2)), ("conv_seg",)),
+    (dict(type="fastctx.ACFHead", acf_channels=4, dilations=(1, 2)), ("conv_seg", "conv_seg_coarse")),
+])
+def test_init_weights_is_mmsegs(head, classifiers):
+    """The Runner calls init_weights: the classifiers get mmseg's Normal(0, 0.01) init_cfg, the rest keeps its init."""
+    head = MODELS.build(dict(**head, in_channels=8, channels=8, num_classes=3))
     before = {k: v.clone() for k, v in head.state_dict().items()}
-    torch.nn.init.zeros_(head.conv_seg.weight)
+    for name in classifiers:
+        torch.nn.init.zeros_(getattr(head, name).weight)
     head.init_weights()
-    assert head.conv_seg.weight.abs().sum() > 0
+    for name in classifiers:
+        assert 0 < getattr(head, name).weight.std() < 0.02, name
     for key, value in head.state_dict().items():
-        if not key.startswith("conv_seg."):
+        if not key.startswith(classifiers):
             assert torch.equal(value, before[key]), key
 
 
@@ -419,10 +424,12 @@ class _Record(Hook):
     the losses, the weights training starts from, the validation logits and metrics."""
 
     def __init__(self):
-        self.losses, self.val_logits, self.metrics, self.start = {}, [], None, None
+        self.losses, self.val_logits, self.metrics, self.start, self.fastctx_modules = {}, [], None, None, None
 
     def before_train(self, runner):
         self.start = {k: v.detach().clone() for k, v in runner.model.state_dict().items()}
+        self.fastctx_modules = {type(m).__qualname__ for m in runner.model.modules()
+                                if type(m).__module__.startswith("fastctx.")}
 
     def before_train_iter(self, runner, batch_idx, data_batch=None):
         torch.manual_seed(1000 + runner.iter)
@@ -456,9 +463,10 @@ def test_zoo_config_trains_the_same_switched_in_mmengines_runner(model_name, tmp
     small = tmp_path / f"{model_name}_small.py"
     small.write_text(SMALL_CONFIG.format(zoo=str(ZOO / zoo), crop=CROP, decode_head=decode_head, data=str(data),
                                          iters=ITERS, every=CHECKPOINT_EVERY))
-    # The Runner logs the machine's environment, which mmengine collects by running nvcc and gcc (seconds per
-    # Runner, ten Runners here): not what is tested.
+    # Not what is tested, and most of a small run's time: the environment the Runner logs (mmengine runs nvcc and
+    # gcc to collect it) and yapf's layout of the config text it logs and stores in every checkpoint.
     monkeypatch.setattr("mmengine.runner.runner.collect_env", lambda: {})
+    monkeypatch.setattr("mmengine.config.config.FormatCode", lambda text, **kwargs: (text, False))
     configs = {"mmseg": small}
     for switch, line in SWITCHES.items():
         configs[switch] = tmp_path / f"{model_name}_{switch}.py"
@@ -487,6 +495,12 @@ def test_zoo_config_trains_the_same_switched_in_mmengines_runner(model_name, tmp
     assert all(np.isfinite(losses)) and all(later < earlier for earlier, later in zip(losses, losses[1:]))
     assert set(reference.metrics) == {"aAcc", "mIoU", "mAcc"}
 
+    # what ran: mmseg's modules only, fastctx's head, fastctx's context modules inside mmseg's head
+    fused_module = {"apcnet": "ACM", "encnet": "Encoding"}[model_name]
+    assert not reference.fastctx_modules
+    assert {HEAD_TYPES[model_name], fused_module} <= runs["per_head"].fastctx_modules
+    assert fused_module in runs["whole_model"].fastctx_modules
+    assert HEAD_TYPES[model_name] not in runs["whole_model"].fastctx_modules
     for name, run in runs.items():
         # the switched model started from mmseg's weights, key for key
         assert run.start.keys() == reference.start.keys(), name
@@ -505,6 +519,9 @@ def test_zoo_config_trains_the_same_switched_in_mmengines_runner(model_name, tmp
     for name in runs:
         written = sorted(p.name for p in (tmp_path / name).glob("iter_*.pth"))
         assert written == [f"iter_{i}.pth" for i in range(CHECKPOINT_EVERY, ITERS + 1, CHECKPOINT_EVERY)], name
+    # a checkpoint of the switched run is an mmseg checkpoint
+    trained = torch.load(tmp_path / "per_head" / f"iter_{ITERS}.pth", weights_only=False)["state_dict"]
+    start.load_state_dict(trained, strict=True)
     # resuming from the first checkpoint continues the run exactly: the remaining iterations and the validation
     assert sorted(resumed.losses) == list(range(CHECKPOINT_EVERY + 1, ITERS + 1))
     for i, step in resumed.losses.items():
