@@ -8,6 +8,7 @@ import torch
 import fastctx
 from fastctx import ops
 from fastctx.reference.window_attention import window_attention as reference
+from op_testing import check_fwd_bwd, require
 from tolerances import assert_close
 
 
@@ -79,3 +80,132 @@ def test_bad_input():
         ops.window_attention(qkv, 3, (2, 2), pad_qkv=pad[:6])
     with pytest.raises(ValueError, match=r"qkv must be \[B, H, W, 3C\]"):
         ops.window_attention(qkv[0], 3, (2, 2))
+
+
+# ----------------------------------------------------------------------------- cpu kernel (csrc/cpu/window_attention.cpp)
+
+# (B, H, W, C, heads, window, shift, with pad_qkv): a covering set of windows 4x8, 7x7, 8x16 and 12x12,
+# heads 1, 3, 8 and head_dim 16, 32, 64, shift 0 and window/2, maps not multiples of the window; then
+# windows of more than 256 tokens (several key and query blocks), one of them past the expanded-bias
+# size (the bias looked up per logit), and IIWA's one window covering the grid (no table).
+CPU_CASES = [
+    (1, 9, 13, 128, 8, (4, 8), (0, 0), True),      # d 16, ULLMC's window
+    (2, 10, 10, 48, 3, (7, 7), (3, 3), True),      # d 16, Swin's shifted window
+    (1, 11, 19, 32, 1, (8, 16), (4, 8), False),    # d 32, padded keys excluded
+    (1, 13, 14, 192, 3, (12, 12), (6, 6), True),   # d 64
+    (1, 5, 9, 512, 8, (4, 8), (2, 4), False),      # d 64, heads 8
+    (2, 8, 16, 96, 3, (8, 16), (0, 0), True),      # whole windows
+    (1, 20, 19, 16, 2, (17, 19), (8, 9), True),    # 323 tokens: 2 key blocks, 3 query blocks
+    (1, 34, 33, 8, 1, (33, 33), (5, 0), False),    # 1089 tokens: bias looked up per logit
+]
+
+
+@pytest.mark.parametrize("batch,height,width,channels,heads,window,shift,with_pad", CPU_CASES)
+def test_cpu_matches_reference(batch, height, width, channels, heads, window, shift, with_pad):
+    """Output and every gradient (qkv, table, pad_qkv) in float32 and float64."""
+    for dtype in (torch.float32, torch.float64):
+        require("cpu", dtype)
+        qkv, table, pad = window_inputs(batch, height, width, channels, heads, window, dtype=dtype)
+        tensors = [qkv, table] + ([pad] if with_pad else [])
+        check_fwd_bwd("cpu", lambda q, t, *p: ops.window_attention(q, heads, window, t, shift, None, *p),
+                      lambda q, t, *p: reference(q, heads, window, t, shift, None, *p), tensors, dtype,
+                      msg=f"{dtype}")
+
+
+@pytest.mark.parametrize("size,channels,heads", [(16, 64, 8), (24, 32, 2)])
+def test_cpu_one_window_covering_the_grid(size, channels, heads):
+    """IIWA's inter-window attention: no table, no padding, N = 256 (one block) and 576 (blocked)."""
+    require("cpu")
+    qkv, _, _ = window_inputs(2, size, size, channels, heads, (size, size), dtype=torch.float32)
+    check_fwd_bwd("cpu", lambda q: ops.window_attention(q, heads, size), lambda q: reference(q, heads, size),
+                  [qkv], torch.float32)
+
+
+def test_cpu_empty_batch():
+    require("cpu")
+    qkv, table, pad = window_inputs(0, 5, 6, 8, 2, (2, 4), dtype=torch.float32)
+    tensors = [t.requires_grad_() for t in (qkv, table, pad)]
+    with fastctx.use_backend("cpu"):
+        out = ops.window_attention(tensors[0], 2, (2, 4), tensors[1], (1, 2), pad_qkv=tensors[2])
+        assert out.shape == (0, 5, 6, 8)
+        out.sum().backward()
+    assert tensors[0].grad.shape == qkv.shape
+    assert not tensors[1].grad.any() and not tensors[2].grad.any()
+
+
+def _cpu_fwd_bwd(threads, qkv, table, pad, window, shift, heads):
+    leaves = [t.detach().clone().requires_grad_() for t in (qkv, table, pad)]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with fastctx.use_backend("cpu"):
+            out = ops.window_attention(leaves[0], heads, window, leaves[1], shift, pad_qkv=leaves[2])
+            weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+            (out * weights).sum().backward()
+    finally:
+        torch.set_num_threads(previous)
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+def test_cpu_bitwise_deterministic_across_thread_counts():
+    """The table and pad_qkv gradients are sums over 256 (window, head) units cut into 64 chunks."""
+    require("cpu")
+    qkv, table, pad = window_inputs(2, 31, 61, 64, 2, (4, 8), dtype=torch.float32)
+    first = _cpu_fwd_bwd(2, qkv, table, pad, (4, 8), (2, 4), 2)
+    for threads in (1, 3, 2):
+        for i, (a, b) in enumerate(zip(first, _cpu_fwd_bwd(threads, qkv, table, pad, (4, 8), (2, 4), 2))):
+            assert torch.equal(a, b), f"result {i} differs with {threads} thread(s)"
+
+
+@pytest.mark.parametrize("part", [0, 1, 2])
+@pytest.mark.parametrize("shift,with_pad", [((0, 0), True), ((1, 2), False)])
+def test_cpu_nan_pattern_matches_reference(part, shift, with_pad):
+    """A NaN in one token's q, k or v: NaN wherever the reference has NaN (output and every gradient),
+    and the same finite values elsewhere."""
+    require("cpu")
+    qkv, table, pad = window_inputs(1, 5, 7, 8, 2, (2, 4), dtype=torch.float32)
+    qkv[0, 2, 5, part * 8 + 5] = float("nan")  # head 1
+    tensors = [qkv, table] + ([pad] if with_pad else [])
+    results = []
+    for backend in ("cpu", "reference"):
+        leaves = [t.clone().requires_grad_() for t in tensors]
+        with fastctx.use_backend(backend):
+            out = ops.window_attention(leaves[0], 2, (2, 4), leaves[1], shift, None, *leaves[2:])
+            out.backward(torch.ones_like(out))
+        results.append([out.detach()] + [t.grad for t in leaves])
+    for i, (actual, expected) in enumerate(zip(*results)):
+        assert expected.isnan().any(), f"result {i}: the case should produce NaN"
+        assert torch.equal(actual.isnan(), expected.isnan()), f"result {i}: NaN pattern differs"
+        finite = ~expected.isnan()
+        assert_close(actual[finite], expected[finite], torch.float32, f"result {i}")
+
+
+def test_cpu_gradcheck_float64():
+    """The cpu backward through the op, in full (the second order is the reference's, checked above)."""
+    require("cpu", torch.float64)
+    qkv, table, pad = window_inputs(1, 3, 5, 2, 1, (2, 4))
+    for shift, with_pad in (((1, 2), True), ((0, 0), False)):
+        tensors = [qkv.clone().requires_grad_(), table.clone().requires_grad_()]
+        tensors += [pad.clone().requires_grad_()] if with_pad else []
+
+        def fn(q, t, *p):
+            with fastctx.use_backend("cpu"):
+                return torch.ops.fastctx.window_attention(q, 1, [2, 4], t, list(shift), 0.7, p[0] if p else None,
+                                                          "cpu")
+        assert torch.autograd.gradcheck(fn, tensors)
+
+
+@pytest.mark.parametrize("with_table,with_pad", [(True, True), (False, False)])
+def test_cpu_opcheck(with_table, with_pad):
+    """The op and its backward op, with the cpu kernels."""
+    require("cpu")
+    qkv, table, pad = window_inputs(2, 3, 5, 4, 2, (2, 2), dtype=torch.float32)
+    table = table.requires_grad_() if with_table else None
+    pad = pad.requires_grad_() if with_pad else None
+    grad = torch.randn(2, 3, 5, 4, generator=torch.Generator().manual_seed(1))
+    with fastctx.use_backend("cpu"):
+        torch.library.opcheck(torch.ops.fastctx.window_attention.default,
+                              (qkv.requires_grad_(), 2, [2, 2], table, [1, 1], 0.5, pad, "cpu"))
+        torch.library.opcheck(torch.ops.fastctx.window_attention_backward.default,
+                              (grad, qkv.detach(), None if table is None else table.detach(),
+                               None if pad is None else pad.detach(), 2, [2, 2], [1, 1], 0.5, "cpu"))
