@@ -714,3 +714,76 @@ def test_make_norm_syncbn_is_torchs_class_and_keeps_state_dicts():
 
 def before_prefix(state, prefix):
     return {k[len(prefix):]: v.clone() for k, v in state.items() if k.startswith(prefix)}
+
+
+# ----------------------------------------------------------------------------------------------- AdamW, paramwise
+
+def test_param_groups_follow_mmengines_custom_keys():
+    """Every parameter's lr and weight decay as mmengine's DefaultOptimWrapperConstructor gives them (the
+    longest matching key wins, so "backbone" rules the backbone's norms), on ULLMC's parameter names."""
+    from mmengine.logging import MMLogger
+    from mmengine.optim import DefaultOptimWrapperConstructor
+
+    from fastctx.engine.trainer import param_groups
+    from fastctx.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("ullmc_swin-tiny", 3)
+    model.backbone.patch_embed.projection.weight.requires_grad_(False)  # frozen: in no group
+    rules = {"backbone": {"lr_mult": 0.2}, "norm": {"decay_mult": 0.0}, "absolute_pos_embed": {"decay_mult": 0.0},
+             "relative_position_bias_table": {"decay_mult": 0.0}}
+    ours = {id(p): (g["lr"], g["weight_decay"], g["lr_mult"]) for g in param_groups(model, 6e-5, 0.01, rules)
+            for p in g["params"]}
+    MMLogger.get_current_instance().setLevel("WARNING")
+    constructor = DefaultOptimWrapperConstructor(
+        dict(type="OptimWrapper", optimizer=dict(type="AdamW", lr=6e-5, weight_decay=0.01)),
+        paramwise_cfg=dict(custom_keys=rules))
+    theirs = {id(p): (g["lr"], g["weight_decay"]) for g in constructor(model).optimizer.param_groups
+              for p in g["params"] if p.requires_grad}
+    assert ours.keys() == theirs.keys() and id(model.backbone.patch_embed.projection.weight) not in ours
+    assert all(ours[k][:2] == pytest.approx(theirs[k], rel=1e-15) for k in ours)
+    names = dict(model.named_parameters())
+    decay = {n for n, p in names.items() if id(p) in ours and ours[id(p)][1] > 0}
+    assert "decode_head.layers.0.norm1.weight" not in decay and "neck.blocks.0.norm2.bias" not in decay
+    assert "decode_head.layers.0.relative_position_bias_table" not in decay
+    assert "backbone.stages.0.blocks.0.norm1.weight" in decay  # "backbone" is the longer key
+    assert ours[id(names["backbone.stages.0.blocks.0.attn.w_msa.relative_position_bias_table"])] == (6e-5, 0.0, 1.0)
+
+
+def test_trainer_applies_adamw_with_paramwise_rules_and_warmup(tmp_path):
+    """AdamW steps by hand (per-group lr multiplier and decay) against the trainer's, warmup included."""
+    dataset = ToyDataset(16)
+    torch.manual_seed(0)
+    reference = ToyNet()
+    extra = ["train.iters=4", "train.batch_size=4", "optim.type=AdamW", "optim.lr=0.01", "optim.weight_decay=0.1",
+             "optim.betas=[0.8, 0.99]", "optim.paramwise={body.0: {lr_mult: 0.5, decay_mult: 0}}",
+             "schedule.warmup_iters=2", "schedule.warmup_ratio=0.1"]
+    trainer, _ = _toy_run(tmp_path, "adamw", extra, dataset=dataset)
+    assert isinstance(trainer.optimizer, torch.optim.AdamW)
+    body0 = list(reference.body[0].parameters())
+    rest = [p for p in reference.parameters() if all(p is not q for q in body0)]
+    opt = torch.optim.AdamW([dict(params=body0, weight_decay=0.0), dict(params=rest, weight_decay=0.1)],
+                            betas=(0.8, 0.99))
+    lrs = [PolyLR(0.01, 4, eta_min=0.0, warmup_iters=2, warmup_ratio=0.1).lr_at(t) for t in range(4)]
+    assert lrs[0] == pytest.approx(0.001) and [r["lr"] for r in _records(trainer)] == lrs
+    sampler = iter(TrainBatchSampler(16, 4, seed=0))
+    for lr in lrs:
+        batch = [dataset[key] for key in next(sampler)]
+        img, label = torch.stack([b["img"] for b in batch]), torch.stack([b["label"] for b in batch])
+        opt.param_groups[0]["lr"], opt.param_groups[1]["lr"] = 0.5 * lr, lr
+        opt.zero_grad()
+        sum(reference.loss(img, label).values()).backward()
+        opt.step()
+    for (name, ours), ref in zip(trainer.model.state_dict().items(), reference.state_dict().values()):
+        assert_close(ours, ref, torch.float32, name)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.type=Adam", "optim.type: expected one of 'SGD', 'AdamW'"),
+    ("optim.betas=[0.9, 1.0]", r"optim.betas: expected two numbers in \[0, 1\)"),
+    ("optim.paramwise={norm: {decay: 0}}", "optim.paramwise.norm: expected a mapping of lr_mult and/or decay_mult"),
+    ("optim.paramwise={norm: {lr_mult: -1}}", "optim.paramwise.norm: expected a mapping"),
+])
+def test_bad_optimizer_settings_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("fcn_r18-d8_synthetic", [override])

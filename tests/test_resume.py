@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastctx.engine import Trainer, load_checkpoint
+from fastctx.engine import Trainer, load_checkpoint, load_config
 from fastctx.engine import trainer as trainer_module
 from fastctx.engine.logging import read_json_lines
 from fastctx.models.segmentor import EncoderDecoder
@@ -152,3 +152,26 @@ def test_sigkilled_cli_run_resumes_bitwise(tmp_path):
     assert state_dicts_equal(resumed_state["state_dict"], ref_state["state_dict"])
     assert _train_losses(killed_dir) == _train_losses(ref_dir)
     assert [it for it, _ in _train_losses(killed_dir)] == list(range(1, KILL_ITERS + 1))
+
+
+def test_ullmc_with_adamw_and_warmup_resumes_bitwise(tmp_path):
+    """ULLMC (Swin, IIWA neck and decoder, OHEM, dropout and drop path) with AdamW, Swin's paramwise rules and a
+    warmup spanning the interruption: the resumed run ends with bitwise the weights and Adam moments."""
+    from test_ullmc import MICRO_YAML
+
+    overrides = [f"model.kwargs:={MICRO_YAML}", "data.train_kwargs={num_images: 8, size: [32, 32]}",
+                 "data.num_workers=0", "train.iters=4", "train.batch_size=2", "train.log_interval=1",
+                 "train.val_interval=0", "train.checkpoint_interval=0", "schedule.warmup_iters=3"]
+    config = load_config("ullmc_swin-tiny_synthetic", overrides)
+    reference = Trainer(config, tmp_path / "reference", progress=False)
+    reference.fit()
+    first = Trainer(config, tmp_path / "resumed", progress=False)
+    first.fit(stop_at=2)
+    resumed = Trainer(config, tmp_path / "resumed", resume=True, progress=False)
+    assert resumed.iteration == 2 and isinstance(resumed.optimizer, torch.optim.AdamW)
+    resumed.fit()
+    assert state_dicts_equal(resumed.model.state_dict(), reference.model.state_dict()), "weights differ"
+    sa, sb = resumed.optimizer.state_dict(), reference.optimizer.state_dict()
+    assert sa["param_groups"] == sb["param_groups"] and len(sa["param_groups"]) == 2  # decay and no decay
+    assert all(torch.equal(sa["state"][k][m], sb["state"][k][m]) for k in sa["state"] for m in ("exp_avg", "exp_avg_sq"))
+    assert _train_losses(tmp_path / "resumed") == _train_losses(tmp_path / "reference")
