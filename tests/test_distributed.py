@@ -4,12 +4,13 @@
   BatchNorm on the concatenated batch: outputs, input and parameter gradients, running statistics, for
   [B, C, H, W] and EncModule's [B, K, D];
 - the Trainer launched as torchrun would (RANK / WORLD_SIZE / MASTER_* in the environment): real tiny
-  APCNet and EncNet models with SyncBN (float64), batch 1 per process, give the single-process loss curve and
-  weights;
+  APCNet, EncNet and ULLMC (Swin, IIWA neck and decoder, AdamW with paramwise rules) models with SyncBN
+  (float64), batch 1 per process, give the single-process loss curve and weights;
 - evaluation shards the images over the processes and sums the pixel counts: the metrics of one process.
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 
@@ -24,7 +25,9 @@ from fastctx.data import SyntheticScenes
 from fastctx.engine import Trainer, build_model_from_config, evaluate
 from fastctx.engine.logging import read_json_lines
 from fastctx.nn._batchnorm import SyncBatchNorm, convert_sync_batchnorm
+from fastctx.engine import load_config
 from test_engine import ToyDataset, ToyNet, tiny_config
+from test_ullmc import MICRO
 from tolerances import assert_close
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -157,8 +160,21 @@ def test_sync_batchnorm_on_cpu_equals_batchnorm_on_the_whole_batch():
 
 def _configs(work_dir):
     common = ["model.norm=SyncBN", "train.val_interval=0", "train.checkpoint_interval=0"]
-    return {kind: tiny_config(kind, iters=ITERS, batch_size=2, dropout=0.0, workers=0,
-                              extra=common + [f"runtime.work_dir={work_dir}/{kind}"]) for kind in ("apcnet", "encnet")}
+    configs = {kind: tiny_config(kind, iters=ITERS, batch_size=2, dropout=0.0, workers=0,
+                                 extra=common + [f"runtime.work_dir={work_dir}/{kind}"])
+               for kind in ("apcnet", "encnet")}
+    # ULLMC without random layers (dropout, drop path) and with OHEM's per-pixel rule only (min_kept 0): a
+    # process selects over its own images, as mmseg's sampler on each GPU, so min_kept would differ by design
+    kwargs = {**MICRO, "backbone": {**MICRO["backbone"], "drop_path_rate": 0.0},
+              "neck": {**MICRO["neck"], "drop_path_rate": 0.0, "proj_drop": 0.0},
+              "decode_head": {**MICRO["decode_head"], "drop_path_rate": 0.0, "dropout_ratio": 0.0},
+              "auxiliary_head": {**MICRO["auxiliary_head"], "dropout_ratio": 0.0},
+              "ohem": {"thresh": 0.7, "min_kept": 0}}
+    configs["ullmc"] = load_config("ullmc_swin-tiny_synthetic", common + [
+        f"model.kwargs:={json.dumps(kwargs)}", "data.train_kwargs={num_images: 16, size: [32, 32]}",
+        "data.num_workers=0", f"train.iters={ITERS}", "train.batch_size=2", "train.log_interval=1",
+        "schedule.warmup_iters=2", f"runtime.work_dir={work_dir}/ullmc"])
+    return configs
 
 
 def _model(cfg):
