@@ -173,5 +173,6 @@ def test_ullmc_with_adamw_and_warmup_resumes_bitwise(tmp_path):
     assert state_dicts_equal(resumed.model.state_dict(), reference.model.state_dict()), "weights differ"
     sa, sb = resumed.optimizer.state_dict(), reference.optimizer.state_dict()
     assert sa["param_groups"] == sb["param_groups"] and len(sa["param_groups"]) == 2  # decay and no decay
-    assert all(torch.equal(sa["state"][k][m], sb["state"][k][m]) for k in sa["state"] for m in ("exp_avg", "exp_avg_sq"))
+    moments = ("exp_avg", "exp_avg_sq")
+    assert all(torch.equal(sa["state"][k][m], sb["state"][k][m]) for k in sa["state"] for m in moments)
     assert _train_losses(tmp_path / "resumed") == _train_losses(tmp_path / "reference")
