@@ -43,8 +43,8 @@ from ..nn.conv_module import UNSET, ConvModule, resolve_layer_args
 from ..nn.decode_head import DecodeHead
 from ..nn.iiwa import Mlp
 from ..nn.window_msa import DropPath, trunc_normal_
-from ..reference import window_attention as reference
 from ..reference.window_attention import _pair, sine_position_encoding, upsample_add
+from ..reference.window_attention import window_attention as eager_window_attention
 from .losses import ohem_pixel_weight, seg_cross_entropy
 from .segmentor import EncoderDecoder
 
@@ -66,7 +66,7 @@ def _attention(qkv: torch.Tensor, heads: int, window, bias_table, fused: bool) -
     """Window attention on packed qkv [B, H, W, 3C]; padded keys are excluded (pad_qkv=None)."""
     if fused:
         return ops.window_attention(qkv, heads, window, bias_table)
-    return reference.window_attention(qkv, heads, window, bias_table)
+    return eager_window_attention(qkv, heads, window, bias_table)
 
 
 def _nhwc(x: torch.Tensor) -> torch.Tensor:
@@ -83,7 +83,8 @@ class IIWANeck(nn.Module):
     Args:
         in_channels: channels of the backbone features (L + 1 of them).
         channels: output channels of the L fused levels (level i fuses x_i and level i + 1).
-        num_heads, window_sizes, mlp_ratios: of each level's IIWA block (an entry per level or one for all).
+        num_heads, window_sizes, mlp_ratios: of each level's IIWA block (an entry per level or one for all;
+            a pair of ints as window_sizes is one (Wh, Ww) window for all levels).
         drop_path_rate: stochastic depth of the IIWA MLP branches.
         proj_drop: dropout after IIWA's projections and in its MLP.
         fused: run IIWA on fastctx's window_attention op.
