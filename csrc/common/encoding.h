@@ -4,11 +4,18 @@
 // pointers and the accumulation type acc_t (float for fp32 data, double for
 // fp64).
 //
-// All distances are taken between *centred* values x' = x - m, c' = c - m with
-// m = mean_k c_k. The squared distance is translation invariant, and with
-// centred operands ||x'||^2 - 2 x'.c' + ||c'||^2 has small terms, so it does
-// not cancel catastrophically when ||x|| is large and x lies near the
-// codewords.
+// Distances are first taken between *centred* values x' = x - m, c' = c - m
+// with m = mean_k c_k. The squared distance is translation invariant, and with
+// centred operands ||x'||^2 - 2 x'.c' + ||c'||^2 does not cancel when ||x|| is
+// large and the codewords are clustered (within O(1) of each other). Centring
+// removes only the shared offset, though: with codewords far apart (spread s)
+// a feature near codeword k still has ||x'||^2 ~ ||c'_k||^2 ~ s^2 D against a
+// small distance, and the expansion's rounding error ~eps (||x'||^2 +
+// ||c'_k||^2) swamps it. The CPU backend recomputes such entries directly as
+// sum_d (x_d - c_kd)^2 from the raw values, and their residual x - c_k enters
+// the sums (E, the gradients) directly instead of as x' - c'_k:
+// encoding_expansion_imprecise / encoding_logit_floor below decide which
+// (docs/kernels.md, "encoding"; the CUDA kernel does not do this yet).
 #include <cmath>
 #include <cstdint>
 
@@ -60,6 +67,45 @@ FASTCTX_HOST_DEVICE acc_t encoding_sq_dist(acc_t x_sq, acc_t x_dot_c, acc_t c_sq
   if ((x_sq == inf && c_sq < inf) || (c_sq == inf && x_sq < inf)) return inf;
   const acc_t d = x_sq - acc_t(2) * x_dot_c + c_sq;
   return d < acc_t(0) ? acc_t(0) : d;
+}
+
+// Spread codewords. The expanded distance of (x_i, c_k) carries a rounding
+// error of about eps (||x'||^2 + ||c'_k||^2), the direct sum_d (x_d - c_kd)^2
+// (the reference's) about eps dist: the expansion is kept where the ratio is
+// at most kEncodingDirectRatio (its error then stays within that factor of the
+// reference's; the residual x' - c'_k in E and the gradients likewise, within
+// its square root). This never triggers for clustered codewords, where x' and
+// c'_k are as large as x - c_k on average.
+constexpr float kEncodingDirectRatio = 16.0f;
+// Logits more than this below the row max have weight < e^-64: their precision
+// does not matter, whatever it is.
+constexpr float kEncodingLogitMargin = 64.0f;
+
+// Whether the expanded distance of one entry is too imprecise to keep (finite
+// norms only: non-finite entries keep the expansion's reference semantics, see
+// encoding_sq_dist).
+template <typename acc_t>
+FASTCTX_HOST_DEVICE bool encoding_expansion_imprecise(acc_t x_sq, acc_t c_sq, acc_t dist) {
+  const acc_t norms = x_sq + c_sq;
+  return norms < static_cast<acc_t>(INFINITY) && norms > acc_t(kEncodingDirectRatio) * dist;
+}
+
+// Rounding-error bound of an expanded logit s_k dist_k over D channels: the
+// dot product bound D eps sum_d |x'_d c'_kd| <= D eps (||x'||^2 + ||c'_k||^2)
+// (the norms' own errors are of the same size), times |s_k|.
+template <typename acc_t>
+FASTCTX_HOST_DEVICE acc_t encoding_logit_error(acc_t x_sq, acc_t c_sq, acc_t s, int64_t D) {
+  const acc_t eps = sizeof(acc_t) == 4 ? acc_t(1.1920929e-7f) : acc_t(2.220446049250313e-16);
+  const acc_t abs_s = s < acc_t(0) ? -s : s;
+  return abs_s * (x_sq + c_sq) * (acc_t(D) * eps);
+}
+
+// Logits below this can be left imprecise: even with every expanded logit off
+// by up to max_err (its bound, the largest of the row), such an entry stays
+// kEncodingLogitMargin below the row max.
+template <typename acc_t>
+FASTCTX_HOST_DEVICE acc_t encoding_logit_floor(acc_t row_max, acc_t max_err) {
+  return row_max - acc_t(kEncodingLogitMargin) - acc_t(2) * max_err;
 }
 
 // In-place softmax of one pixel's K logits (stride 1). Subtracting the row

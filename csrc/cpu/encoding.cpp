@@ -14,9 +14,15 @@
 // Pixel-major [tile_n][K] assignment rows keep each pixel's K values contiguous,
 // so the per-pixel maths is the row helpers of common/encoding.h. The softmax
 // gradient uses dA shifted by the pixel's winning codeword (no cancellation
-// for near one-hot rows). NaN and inf propagate as in the reference: see
-// encoding_sq_dist / encoding_finite_or_zero, and the term-by-term path of
-// the backward for non-finite gradient rows.
+// for near one-hot rows).
+// Spread codewords: where a pixel sits near a codeword far from the mean m,
+// centring does not save that entry's expanded distance (common/encoding.h).
+// Such (pixel, codeword) entries, rare and flagged per pixel by
+// pixel_distances(), leave the GEMMs: their distance, dA and residual terms
+// use r = x - c_k formed from the raw values, as the reference does. NaN and
+// inf propagate as in the reference: see encoding_sq_dist /
+// encoding_finite_or_zero; the backward evaluates non-finite gradient rows
+// term by term through the same direct path.
 //
 // Determinism: tiles are grouped into chunks (a fixed run of tiles of one image;
 // the chunking depends on the shapes only, never on the thread count). Each
@@ -36,6 +42,7 @@
 #include <algorithm>
 #include <climits>
 #include <cstring>
+#include <limits>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -141,12 +148,14 @@ struct Codebook {
   std::vector<scalar_t> mean, sq;
   at::Tensor centred_buf;
   scalar_t* centred = nullptr;
+  const scalar_t* raw = nullptr;  // c itself, for direct residuals x - c_k
 };
 
 template <typename scalar_t>
 Codebook<scalar_t> make_codebook(const scalar_t* c, int64_t K, int64_t D,
                                  const at::TensorOptions& options) {
   Codebook<scalar_t> cb;
+  cb.raw = c;
   cb.mean.assign(D, scalar_t(0));
   cb.centred_buf = at::empty({K, D}, options);
   cb.centred = cb.centred_buf.template mutable_data_ptr<scalar_t>();
@@ -252,6 +261,80 @@ void load_centred_tile(const scalar_t* x, const scalar_t* mean, const Shape& s, 
   }
 }
 
+// The raw pixels of one tile: pixel i's channel d at at(i)[d * chan_step].
+template <typename scalar_t>
+struct RawTile {
+  const scalar_t* base;
+  int64_t pixel_step, chan_step;
+  RawTile(const scalar_t* x, const Shape& s, bool cf, int64_t b, int64_t n0)
+      : base(cf ? x + b * s.D * s.N + n0 : x + (b * s.N + n0) * s.D),
+        pixel_step(cf ? 1 : s.D), chan_step(cf ? s.N : 1) {}
+  const scalar_t* at(int64_t i) const { return base + i * pixel_step; }
+};
+
+// r = x_i - c_k from the raw values (free of the centring's roundings, which
+// are as large as the residual itself for spread codewords); returns ||r||^2,
+// summed in a fixed order.
+template <typename scalar_t>
+scalar_t raw_residual(const RawTile<scalar_t>& tile, int64_t i, const scalar_t* c, int64_t D,
+                      scalar_t* r) {
+  const scalar_t* x = tile.at(i);
+  const int64_t step = tile.chan_step;
+  constexpr int64_t L = 8;
+  scalar_t part[L] = {};
+  int64_t d = 0;
+  for (; d + L <= D; d += L) {
+    for (int64_t l = 0; l < L; ++l) {
+      const scalar_t v = x[(d + l) * step] - c[d + l];
+      r[d + l] = v;
+      part[l] += v * v;
+    }
+  }
+  for (; d < D; ++d) {
+    const scalar_t v = x[d * step] - c[d];
+    r[d] = v;
+    part[0] += v * v;
+  }
+  scalar_t acc = 0;
+  for (int64_t l = 0; l < L; ++l) acc += part[l];
+  return acc;
+}
+
+// Pixel i's distances dist[0, K) from its dot products x'_i.c'_k. Entries
+// whose expansion is too imprecise and whose logit can matter
+// (encoding_expansion_imprecise / encoding_logit_floor) are recomputed
+// directly: their k goes to `direct`, their residual x_i - c_k to `resid`
+// (D values each, in that order). The forward and the backward call this with
+// the same values, so they see the same assignment. Clustered codewords never
+// take the direct path, so there it costs K comparisons per pixel.
+template <typename scalar_t>
+void pixel_distances(const scalar_t* dots, scalar_t x_sq, const Codebook<scalar_t>& cb,
+                     const scalar_t* scale, int64_t K, int64_t D, const RawTile<scalar_t>& tile,
+                     int64_t i, scalar_t* dist, std::vector<int64_t>& direct,
+                     std::vector<scalar_t>& resid) {
+  direct.clear();
+  bool any = false;
+  for (int64_t k = 0; k < K; ++k) {
+    dist[k] = encoding_sq_dist(x_sq, dots[k], cb.sq[k]);
+    any |= encoding_expansion_imprecise(x_sq, cb.sq[k], dist[k]);
+  }
+  if (!any) return;
+  scalar_t row_max = -std::numeric_limits<scalar_t>::infinity(), max_err = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    const scalar_t logit = scale[k] * dist[k], err = encoding_logit_error(x_sq, cb.sq[k], scale[k], D);
+    row_max = logit > row_max ? logit : row_max;
+    max_err = err > max_err ? err : max_err;
+  }
+  const scalar_t floor = encoding_logit_floor(row_max, max_err);
+  for (int64_t k = 0; k < K; ++k) {
+    if (!encoding_expansion_imprecise(x_sq, cb.sq[k], dist[k]) || !(scale[k] * dist[k] >= floor))
+      continue;
+    direct.push_back(k);
+    resid.resize(direct.size() * D);
+    dist[k] = raw_residual(tile, i, cb.raw + k * D, D, resid.data() + (direct.size() - 1) * D);
+  }
+}
+
 template <typename scalar_t>
 scalar_t* buffer_ptr(at::Tensor& t) {
   return t.mutable_data_ptr<scalar_t>();
@@ -277,7 +360,8 @@ void encoding_fwd_impl(const at::Tensor& x, const at::Tensor& codewords, const a
     auto a_buf = at::empty({t.tile_n * K}, x.options());
     scalar_t* xb = buffer_ptr<scalar_t>(xb_buf);
     scalar_t* a = buffer_ptr<scalar_t>(a_buf);  // [nc][K], pixel-major
-    std::vector<scalar_t> xsq(t.tile_n), colsum(K);
+    std::vector<scalar_t> xsq(t.tile_n), colsum(K), dist(K), resid;
+    std::vector<int64_t> direct;
     RowBlockPrefetcher pf_x;
     for (int64_t chunk = c_begin; chunk < c_end; ++chunk) {
       const int64_t b = chunk / t.chunks_per_image;
@@ -290,6 +374,7 @@ void encoding_fwd_impl(const at::Tensor& x, const at::Tensor& codewords, const a
         const int64_t n0 = tile * t.tile_n, nc = std::min(t.tile_n, s.N - n0);
         const int64_t ldx = cf ? nc : D;
         load_centred_tile(xp, cb.mean.data(), s, cf, b, n0, nc, xb, xsq.data());
+        const RawTile<scalar_t> raw(xp, s, cf, b, n0);
         prefetch_next_x_tile(pf_x, xp, s, cf, b, tile, t.tile_n, t.n_tiles);
         const int64_t pf_step = pf_x.per_step(nc);
         // a^T [K x nc] = C' X'^T: pixel i's dot products x'_i.c'_k at a[i*K + k].
@@ -297,15 +382,23 @@ void encoding_fwd_impl(const at::Tensor& x, const at::Tensor& codewords, const a
         for (int64_t i = 0; i < nc; ++i) {
           pf_x.issue(pf_step);
           scalar_t* row = a + i * K;
-          for (int64_t k = 0; k < K; ++k)
-            row[k] = sp[k] * encoding_sq_dist(xsq[i], row[k], cb.sq[k]);
+          pixel_distances(row, xsq[i], cb, sp, K, D, raw, i, dist.data(), direct, resid);
+          for (int64_t k = 0; k < K; ++k) row[k] = sp[k] * dist[k];
           encoding_softmax_row(row, K);
+          // Direct entries add A_ik (x_i - c_k) here and leave the GEMM and colsum.
+          for (size_t j = 0; j < direct.size(); ++j) {
+            const int64_t k = direct[j];
+            const scalar_t* r = resid.data() + j * D;
+            scalar_t* Pk = P + k * D;
+            for (int64_t d = 0; d < D; ++d) Pk[d] += row[k] * r[d];
+            row[k] = 0;
+          }
           for (int64_t k = 0; k < K; ++k) colsum[k] += row[k];
         }
         // P^T [D x K] += X'^T A
         blas_gemm<scalar_t>(cf ? kT : kN, kT, D, K, nc, 1, xb, ldx, a, K, 1, P, D);
       }
-      // E = A^T X' - colsum(A) c' (the same as with uncentred x, c).
+      // E = A^T X' - colsum(A) c' (the same as with uncentred x, c), plus the direct entries.
       for (int64_t k = 0; k < K; ++k) {
         const scalar_t ck = colsum[k];
         for (int64_t d = 0; d < D; ++d) P[k * D + d] -= ck * cp[k * D + d];
@@ -385,10 +478,16 @@ void encoding_bwd_impl(const at::Tensor& grad, const at::Tensor& x, const at::Te
     auto m_buf = at::empty({t.tile_n * K2}, x.options());
     scalar_t* xb = buffer_ptr<scalar_t>(xb_buf);
     scalar_t* mrows = buffer_ptr<scalar_t>(m_buf);  // [nc][2K], pixel-major
-    std::vector<scalar_t> xsq(t.tile_n), rowsum_w(t.tile_n), dist(K), col_a(K), col_w(K);
-    // Pixels of the tile whose W row is not finite, and that row.
-    std::vector<int64_t> direct_px;
-    std::vector<scalar_t> direct_w;
+    std::vector<scalar_t> xsq(t.tile_n), rowsum_w(t.tile_n), dist(K), col_a(K), col_w(K), resid;
+    std::vector<int64_t> direct;
+    std::vector<char> is_direct(K, 0);
+    // W terms added after the GEMMs with the raw residual x_i - c_k: (pixel, codeword, W_ik).
+    struct Term {
+      int64_t i, k;
+      scalar_t w;
+    };
+    std::vector<Term> terms;
+    std::vector<scalar_t> r(D);
     RowBlockPrefetcher pf_x, pf_g;
     for (int64_t chunk = c_begin; chunk < c_end; ++chunk) {
       const int64_t b = chunk / t.chunks_per_image;
@@ -408,25 +507,26 @@ void encoding_bwd_impl(const at::Tensor& grad, const at::Tensor& x, const at::Te
         const int64_t n0 = tile * t.tile_n, nc = std::min(t.tile_n, s.N - n0);
         const int64_t ldx = cf ? nc : D;
         load_centred_tile(xp, cb.mean.data(), s, cf, b, n0, nc, xb, xsq.data());
+        const RawTile<scalar_t> raw(xp, s, cf, b, n0);
         prefetch_next_x_tile(pf_x, xp, s, cf, b, tile, t.tile_n, t.n_tiles);
         if (cf) {
           const int64_t row_bytes = nc * sizeof(scalar_t), stride = s.N * sizeof(scalar_t);
           pf_g.reset(gxp + b * D * s.N + n0, D, row_bytes, stride, true);
         }
         const int64_t pf_x_step = pf_x.per_step(nc), pf_g_step = pf_g.per_step(nc);
-        // Non-finite values. The expanded forms x'.v - c'_k.v and
-        // rowsum(W) x' - W c' give inf - inf = NaN where the reference's
-        // sums of terms v_d (x_d - c_kd) are +-inf. Rows dE_k and W_i that
-        // are not finite (an infinite upstream gradient) are therefore
-        // evaluated term by term; finite ones never reach this path.
-        const auto x_at = [&](int64_t i, int64_t d) { return cf ? xb[d * nc + i] : xb[i * D + d]; };
+        // Term by term, with the raw residual x_i - c_k: the direct entries
+        // of spread codewords (see pixel_distances), and non-finite values:
+        // the expanded forms x'.v - c'_k.v and rowsum(W) x' - W c' give
+        // inf - inf = NaN where the reference's sums of terms v_d (x_d - c_kd)
+        // are +-inf, so rows dE_k and W_i that are not finite (an infinite
+        // upstream gradient) take this path too; finite ones never do.
         const auto residual_dot = [&](const scalar_t* v, int64_t i, int64_t k) {
+          raw_residual(raw, i, cb.raw + k * D, D, r.data());
           scalar_t acc = 0;
-          for (int64_t d = 0; d < D; ++d) acc += v[d] * (x_at(i, d) - cp[k * D + d]);
+          for (int64_t d = 0; d < D; ++d) acc += v[d] * r[d];
           return acc;
         };
-        direct_px.clear();
-        direct_w.clear();
+        terms.clear();
         // rows [2K x nc] = S X'^T: pixel i has x'_i.c'_k at [i*2K + k] and x'_i.dE_k
         // at [i*2K + K + k].
         blas_gemm<scalar_t>(kT, cf ? kT : kN, K2, nc, D, 1, S, D, xb, ldx, 0, mrows, K2);
@@ -434,15 +534,22 @@ void encoding_bwd_impl(const at::Tensor& grad, const at::Tensor& x, const at::Te
           pf_x.issue(pf_x_step);
           pf_g.issue(pf_g_step);
           scalar_t* row = mrows + i * K2;  // [0, K): logits -> A -> -W; [K, 2K): x'.dE -> A
-          for (int64_t k = 0; k < K; ++k) {
-            dist[k] = encoding_sq_dist(xsq[i], row[k], cb.sq[k]);
-            row[k] = sp[k] * dist[k];
-          }
+          pixel_distances(row, xsq[i], cb, sp, K, D, raw, i, dist.data(), direct, resid);
+          for (int64_t k = 0; k < K; ++k) row[k] = sp[k] * dist[k];
           encoding_softmax_row(row, K);
-          // dA_ik = x'.dE_k - dE_k.c'_k, shifted by its value at the winning
-          // (largest-A, first) codeword: see encoding_softmax_grad.
+          // dA_ik = x'.dE_k - dE_k.c'_k (dE_k . (x_i - c_k) for direct entries), shifted
+          // by its value at the winning (largest-A, first) codeword: see encoding_softmax_grad.
           for (int64_t k = 0; k < K; ++k) {
             row[K + k] = dE_finite[k] ? row[K + k] - dEc[k] : residual_dot(dE + k * D, i, k);
+          }
+          for (size_t j = 0; j < direct.size(); ++j) {
+            const int64_t k = direct[j];
+            const scalar_t* rk = resid.data() + j * D;
+            const scalar_t* v = dE + k * D;
+            scalar_t acc = 0;
+            for (int64_t d = 0; d < D; ++d) acc += v[d] * rk[d];
+            row[K + k] = acc;
+            is_direct[k] = 1;
           }
           int64_t win = 0;
           for (int64_t k = 1; k < K; ++k) win = row[k] > row[win] ? k : win;
@@ -459,21 +566,26 @@ void encoding_bwd_impl(const at::Tensor& grad, const at::Tensor& x, const at::Te
             const scalar_t w = scalar_t(2) * sp[k] * dl;
             Ps[k] += dl * dist[k];
             col_a[k] += ak;
-            rw += w;
             row[K + k] = ak;
-            row[k] = -w;
+            if (is_direct[k]) {
+              terms.push_back({i, k, w});
+              row[k] = 0;
+            } else {
+              rw += w;
+              row[k] = -w;
+            }
           }
           if (encoding_finite_or_zero(rw) == rw) {
             for (int64_t k = 0; k < K; ++k) col_w[k] -= row[k];
             rowsum_w[i] = rw;
           } else {  // the W terms are added after the GEMMs, term by term
-            direct_px.push_back(i);
             for (int64_t k = 0; k < K; ++k) {
-              direct_w.push_back(-row[k]);
+              if (!is_direct[k]) terms.push_back({i, k, -row[k]});
               row[k] = 0;
             }
             rowsum_w[i] = 0;
           }
+          for (const int64_t k : direct) is_direct[k] = 0;
         }
         // grad_x tile = rowsum(W) x' + [-W | A] [c'; dE] (beta = 1 onto the first term).
         if (cf) {
@@ -496,17 +608,15 @@ void encoding_bwd_impl(const at::Tensor& grad, const at::Tensor& x, const at::Te
         }
         // Pc^T [D x K] += X'^T (-W)
         blas_gemm<scalar_t>(cf ? kT : kN, kT, D, K, nc, 1, xb, ldx, mrows, K2, 1, Pc, D);
-        for (size_t j = 0; j < direct_px.size(); ++j) {
-          const int64_t i = direct_px[j];
-          scalar_t* g = cf ? gxp + b * D * s.N + n0 + i : gxp + (b * s.N + n0 + i) * D;
+        for (const Term& term : terms) {
+          scalar_t* g = cf ? gxp + b * D * s.N + n0 + term.i : gxp + (b * s.N + n0 + term.i) * D;
           const int64_t g_step = cf ? s.N : 1;
-          for (int64_t k = 0; k < K; ++k) {
-            const scalar_t w = direct_w[j * K + k];
-            for (int64_t d = 0; d < D; ++d) {
-              const scalar_t term = w * (x_at(i, d) - cp[k * D + d]);
-              g[d * g_step] += term;
-              Pc[k * D + d] -= term;
-            }
+          raw_residual(raw, term.i, cb.raw + term.k * D, D, r.data());
+          scalar_t* Pk = Pc + term.k * D;
+          for (int64_t d = 0; d < D; ++d) {
+            const scalar_t v = term.w * r[d];
+            g[d * g_step] += v;
+            Pk[d] -= v;
           }
         }
       }
