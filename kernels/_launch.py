@@ -42,7 +42,8 @@ from triton.backends.compiler import BaseBackend
 from triton.runtime.interpreter import InterpretedFunction
 
 # Every op with Triton kernels: kernels/<name>.py.
-OPS = ("pyramid_pool", "gla_context", "residual_relu", "encoding", "class_gather", "class_attention")
+OPS = ("pyramid_pool", "gla_context", "residual_relu", "encoding", "class_gather", "class_attention",
+       "window_attention")
 
 
 @triton.jit

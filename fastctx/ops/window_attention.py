@@ -32,7 +32,15 @@ from ..reference.window_attention import window_attention as _reference
 from ._checks import check_same
 from ._dispatch import FusedOp, Support, amp_dtype, compute_dtype, reference_second_order, register
 
-OP = register(FusedOp("window_attention", cpu=Support(), cuda=Support(), triton=Support()))
+
+def _triton_limits(facts):
+    from fastctx.kernels.window_attention import limits
+
+    return limits(facts)
+
+
+OP = register(FusedOp("window_attention", cpu=Support(), cuda=Support(),
+                      triton=Support(limits=_triton_limits, note="d <= 64, H*W*3C < 2^31")))
 
 
 def _facts(qkv: torch.Tensor, heads: int, window) -> dict:

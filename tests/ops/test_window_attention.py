@@ -1,7 +1,7 @@
 """window_attention against its reference (mmseg's Swin W-MSA / SW-MSA, ULLMC's intra-window attention):
 the op, its gradients (table and padding value included), opcheck, bad input. The reference itself is
 checked against per-window loops in tests/test_window_reference.py; the fused backends join the
-parametrisation as their kernels land."""
+parametrisation as their kernels land (the Triton launchers are tested in test_window_attention_triton.py)."""
 import pytest
 import torch
 
@@ -10,6 +10,8 @@ from fastctx import ops
 from fastctx.reference.window_attention import window_attention as reference
 from op_testing import check_fwd_bwd, require
 from tolerances import assert_close
+
+BACKENDS = ["reference", "triton"]
 
 
 def window_inputs(batch, height, width, channels, heads, window, dtype=torch.float64, seed=0):
@@ -28,13 +30,28 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("batch,height,width,channels,heads,window,shift,with_pad", CASES)
-def test_op_matches_reference(batch, height, width, channels, heads, window, shift, with_pad):
+def test_op_matches_reference(backend, batch, height, width, channels, heads, window, shift, with_pad):
+    require(backend, torch.float64)
     qkv, table, pad = window_inputs(batch, height, width, channels, heads, window)
     pad = pad if with_pad else None
-    with fastctx.use_backend("reference"):
-        out = torch.ops.fastctx.window_attention(qkv, heads, list(window), table, list(shift), 0.3, pad, "reference")
+    with fastctx.use_backend(backend):
+        out = torch.ops.fastctx.window_attention(qkv, heads, list(window), table, list(shift), 0.3, pad, backend)
     assert_close(out, reference(qkv, heads, window, table, shift, 0.3, pad), torch.float64)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+@pytest.mark.parametrize("batch,height,width,channels,heads,window,shift,with_pad", CASES)
+def test_op_gradients_match_reference(backend, batch, height, width, channels, heads, window, shift, with_pad):
+    """The fused op's output and gradients (qkv, table, padding value) through autograd vs the reference's, in
+    float32 (float64: test_op_matches_reference and the gradchecks)."""
+    dtype = torch.float32
+    require(backend, dtype)
+    qkv, table, pad = window_inputs(batch, height, width, channels, heads, window, dtype=dtype)
+    tensors = [qkv, table] + ([pad] if with_pad else [])
+    check_fwd_bwd(backend, lambda q, t, *p: ops.window_attention(q, heads, window, t, shift, 0.3, *p),
+                  lambda q, t, *p: reference(q, heads, window, t, shift, 0.3, *p), tensors, dtype)
 
 
 @pytest.mark.parametrize("shift,with_pad", [((0, 0), True), ((1, 1), True), ((0, 0), False)])
@@ -49,12 +66,48 @@ def test_gradcheck_float64(shift, with_pad):
     assert torch.autograd.gradgradcheck(fn, tensors)
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_fused_gradcheck_float64(backend):
+    """The fused backward through the op (fast mode: random projections of the Jacobian; the second order
+    is the reference's, checked above)."""
+    require(backend, torch.float64)
+    qkv, table, pad = window_inputs(1, 3, 3, 2, 1, (2, 2))
+    tensors = [qkv.requires_grad_(), table.requires_grad_(), pad.requires_grad_()]
+
+    def fn(q, t, p):
+        with fastctx.use_backend(backend):
+            return torch.ops.fastctx.window_attention(q, 1, [2, 2], t, [1, 1], 0.7, p, backend)
+    assert torch.autograd.gradcheck(fn, tensors, fast_mode=True)
+
+
 @pytest.mark.parametrize("with_table,with_pad", [(True, True), (False, False)])
 def test_opcheck(with_table, with_pad):
     qkv, table, pad = window_inputs(2, 3, 5, 4, 2, (2, 2), dtype=torch.float32)
     args = (qkv.requires_grad_(), 2, [2, 2], table.requires_grad_() if with_table else None, [1, 1], 0.5,
             pad.requires_grad_() if with_pad else None, "reference")
     torch.library.opcheck(torch.ops.fastctx.window_attention.default, args)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_fused_opcheck(backend):
+    require(backend)
+    qkv, table, pad = window_inputs(1, 3, 3, 4, 2, (2, 2), dtype=torch.float32)
+    args = (qkv.requires_grad_(), 2, [2, 2], table.requires_grad_(), [1, 1], 0.5, pad.requires_grad_(), backend)
+    grad = torch.randn(1, 3, 3, 4, generator=torch.Generator().manual_seed(1))
+    with fastctx.use_backend(backend):
+        torch.library.opcheck(torch.ops.fastctx.window_attention.default, args)
+        torch.library.opcheck(torch.ops.fastctx.window_attention_backward.default,
+                              (grad, qkv.detach(), table.detach(), pad.detach(), 2, [2, 2], [1, 1], 0.5, backend))
+
+
+def test_forced_triton_names_the_limit():
+    """A head wider than the Triton kernels' register tiles: the forced backend refuses with the reason."""
+    require("triton")
+    qkv, _, _ = window_inputs(1, 2, 2, 65, 1, (2, 2), dtype=torch.float32)
+    with fastctx.use_backend("triton"):
+        with pytest.raises(fastctx.BackendUnavailableError,
+                           match="cannot run window_attention: head_dim d = 65 > 64"):
+            ops.window_attention(qkv, 1, (2, 2))
 
 
 def test_public_function_defaults_and_empty_batch():
