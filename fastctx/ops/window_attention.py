@@ -20,7 +20,8 @@ whole windows and the backward recomputes each window's attention from q and k
 and the padded keys' dK, dV summed into d(pad_qkv); those cross-window sums are
 reduced in a fixed order.
 
-Backends: reference (fastctx/reference/window_attention.py); fused kernels register here as they land.
+Backends: reference (fastctx/reference/window_attention.py), cpu (csrc/cpu/window_attention.cpp, any
+window size); the other fused kernels register here as they land.
 Contract: docs/kernels.md "window_attention".
 """
 from __future__ import annotations
