@@ -19,7 +19,7 @@ from fastctx.info import _cuda_tool
 
 CUDA_BUILD_EXPECTED = bool(torch.version.cuda) and os.environ.get("FASTCTX_NO_CUDA", "0") != "1" \
     and os.environ.get("FASTCTX_NO_EXT", "0") != "1"
-OPS = ("pyramid_pool", "gla_context", "residual_relu", "encoding")
+OPS = ("pyramid_pool", "gla_context", "residual_relu", "encoding", "class_gather", "class_attention")
 # The architectures setup.py builds when no GPU is there to ask (TORCH_CUDA_ARCH_LIST unset).
 EXPECTED_ARCHS = {"sm_75", "sm_80", "sm_90"}
 # Every __global__ template of csrc/cuda/*_kernel.cuh: each must be compiled for every architecture.
@@ -29,6 +29,8 @@ KERNELS = (
     "gla_fwd_kernel", "gla_bwd_kernel", "sum_partials_kernel",
     "encoding_prep_kernel", "encoding_norms_kernel", "encoding_tile_kernel", "encoding_fwd_reduce_kernel",
     "encoding_bwd_reduce_kernel",
+    "class_gather_fwd_kernel", "class_gather_merge_kernel", "class_gather_prep_kernel", "class_gather_bwd_kernel",
+    "class_attention_fwd_kernel", "class_attention_bwd_kernel", "class_attention_sum_kernel",
 )
 
 

@@ -11,9 +11,9 @@ compiles them with the host compiler against tests/cuda_emu/emu.h and runs every
   path): the latest and the earliest a copy may land;
 - against tests/tolerances.py, per dtype (fp32, fp64, and a bfloat16 stand-in type).
 
-The mutation tests prove the emulation can fail: with one barrier of gla_context or encoding removed,
-or encoding's cp.async waits one group short, the same drivers must report wrong results. The
-sanitizer test builds the drivers with AddressSanitizer and UndefinedBehaviorSanitizer.
+The mutation tests prove the emulation can fail: with one barrier of gla_context, encoding, class_gather
+or class_attention removed, or encoding's cp.async waits one group short, the same drivers must report
+wrong results. The sanitizer test builds the drivers with AddressSanitizer and UndefinedBehaviorSanitizer.
 """
 import os
 import re
@@ -29,7 +29,7 @@ from tolerances import TOLERANCES
 
 ROOT = Path(__file__).resolve().parents[1]
 EMU = ROOT / "tests" / "cuda_emu"
-OPS = ("residual_relu", "pyramid_pool", "gla_context", "encoding")
+OPS = ("residual_relu", "pyramid_pool", "gla_context", "encoding", "class_gather", "class_attention")
 # Issue 11, item 5: at near one-hot assignments, fp32 grad_scale and grad_codewords within 1e-5 of
 # float64, relative to the largest magnitude of each (rtol, atol as in tests/tolerances.py).
 PEAKED_TOL = (0.0, 1e-5)
@@ -45,6 +45,10 @@ COVERAGE = {
                     "f64", "bf16"],
     "encoding": ["KP=32", "KP=64", " cf ", " cl ", "vec_out=1", "vec_out=0", r"parts=[2-9]", "far-near", "peaked",
                  "f64", "bf16"],
+    "class_gather": ["KP=32", "KP=64", "KP=128", "KP=256", " ocr ", " paper ", "vec=1", "vec=0", r"cblocks=[2-9]",
+                     r"parts=[2-9]", "masked", "nan=[1-9]", "f64", "bf16"],
+    "class_attention": ["KP=32", "KP=64", "KP=128", "KP=256", " query ", " logits ", "vec=1", "vec=0",
+                        r"parts=[2-9]", "masked", "nan=[1-9]", "f64", "bf16"],
 }
 
 
@@ -78,6 +82,9 @@ BUILDS = {
     "gla_context-no-logit-barrier": ("gla_context.cpp", ("-DFASTCTX_EMU_DROP_BARRIER=kSyncGlaLogitStaged",)),
     "encoding-no-chunk-barrier": ("encoding.cpp", ("-DFASTCTX_EMU_DROP_BARRIER=kSyncEncChunkStaged",)),
     "encoding-short-cp-async-wait": ("encoding.cpp", ("-DFASTCTX_EMU_CP_ASYNC_WAIT_SLACK=1",)),
+    "class_gather-no-weights-barrier": ("class_gather.cpp", ("-DFASTCTX_EMU_DROP_BARRIER=kSyncGatherWeightsReady",)),
+    "class_attention-no-row-sums-barrier": ("class_attention.cpp",
+                                            ("-DFASTCTX_EMU_DROP_BARRIER=kSyncClassRowSums",)),
     **{f"{op}-sanitized": (f"{op}.cpp", tuple(SANITIZE)) for op in OPS},
 }
 
@@ -131,6 +138,8 @@ MUTATIONS = {
     "gla_context-no-logit-barrier": "KJ 1, 2, 4, 5 in one call",
     "encoding-no-chunk-barrier": "KP 32; D % 4 != 0",
     "encoding-short-cp-async-wait": "KP 32; D % 4 != 0",
+    "class_gather-no-weights-barrier": "K 19: KP 32",
+    "class_attention-no-row-sums-barrier": "K 19: KP 32",
 }
 
 
