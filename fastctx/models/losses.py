@@ -89,5 +89,5 @@ def ohem_pixel_weight(logits: torch.Tensor, label: torch.Tensor, thresh: float, 
     # keeps one graph): ignored pixels sort last as +inf, and k is clamped to the labelled count on the device.
     ranked = torch.where(valid, prob, torch.full_like(prob, float("inf"))).flatten().sort().values
     index = (valid.sum() - 1).clamp(min=0, max=min_kept * label.shape[0])
-    threshold = ranked[index].clamp(min=thresh)
+    threshold = ranked.gather(0, index.view(1)).clamp(min=thresh)
     return (valid & (prob < threshold)).to(prob.dtype)
