@@ -3,7 +3,8 @@
 No GPU is needed: triton.compile targets GPUTarget("cuda", arch, 32) and
 cuobjdump (shipped with Triton) reads registers, spill stack / local memory
 and static shared memory from the cubin; Triton's dynamic shared memory comes
-from the compile metadata. Any spill, or shared memory above the arch limit,
+from the compile metadata. Any spill (a stack frame or local memory with
+local-memory loads/stores in the SASS), or shared memory above the arch limit,
 fails. The figures go to <tmp>/triton_resources_sm<arch>.csv and are printed.
 
 The compiler runs in a subprocess (tests/_triton_compile_worker.py) because
@@ -41,6 +42,15 @@ def _resource_usage(cubin: str) -> dict:
     return dict(regs=regs, stack=stack, static_shared=shared, local=local)
 
 
+_LOCAL_ACCESS = re.compile(r"\b(?:LDL|STL)(?:\.[A-Z0-9]+)*\b")
+
+
+def _local_memory_instructions(cubin: str) -> int:
+    """Local-memory loads and stores (LDL / STL) in the SASS: what a spill costs at run time."""
+    sass = subprocess.run([str(CUOBJDUMP), "-sass", cubin], capture_output=True, text=True, check=True).stdout
+    return len(_LOCAL_ACCESS.findall(sass))
+
+
 @pytest.mark.parametrize("arch", [80, 90])
 def test_triton_kernels_compile_without_spills(arch, tmp_path):
     if not CUOBJDUMP.exists():
@@ -54,7 +64,7 @@ def test_triton_kernels_compile_without_spills(arch, tmp_path):
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert records, f"compile worker produced no specs:\n{proc.stderr[-4000:]}"
 
-    rows, problems = [], []
+    rows, problems, frames = [], [], []
     for rec in records:
         if "error" in rec:
             problems.append(f"{rec['name']}: compile error: {rec['error']}")
@@ -64,7 +74,12 @@ def test_triton_kernels_compile_without_spills(arch, tmp_path):
         rows.append(dict(name=rec["name"], arch=f"sm_{arch}", regs=usage["regs"], stack=usage["stack"],
                          local=usage["local"], shared=shared))
         if usage["stack"] or usage["local"]:
-            problems.append(f"{rec['name']}: spills (STACK {usage['stack']}, LOCAL {usage['local']})")
+            traffic = _local_memory_instructions(rec["cubin"])
+            if traffic:
+                problems.append(f"{rec['name']}: spills (STACK {usage['stack']}, LOCAL {usage['local']}; "
+                                f"{traffic} local-memory loads/stores in the SASS)")
+            else:
+                frames.append(f"{rec['name']}: STACK {usage['stack']} with no local-memory load or store")
         if shared > SHARED_LIMIT[arch]:
             problems.append(f"{rec['name']}: {shared} B shared memory > sm_{arch} limit {SHARED_LIMIT[arch]}")
 
@@ -78,4 +93,41 @@ def test_triton_kernels_compile_without_spills(arch, tmp_path):
     print(f"{'kernel[config]':<{width}}  regs  stack  shared")
     for r in rows:
         print(f"{r['name']:<{width}}  {r['regs']:>4}  {r['stack']:>5}  {r['shared']:>6}")
+    if frames:  # reported, not failed: nothing is spilled (ptxas reserves a frame it never touches)
+        print("stack frames without local-memory traffic:\n  " + "\n  ".join(frames))
     assert not problems, "\n".join(problems)
+
+
+_SPILLING_KERNEL = r'''
+import os, sys
+os.environ["TRITON_INTERPRET"] = "0"
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+
+@triton.jit
+def every_value_live(x_ptr, out_ptr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs[:, None] * BLOCK + offs[None, :])
+    norm = tl.sum(x * x, axis=1)  # 512 values per thread stay live across the reduction: more than 255 registers
+    tl.store(out_ptr + offs[:, None] * BLOCK + offs[None, :], x / norm[:, None])
+
+
+src = ASTSource(every_value_live, {"x_ptr": "*fp32", "out_ptr": "*fp32", "BLOCK": "constexpr"}, {"BLOCK": 128})
+kernel = triton.compile(src, target=GPUTarget("cuda", 80, 32), options=dict(num_warps=1, num_stages=1))
+open(sys.argv[1], "wb").write(kernel.asm["cubin"])
+'''
+
+
+def test_spill_check_sees_a_spill(tmp_path):
+    """The check above can fail: a kernel that must spill shows a stack frame and local-memory traffic."""
+    if not CUOBJDUMP.exists():
+        pytest.skip(f"cuobjdump not found at {CUOBJDUMP}")
+    cubin, script = tmp_path / "spilling.cubin", tmp_path / "spilling_kernel.py"
+    script.write_text(_SPILLING_KERNEL)  # a file: triton.jit reads the kernel's source
+    subprocess.run([sys.executable, str(script), str(cubin)], check=True, timeout=600,
+                   env=dict(os.environ, TRITON_INTERPRET="0"))
+    assert _resource_usage(str(cubin))["stack"] > 0
+    assert _local_memory_instructions(str(cubin)) > 0
