@@ -36,9 +36,15 @@ def _cuda_limits(facts):
     return None
 
 
+def _triton_limits(facts):
+    from fastctx.kernels.class_attention import limits
+
+    return limits(facts)
+
+
 OP = register(FusedOp("class_attention", cpu=Support(),
                       cuda=Support(limits=_cuda_limits, note=f"K <= {CUDA_MAX_CLASSES}, B <= 65535"),
-                      triton=Support()))
+                      triton=Support(limits=_triton_limits, note="K <= 256, B <= 65535")))
 
 
 def _facts(values: torch.Tensor, pixels_from: torch.Tensor, query: torch.Tensor | None) -> dict:

@@ -41,9 +41,15 @@ def _cuda_limits(facts):
     return None
 
 
+def _triton_limits(facts):
+    from fastctx.kernels.class_gather import limits
+
+    return limits(facts)
+
+
 OP = register(FusedOp("class_gather", cpu=Support(),
                       cuda=Support(limits=_cuda_limits, note=f"K <= {CUDA_MAX_CLASSES}, B <= 65535"),
-                      triton=Support()))
+                      triton=Support(limits=_triton_limits, note="K <= 256, B <= 65535")))
 
 
 def _facts(feats: torch.Tensor, probs: torch.Tensor) -> dict:

@@ -219,3 +219,11 @@ def test_bad_input():
         ops.class_attention(None, None, v, logits[:, :3])
     with pytest.raises(TypeError, match="share one dtype"):
         ops.class_attention(q.float(), k, v)
+
+
+def test_triton_declines_more_classes_than_its_register_tile():
+    """The Triton kernels' limits are the op's: forced, K = 257 is refused before launch with the reason."""
+    require("triton", torch.float32)
+    q, k, v, _ = attention_inputs(1, 4, 3, 257, 2, 3, torch.float32)
+    with fastctx.use_backend("triton"), pytest.raises(fastctx.BackendUnavailableError, match="K = 257 classes > 256"):
+        ops.class_attention(q, k, v, None, 0.5)

@@ -217,3 +217,11 @@ def test_bad_input():
         ops.class_gather(feats[:, :, :0], probs[:, :, :0], "ocr")
     with pytest.raises(TypeError, match="scale must be a float"):
         ops.class_gather(feats, probs, "ocr", scale="1")
+
+
+def test_triton_declines_more_classes_than_its_register_tile():
+    """The Triton kernels' limits are the op's: forced, K = 257 is refused before launch with the reason."""
+    require("triton", torch.float32)
+    feats, probs = gather_inputs(1, 4, 257, 2, 3, torch.float32)
+    with fastctx.use_backend("triton"), pytest.raises(fastctx.BackendUnavailableError, match="K = 257 classes > 256"):
+        ops.class_gather(feats, probs)
