@@ -67,7 +67,7 @@ SHAPE_SETS: dict[str, ShapeSet] = {
     "tiny": ShapeSet("tiny", batch=2, in_channels=12, channels=4, sizes=((7, 9),), pool_scales=(1, 2, 3),
                      enc_size=(5, 6), enc_channels=8, num_codes=4, num_classes=5, model_size=64,
                      class_cases=((5, 6, 3),), class_channels=8, attention_channels=4,
-                     window_cases=((5, 7, 8, 2, 2, 4, 1),)),
+                     window_cases=((5, 7, 8, 2, 2, 4, 1), (5, 7, 8, 2, 2, 4, 0))),  # IIWA: the unshifted one
 }
 
 
