@@ -37,7 +37,8 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from .nn import ACM, APCHead, EncHead, EncModule, Encoding
+from .nn import (ACM, IIWA, APCHead, EncHead, EncModule, Encoding, ObjectAttentionBlock, OCRHead, ShiftWindowMSA,
+                 SpatialGatherModule, WindowMSA, convert_ocr, convert_window_msa)
 from .nn.apc_head import fused_acm_forward
 
 __all__ = ["ConversionReport", "FusedAPCHead", "Replaced", "Skipped", "convert", "fused_apc_class"]
@@ -45,7 +46,8 @@ __all__ = ["ConversionReport", "FusedAPCHead", "Replaced", "Skipped", "convert",
 logger = logging.getLogger(__name__)
 
 # fastctx modules are left as they are (and not searched: nothing below them to convert).
-_FASTCTX_MODULES = (ACM, APCHead, Encoding, EncModule, EncHead)
+_FASTCTX_MODULES = (ACM, APCHead, Encoding, EncModule, EncHead, SpatialGatherModule, ObjectAttentionBlock, OCRHead,
+                    WindowMSA, ShiftWindowMSA, IIWA)
 # The sub-layers of an ACM, all mmcv-style ConvModules (1x1 conv, BatchNorm, ReLU) except `gla`.
 _ACM_CONV_MODULES = ("pooled_redu_conv", "input_redu_conv", "global_info", "residual_conv")
 
@@ -205,7 +207,21 @@ def _encoding_for(module: nn.Module, fused: bool) -> nn.Module:
         return Encoding(channels, num_codes, fused=fused)
 
 
-_BUILDERS = {"ACM": _acm_for, "Encoding": _encoding_for}
+def _refusing_with(convert_one):
+    """A module converter whose ValueError (the module differs from fastctx's) becomes a skip with its reason."""
+    def build(module: nn.Module, fused: bool) -> nn.Module:
+        try:
+            return convert_one(module, fused=fused)
+        except ValueError as exc:
+            raise _NotConvertible(str(exc)) from None
+    return build
+
+
+# By class name (mmseg need not be importable). mmseg's OCRHead itself is not replaced: converting its two
+# children runs every fused op and keeps mmseg's loss and predict on the head.
+_BUILDERS = {"ACM": _acm_for, "Encoding": _encoding_for,
+             "SpatialGatherModule": _refusing_with(convert_ocr), "ObjectAttentionBlock": _refusing_with(convert_ocr),
+             "ShiftWindowMSA": _refusing_with(convert_window_msa), "WindowMSA": _refusing_with(convert_window_msa)}
 
 
 def _take_over(new: nn.Module, old: nn.Module) -> None:
@@ -301,7 +317,9 @@ def _check_apc_head(module: nn.Module) -> None:
 
 def convert(model: nn.Module, inplace: bool = True, fused: bool = True, *, fuse_scales: bool = True,
             verbose: bool = False, return_report: bool = False) -> nn.Module | tuple[nn.Module, ConversionReport]:
-    """Replace the ACM and Encoding modules of `model` by fastctx's, keeping every weight.
+    """Replace the modules of `model` that fastctx has fused kernels for by fastctx's, keeping every weight:
+    APCNet's ACM (and APCHead's loop over the pool scales), EncNet's Encoding, OCRNet's SpatialGatherModule
+    and ObjectAttentionBlock, Swin's WindowMSA / ShiftWindowMSA.
 
     Args:
         model: any nn.Module tree (an mmsegmentation segmentor or head, a

@@ -68,7 +68,7 @@ except ImportError as exc:
 import torch.nn as nn
 
 from . import nn as fnn
-from .convert import ConversionReport, Replaced, Skipped, _NotConvertible, convert
+from .convert import ConversionReport, convert
 from .models.swin import SwinTransformer as _SwinTransformer
 
 __all__ = ["ACFHead", "APCHead", "CascadeEncoderDecoder", "EncHead", "EncoderDecoder", "MODELS", "OCRHead",
@@ -224,40 +224,17 @@ class SwinTransformer(_SwinTransformer, _NoMMSegInit, _MMSegSwinTransformer):
 
 # ----------------------------------------------------------------------------- whole-model conversion
 
-def _swap(holder: nn.Module, attr: str, qualified: str, build, report: ConversionReport) -> None:
-    """holder.attr = build(holder.attr), recorded in `report` (as skipped, with the reason, if build refuses)."""
-    old = getattr(holder, attr)
-    try:
-        new = build(old)
-    except (_NotConvertible, ValueError) as exc:
-        report.skipped.append(Skipped(qualified, type(old).__qualname__, str(exc)))
-        return
-    setattr(holder, attr, new)
-    report.replaced.append(Replaced(qualified, type(old).__qualname__, type(new).__qualname__))
-
-
 def fuse_segmentor(model: nn.Module) -> ConversionReport:
     """Run every fused kernel fastctx has for the mmseg modules in `model`, in place, keeping every tensor.
 
-    `fastctx.convert` swaps APCNet's ACMs (and routes APCHead's scale loop
-    through one fused call) and EncNet's Encoding layers; then each mmseg
-    OCRHead's gather and attention modules are swapped (the head itself, with
-    its loss and predict, stays mmseg's) and each Swin block's ShiftWindowMSA.
-    Parameters and buffers are the same tensors under the same keys, so mmseg
-    checkpoints still load strictly. Returns what was replaced and skipped.
+    This is `fastctx.convert`: APCNet's ACMs (and APCHead's scale loop as one
+    fused call), EncNet's Encoding layers, each mmseg OCRHead's gather and
+    attention modules (the head itself, with its loss and predict, stays
+    mmseg's) and each Swin block's ShiftWindowMSA. Parameters and buffers are
+    the same tensors under the same keys, so mmseg checkpoints still load
+    strictly. Returns what was replaced and skipped.
     """
     _, report = convert(model, inplace=True, return_report=True)
-    # Collected before swapping: the walk must not see the modules it inserts.
-    modules = list(model.named_modules())
-    for name, module in modules:
-        if type(module).__name__ == "OCRHead" and not isinstance(module, fnn.OCRHead):
-            for child in ("spatial_gather_module", "object_context_block"):
-                _swap(module, child, f"{name}.{child}" if name else child, fnn.convert_ocr, report)
-    for name, module in modules:
-        for child_name, child in list(module.named_children()):
-            if type(child).__name__ == "ShiftWindowMSA" and not isinstance(child, fnn.ShiftWindowMSA):
-                _swap(module, child_name, f"{name}.{child_name}" if name else child_name, fnn.convert_window_msa,
-                      report)
     return report
 
 

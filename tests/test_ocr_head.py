@@ -285,6 +285,27 @@ def test_convert_ocr_children_inside_mmseg_head():
         assert_close(theirs([x], prev), reference([x], prev), F64, "logits")
 
 
+def test_fastctx_convert_swaps_the_children_of_an_mmseg_ocr_head():
+    """fastctx.convert finds an mmseg OCRHead's gather and attention modules by class name and swaps them,
+    keeping the head (its loss and predict) and every tensor; a GroupNorm head is skipped with the reason."""
+    theirs = _mmseg_head(8, 6, 4, 7).eval()
+    reference = _mmseg_head(8, 6, 4, 7).eval()
+    reference.load_state_dict(theirs.state_dict())
+    params = dict(theirs.named_parameters())
+    converted, report = fastctx.convert(theirs, return_report=True)
+    assert converted is theirs and type(theirs) is decode_heads.OCRHead
+    assert {r.name for r in report.replaced} == {"spatial_gather_module", "object_context_block"}
+    assert isinstance(theirs.object_context_block, ObjectAttentionBlock)
+    assert dict(theirs.named_parameters()) == params
+    x, prev = _inputs(2, 8, 7, (6, 5))
+    with fastctx.use_backend("cpu"), torch.no_grad():
+        assert_close(theirs([x], prev), reference([x], prev), F64, "logits")
+    gn = decode_heads.OCRHead(ocr_channels=4, in_channels=6, channels=8, num_classes=3,
+                              norm_cfg=dict(type="GN", num_groups=2))
+    _, report = fastctx.convert(gn, return_report=True)
+    assert [s.name for s in report.skipped] == ["object_context_block"] and "GroupNorm" in report.skipped[0].reason
+
+
 def test_convert_ocr_refuses_what_it_cannot_compute():
     from fastctx.convert import _NotConvertible
 

@@ -271,6 +271,26 @@ def test_convert_every_block_of_mmseg_swin(reference_op, fused, train):
 
 
 @needs_mmseg
+def test_fastctx_convert_swaps_every_window_msa_of_mmseg_swin():
+    """fastctx.convert on a whole mmseg SwinTransformer: every ShiftWindowMSA swapped, same tensors, same
+    features."""
+    model = _mm_swin(embed_dims=16, depths=(2, 2), num_heads=(2, 4), strides=(4, 2), out_indices=(0, 1),
+                     window_size=5)
+    model.eval()  # mmseg's SwinTransformer.train returns None
+    img = torch.randn(1, 3, 45, 38, dtype=F64)
+    with torch.no_grad():
+        want = model(img)
+    params = dict(model.named_parameters())
+    _, report = fastctx.convert(model, return_report=True)
+    assert sorted(r.name for r in report.replaced) == [f"stages.{s}.blocks.{b}.attn" for s in (0, 1) for b in (0, 1)]
+    assert not report.skipped and dict(model.named_parameters()) == params
+    assert all(isinstance(block.attn, ShiftWindowMSA) for stage in model.stages for block in stage.blocks)
+    with torch.no_grad():
+        for got, expected in zip(model(img), want, strict=True):
+            assert_close(got, expected, F64, "features")
+
+
+@needs_mmseg
 def test_convert_window_msa_alone_and_refusals():
     mm = MMWindowMSA(12, 3, (4, 8), qk_scale=0.3).double()
     ours = convert_window_msa(mm, fused=False)
