@@ -51,18 +51,42 @@ def _local_memory_instructions(cubin: str) -> int:
     return len(_LOCAL_ACCESS.findall(sass))
 
 
-@pytest.mark.parametrize("arch", [80, 90])
-def test_triton_kernels_compile_without_spills(arch, tmp_path):
+ARCHS = (80, 90)
+
+
+@pytest.fixture(scope="module")
+def compile_workers(tmp_path_factory):
+    """One compile worker per arch, all started at once: each is single-threaded (a cold Triton cache makes
+    this minutes of compiling per arch), so they run side by side. arch -> (process, out dir, stdout, stderr)."""
     if not CUOBJDUMP.exists():
         pytest.skip(f"cuobjdump not found at {CUOBJDUMP}")
     env = dict(os.environ, TRITON_INTERPRET="0")
-    proc = subprocess.run(
-        [sys.executable, str(WORKER), "--arch", str(arch), "--out", str(tmp_path / "cubin")],
-        capture_output=True, text=True, env=env, timeout=1800,
-    )
-    assert proc.returncode == 0, f"compile worker failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert records, f"compile worker produced no specs:\n{proc.stderr[-4000:]}"
+    workers = {}
+    for arch in ARCHS:
+        out = tmp_path_factory.mktemp(f"sm{arch}")
+        stdout, stderr = open(out / "specs.jsonl", "w"), open(out / "stderr.txt", "w")  # files: no pipe to fill
+        proc = subprocess.Popen([sys.executable, str(WORKER), "--arch", str(arch), "--out", str(out / "cubin")],
+                                stdout=stdout, stderr=stderr, env=env)
+        workers[arch] = (proc, out, stdout, stderr)
+    yield workers
+    for proc, _, stdout, stderr in workers.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        stdout.close()
+        stderr.close()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_triton_kernels_compile_without_spills(arch, compile_workers):
+    proc, tmp_path, stdout, stderr = compile_workers[arch]
+    returncode = proc.wait(timeout=3600)
+    stdout.flush()
+    stderr.flush()
+    out, err = (tmp_path / "specs.jsonl").read_text(), (tmp_path / "stderr.txt").read_text()
+    assert returncode == 0, f"compile worker failed:\n{out[-4000:]}\n{err[-4000:]}"
+    records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert records, f"compile worker produced no specs:\n{err[-4000:]}"
 
     rows, problems, frames = [], [], []
     for rec in records:

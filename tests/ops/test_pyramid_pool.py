@@ -35,8 +35,10 @@ def test_gradcheck_float64(backend):
     with fastctx.use_backend(backend):
         assert torch.autograd.gradcheck(lambda t: ops.pyramid_pool(t, (1, 2, 3)), [x], eps=1e-6, atol=1e-7,
                                          rtol=1e-5)
+        # second order: the reference maths on every backend; under the interpreter one random projection
+        # (fast mode) of the backward's Jacobian, not all of it (the interpreter pays per call)
         assert torch.autograd.gradgradcheck(lambda t: ops.pyramid_pool(t, (1, 2)), [x], eps=1e-6, atol=1e-7,
-                                            rtol=1e-5)
+                                            rtol=1e-5, fast_mode=backend == "triton")
 
 
 @pytest.mark.parametrize("backend", FUSED)
