@@ -20,31 +20,12 @@ from __future__ import annotations
 import torch
 
 from ..reference.class_attention import class_attention as _reference
+from ._class_tiles import cuda_support, triton_support
 from ._checks import check_same, check_tensor
 from ._dispatch import (FusedOp, Support, amp_dtype, compute_dtype, reference_forward, reference_second_order,
                         register)
 
-# The CUDA kernels hold every class of a pixel tile in shared memory (K padded to 32, 64, 128 or 256).
-CUDA_MAX_CLASSES = 256
-
-
-def _cuda_limits(facts):
-    if facts["K"] > CUDA_MAX_CLASSES:
-        return f"K = {facts['K']} classes > {CUDA_MAX_CLASSES} (a pixel tile holds every class in shared memory)"
-    if facts["B"] > 65535:
-        return f"batch = {facts['B']} > 65535 (grid axis 1)"
-    return None
-
-
-def _triton_limits(facts):
-    from fastctx.kernels.class_attention import limits
-
-    return limits(facts)
-
-
-OP = register(FusedOp("class_attention", cpu=Support(),
-                      cuda=Support(limits=_cuda_limits, note=f"K <= {CUDA_MAX_CLASSES}, B <= 65535"),
-                      triton=Support(limits=_triton_limits, note="K <= 256, B <= 65535")))
+OP = register(FusedOp("class_attention", cpu=Support(), cuda=cuda_support(), triton=triton_support("class_attention")))
 
 
 def _facts(values: torch.Tensor, pixels_from: torch.Tensor, query: torch.Tensor | None) -> dict:

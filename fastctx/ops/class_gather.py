@@ -25,31 +25,12 @@ import torch
 
 from ..reference.class_gather import MODES
 from ..reference.class_gather import class_gather as _reference
+from ._class_tiles import cuda_support, triton_support
 from ._checks import check_same, check_tensor
 from ._dispatch import (FusedOp, Support, amp_dtype, compute_dtype, reference_backward, reference_forward,
                         reference_second_order, register)
 
-# The CUDA kernels hold every class of a pixel tile in shared memory (K padded to 32, 64, 128 or 256).
-CUDA_MAX_CLASSES = 256
-
-
-def _cuda_limits(facts):
-    if facts["K"] > CUDA_MAX_CLASSES:
-        return f"K = {facts['K']} classes > {CUDA_MAX_CLASSES} (a pixel tile holds every class in shared memory)"
-    if facts["B"] > 65535:
-        return f"batch = {facts['B']} > 65535 (grid axis 1)"
-    return None
-
-
-def _triton_limits(facts):
-    from fastctx.kernels.class_gather import limits
-
-    return limits(facts)
-
-
-OP = register(FusedOp("class_gather", cpu=Support(),
-                      cuda=Support(limits=_cuda_limits, note=f"K <= {CUDA_MAX_CLASSES}, B <= 65535"),
-                      triton=Support(limits=_triton_limits, note="K <= 256, B <= 65535")))
+OP = register(FusedOp("class_gather", cpu=Support(), cuda=cuda_support(), triton=triton_support("class_gather")))
 
 
 def _facts(feats: torch.Tensor, probs: torch.Tensor) -> dict:

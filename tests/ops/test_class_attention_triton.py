@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from fastctx import reference
+from fastctx.ops._class_tiles import MAX_CLASSES
 from op_testing import check_launcher, launcher_device, triton_launchers
 from tolerances import assert_close
 
@@ -243,6 +244,7 @@ def test_rejects_too_many_classes():
 
 def test_limits():
     limits = _kernels().limits
+    assert _kernels().K_MAX == MAX_CLASSES  # the op declares the kernels' limit
     assert limits(dict(B=2, K=150, Cv=256, N=64 * 64, Cq=256)) is None
     assert limits(dict(B=2, K=256, Cv=512, N=64 * 128, Cq=0)) is None
     assert "K = 257 classes > 256" in limits(dict(B=2, K=257, Cv=256, N=64, Cq=256))

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from fastctx import reference
+from fastctx.ops._class_tiles import MAX_CLASSES
 from op_testing import check_launcher, launcher_device, triton_launchers
 from tolerances import assert_close
 
@@ -216,6 +217,7 @@ def test_rejects_too_many_classes():
 
 def test_limits():
     limits = _kernels().limits
+    assert _kernels().K_MAX == MAX_CLASSES  # the op declares the kernels' limit
     assert limits(dict(B=2, C=512, K=150, N=64 * 64)) is None
     assert limits(dict(B=2, C=512, K=256, N=64 * 128)) is None
     assert "K = 257 classes > 256" in limits(dict(B=2, C=512, K=257, N=64))
