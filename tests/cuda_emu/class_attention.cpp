@@ -29,34 +29,6 @@ struct Shape {
   enum Inputs { kUniform, kMasked, kNaN, kLarge } inputs;
 };
 
-// Compares like Outcome::check, and also requires NaN exactly where the
-// reference has NaN and the same infinities; the scale of the allowance is the
-// largest finite expected magnitude.
-template <typename T>
-void check_pattern(Outcome& o, const char* what, const std::vector<T>& got, const std::vector<double>& want, Tol tol) {
-  double scale = 0;
-  for (const double w : want)
-    if (std::isfinite(w)) scale = std::max(scale, std::fabs(w));
-  double worst = got.size() == want.size() ? 0 : INFINITY;
-  int64_t pattern = 0, nans = 0;
-  for (size_t i = 0; i < got.size() && i < want.size(); ++i) {
-    const double g = value(got[i]), w = want[i];
-    nans += std::isnan(w);
-    if (!std::isfinite(w) || !std::isfinite(g)) {
-      pattern += !(std::isnan(w) ? std::isnan(g) : g == w);
-      continue;
-    }
-    const double allowed = tol.atol * scale + tol.rtol * std::fabs(w);
-    const double err = std::fabs(g - w);
-    worst = std::max(worst, err == 0 ? 0 : err / (allowed > 0 ? allowed : 1e-300));
-  }
-  o.ok &= worst <= 1 && pattern == 0;
-  char buf[128];
-  std::snprintf(buf, sizeof buf, pattern || nans ? " %s=%.2g(nan=%ld,mismatch=%ld)" : " %s=%.2g", what, worst,
-                static_cast<long>(nans), static_cast<long>(pattern));
-  o.detail += buf;
-}
-
 struct Reference {
   std::vector<double> out, lse, grad_query, grad_keys, grad_values, grad_logits;
 };
@@ -203,14 +175,14 @@ Outcome run(const Shape& s, uint32_t seed) {
   });
 
   const Tol tol = tol_for<T>();
-  check_pattern(o, "out", out, want.out, tol);
-  check_pattern(o, "lse", lse, want.lse, tol);
-  check_pattern(o, "grad_values", grad_values, want.grad_values, tol);
+  o.check_pattern("out", out, want.out, tol);
+  o.check_pattern("lse", lse, want.lse, tol);
+  o.check_pattern("grad_values", grad_values, want.grad_values, tol);
   if (q_form) {
-    check_pattern(o, "grad_query", grad_query, want.grad_query, tol);
-    check_pattern(o, "grad_keys", grad_keys, want.grad_keys, tol);
+    o.check_pattern("grad_query", grad_query, want.grad_query, tol);
+    o.check_pattern("grad_keys", grad_keys, want.grad_keys, tol);
   } else {
-    check_pattern(o, "grad_logits", grad_logits, want.grad_logits, tol);
+    o.check_pattern("grad_logits", grad_logits, want.grad_logits, tol);
   }
   char buf[128];
   std::snprintf(buf, sizeof buf, " KP=%d tiles=%ld parts=%ld vec=%d", KP, static_cast<long>(plan.tiles),

@@ -30,34 +30,6 @@ struct Shape {
   enum Inputs { kUniform, kMasked, kNaN, kLarge } inputs;
 };
 
-// Compares like Outcome::check, and also requires NaN exactly where the
-// reference has NaN and the same infinities; the scale of the allowance is the
-// largest finite expected magnitude.
-template <typename T>
-void check_pattern(Outcome& o, const char* what, const std::vector<T>& got, const std::vector<double>& want, Tol tol) {
-  double scale = 0;
-  for (const double w : want)
-    if (std::isfinite(w)) scale = std::max(scale, std::fabs(w));
-  double worst = got.size() == want.size() ? 0 : INFINITY;
-  int64_t pattern = 0, nans = 0;
-  for (size_t i = 0; i < got.size() && i < want.size(); ++i) {
-    const double g = value(got[i]), w = want[i];
-    nans += std::isnan(w);
-    if (!std::isfinite(w) || !std::isfinite(g)) {
-      pattern += !(std::isnan(w) ? std::isnan(g) : g == w);
-      continue;
-    }
-    const double allowed = tol.atol * scale + tol.rtol * std::fabs(w);
-    const double err = std::fabs(g - w);
-    worst = std::max(worst, err == 0 ? 0 : err / (allowed > 0 ? allowed : 1e-300));
-  }
-  o.ok &= worst <= 1 && pattern == 0;
-  char buf[128];
-  std::snprintf(buf, sizeof buf, pattern || nans ? " %s=%.2g(nan=%ld,mismatch=%ld)" : " %s=%.2g", what, worst,
-                static_cast<long>(nans), static_cast<long>(pattern));
-  o.detail += buf;
-}
-
 // softmax of scale * v as torch computes it: max (NaN if any), exp(x - max), normalise.
 std::vector<double> softmax(const std::vector<double>& v, double scale) {
   double m = -INFINITY;
@@ -232,10 +204,10 @@ Outcome run(const Shape& s, uint32_t seed) {
   emu_launch(grid(plan.bwd_grid), kThreads, [&] { class_gather_bwd_kernel<T, acc, KP>(bp); }, plan.bwd_smem_bytes);
 
   const Tol tol = tol_for<T>();
-  check_pattern(o, "centres", centres, want.centres, tol);
-  check_pattern(o, "stat", stat, want.stat, tol);
-  check_pattern(o, "grad_feats", grad_feats, want.grad_feats, tol);
-  check_pattern(o, "grad_probs", grad_probs, want.grad_probs, tol);
+  o.check_pattern("centres", centres, want.centres, tol);
+  o.check_pattern("stat", stat, want.stat, tol);
+  o.check_pattern("grad_feats", grad_feats, want.grad_feats, tol);
+  o.check_pattern("grad_probs", grad_probs, want.grad_probs, tol);
   char buf[128];
   std::snprintf(buf, sizeof buf, " KP=%d tiles=%ld cblocks=%ld parts=%ld vec=%d", KP, static_cast<long>(plan.tiles),
                 static_cast<long>(plan.cblocks), static_cast<long>(plan.parts), static_cast<int>(plan.vec));

@@ -109,6 +109,35 @@ struct Outcome {
     detail += buf;
   }
 
+  // As check, where the reference has NaN or +-inf: those elements must match
+  // exactly (NaN where NaN, the same infinity), the finite ones within the
+  // tolerance scaled by the largest finite |want|. Prints the worst ratio, and
+  // the count of NaNs expected and of non-finite mismatches when either is set.
+  template <typename T>
+  void check_pattern(const char* what, const std::vector<T>& got, const std::vector<double>& want, Tol tol) {
+    double scale = 0;
+    for (const double w : want)
+      if (std::isfinite(w)) scale = std::max(scale, std::fabs(w));
+    double worst = got.size() == want.size() ? 0 : INFINITY;
+    int64_t pattern = 0, nans = 0;
+    for (size_t i = 0; i < got.size() && i < want.size(); ++i) {
+      const double g = value(got[i]), w = want[i];
+      nans += std::isnan(w);
+      if (!std::isfinite(w) || !std::isfinite(g)) {
+        pattern += !(std::isnan(w) ? std::isnan(g) : g == w);
+        continue;
+      }
+      const double allowed = tol.atol * scale + tol.rtol * std::fabs(w);
+      const double err = std::fabs(g - w);
+      worst = std::max(worst, err == 0 ? 0 : err / (allowed > 0 ? allowed : 1e-300));
+    }
+    ok &= worst <= 1 && pattern == 0;
+    char buf[128];
+    std::snprintf(buf, sizeof buf, pattern || nans ? " %s=%.2g(nan=%ld,mismatch=%ld)" : " %s=%.2g", what, worst,
+                  static_cast<long>(nans), static_cast<long>(pattern));
+    detail += buf;
+  }
+
   void require(bool cond, const char* what) {
     if (!cond) {
       ok = false;
