@@ -12,9 +12,10 @@ The backward (grad_tokens = U^T grad) is a gather, not a scatter: a program
 owns one token x BLOCK_C channels and walks the output rows and columns whose
 taps can touch it (about 2 (H-1)/(h-1) + 3 rows by the same in columns, from
 integer bounds with one index of slack each side), rows one at a time and
-columns in BLOCK_X tiles, adding weight * grad where a tap touches the token
-and nothing elsewhere (a select, so a NaN gradient of an untouched pixel never
-leaks in; a touching tap of weight 0 passes NaN on, as eager's scatter does).
+columns in BLOCK_X tiles, adding eager's four tap terms (l_y l_x) * grad
+where a tap touches the token and nothing elsewhere (a select, so a NaN
+gradient of an untouched pixel never leaks in; a touching tap of weight 0
+turns an inf into NaN, as eager's scatter does).
 No atomics: a fixed order, deterministic. grad_residual is grad itself (no
 kernel).
 
@@ -110,17 +111,22 @@ def upsample_add_bwd_kernel(
     for y in range(y_lo, y_hi + 1):
         y0, y1, a0, a1 = _taps(y, h, H, one)
         if (y0 == i) | (y1 == i):  # rows in the slack that touch nothing are skipped, not weighted by 0
-            wy = tl.where(y0 == i, a0, 0.0) + tl.where(y1 == i, a1, 0.0)
             row = img + y * row_stride
             for x_start in range(x_lo, x_hi + 1, BLOCK_X):
                 x = x_start + tl.arange(0, BLOCK_X)
                 x0, x1, b0, b1 = _taps(x, w, W, one)
-                touch = ((x0 == j) | (x1 == j)) & (x <= x_hi)
-                wx = tl.where(x0 == j, b0, 0.0) + tl.where(x1 == j, b1, 0.0)
+                in_range = x <= x_hi
+                touch = ((x0 == j) | (x1 == j)) & in_range
                 mask = touch[:, None] & mask_c[None, :]
                 g = tl.load(row + (x * C)[:, None] + offs_c[None, :], mask=mask, other=0.0).to(acc_dtype)
-                # a select, not a product with a 0 weight: a NaN at an untouched pixel must not leak in
-                acc += tl.where(mask, (wy * wx)[:, None] * g, 0.0)
+                # Eager's four scatter terms, each under a select (not a product with a 0 weight: a NaN at an
+                # untouched pixel must not leak in; a touching tap of weight 0 passes an inf on as NaN, as eager)
+                for_x0 = ((x0 == j) & in_range)[:, None]
+                for_x1 = ((x1 == j) & in_range)[:, None]
+                if y0 == i:
+                    acc += tl.where(for_x0, (a0 * b0)[:, None] * g, 0.0) + tl.where(for_x1, (a0 * b1)[:, None] * g, 0.0)
+                if y1 == i:
+                    acc += tl.where(for_x0, (a1 * b0)[:, None] * g, 0.0) + tl.where(for_x1, (a1 * b1)[:, None] * g, 0.0)
     tl.store(gt_ptr + t * C + offs_c, tl.sum(acc, axis=0).to(gt_ptr.dtype.element_ty), mask=mask_c)
 
 
@@ -132,8 +138,8 @@ FWD = _launch.Kernel(upsample_add_fwd_kernel,
                               ("16",): _launch.configs(({}, 4, 1), ({}, 8, 1))},
                      interpret={}, tune_key=["P", "C", "h", "w"])
 BWD = _launch.Kernel(upsample_add_bwd_kernel,
-                     configs={("32",): _launch.configs(({}, 4, 1), ({}, 2, 1)),
-                              ("16",): _launch.configs(({}, 4, 1), ({}, 2, 1))},
+                     configs={("32",): _launch.configs(({}, 4, 1), ({}, 8, 1)),
+                              ("16",): _launch.configs(({}, 4, 1), ({}, 8, 1))},
                      interpret={}, tune_key=["H", "W", "C", "h", "w"])
 
 
@@ -165,9 +171,10 @@ def upsample_add_fwd(tokens, residual):
 
 def _block_x(src: int, dst: int) -> int:
     """Columns per backward tile: the widest column range a token's taps can span (see _touching), at most
-    32 on a GPU and 8 under the interpreter (tests with wide spans still loop over several tiles)."""
+    16 on a GPU (32 spilled 16-bit data at 4 warps on sm_90) and 8 under the interpreter (tests with wide
+    spans still loop over several tiles)."""
     span = dst if src == 1 else min(dst, 2 * ((dst - 1) // (src - 1) + 1) + 3)
-    return min(triton.next_power_of_2(span), 32 if _launch.on_gpu_path() else 8)
+    return min(triton.next_power_of_2(span), 16 if _launch.on_gpu_path() else 8)
 
 
 def upsample_add_bwd(grad, height, width):

@@ -15,7 +15,9 @@
 // Backward, grad_tokens = U^T grad as a gather, per token row (b, i): the output
 // rows touching i (a contiguous range, as i0 and i1 are monotone in y) are
 // summed with their weights into one [W, C] row, then each token (i, j) sums the
-// output columns touching j. Every sum has a fixed order: no atomics, results
+// output columns touching j. Separable, yet with eager's NaN pattern: a sum of
+// tap products is NaN for an infinite gradient iff a touching tap of either
+// axis has weight 0, here as in eager's four-term scatter. Every sum has a fixed order: no atomics, results
 // independent of the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -66,11 +68,22 @@ struct Taps {
     for (int64_t d = 0; d < out; ++d) hi[i0[d]] = hi[i1[d]] = d + 1;
   }
 
-  // Weight of output index d on input index i (both taps when they coincide, as the eager backward adds them).
-  acc_t weight(int64_t d, int64_t i) const {
-    return (i0[d] == i ? l0[d] : acc_t(0)) + (i1[d] == i ? l1[d] : acc_t(0));
-  }
 };
+
+// dst[k] += the taps of output index d on input index i applied to src[k]. When both taps are i (the last
+// index: i1 clamped to i0), they are applied one by one as the eager backward's scatter does, so an
+// infinite gradient times the 0-weight tap gives NaN there too.
+template <typename acc_t, typename src_t>
+inline void add_taps(acc_t* dst, const src_t* src, int64_t n, const Taps<acc_t>& taps, int64_t d, int64_t i) {
+  const bool first = taps.i0[d] == i, second = taps.i1[d] == i;
+  if (first && second) {
+    const acc_t a = taps.l0[d], b = taps.l1[d];
+    for (int64_t k = 0; k < n; ++k) dst[k] += a * static_cast<acc_t>(src[k]) + b * static_cast<acc_t>(src[k]);
+  } else {
+    const acc_t a = first ? taps.l0[d] : taps.l1[d];
+    for (int64_t k = 0; k < n; ++k) dst[k] += a * static_cast<acc_t>(src[k]);
+  }
+}
 
 at::Tensor upsample_add_fwd(const at::Tensor& tokens, const at::Tensor& residual) {
   check_data(tokens, "tokens");
@@ -142,19 +155,11 @@ at::Tensor upsample_add_bwd(const at::Tensor& grad, int64_t height, int64_t widt
         const int64_t b = r / h, i = r % h;
         // col[x, c] = sum over the output rows y touching token row i of weight(y, i) * grad[b, y, x, c].
         std::fill(col.begin(), col.end(), acc_t(0));
-        for (int64_t y = ty.lo[i]; y < ty.hi[i]; ++y) {
-          const acc_t a = ty.weight(y, i);
-          const scalar_t* g = gp + (b * H + y) * W * C;
-          for (int64_t k = 0; k < W * C; ++k) col[k] += a * static_cast<acc_t>(g[k]);
-        }
+        for (int64_t y = ty.lo[i]; y < ty.hi[i]; ++y) add_taps(col.data(), gp + (b * H + y) * W * C, W * C, ty, y, i);
         scalar_t* dst = op + r * w * C;
         for (int64_t j = 0; j < w; ++j) {
           std::fill(acc.begin(), acc.end(), acc_t(0));
-          for (int64_t x = tx.lo[j]; x < tx.hi[j]; ++x) {
-            const acc_t a = tx.weight(x, j);
-            const acc_t* s = col.data() + x * C;
-            for (int64_t c = 0; c < C; ++c) acc[c] += a * s[c];
-          }
+          for (int64_t x = tx.lo[j]; x < tx.hi[j]; ++x) add_taps(acc.data(), col.data() + x * C, C, tx, x, j);
           for (int64_t c = 0; c < C; ++c) dst[j * C + c] = static_cast<scalar_t>(acc[c]);
         }
       }
