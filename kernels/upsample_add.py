@@ -51,23 +51,26 @@ def upsample_add_fwd_kernel(
     else:
         acc_dtype: tl.constexpr = tl.float32
     one = tl.full([], 1.0, acc_dtype)
-    pix = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    # Pixel indices in int32 (limits: < 2^31 pixels), so the divisions are inline (int64 ones are calls,
+    # whose frames ptxas keeps in local memory); offsets in int64.
+    pix = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (pix < P)[:, None] & (offs_c < C)[None, :]
     row = pix // W  # b * H + y
-    y0, y1, a0, a1 = _taps((row % H).to(tl.int32), h, H, one)
-    x0, x1, b0, b1 = _taps((pix % W).to(tl.int32), w, W, one)
+    y0, y1, a0, a1 = _taps(row % H, h, H, one)
+    x0, x1, b0, b1 = _taps(pix % W, w, W, one)
     img = (row // H) * h
-    r0 = ((img + y0) * w) * C
-    r1 = ((img + y1) * w) * C
+    r0 = (img + y0).to(tl.int64) * w * C
+    r1 = (img + y1).to(tl.int64) * w * C
     c = offs_c[None, :]
-    t00 = tl.load(tok_ptr + (r0 + x0 * C)[:, None] + c, mask=mask, other=0.0).to(acc_dtype)
-    t01 = tl.load(tok_ptr + (r0 + x1 * C)[:, None] + c, mask=mask, other=0.0).to(acc_dtype)
-    t10 = tl.load(tok_ptr + (r1 + x0 * C)[:, None] + c, mask=mask, other=0.0).to(acc_dtype)
-    t11 = tl.load(tok_ptr + (r1 + x1 * C)[:, None] + c, mask=mask, other=0.0).to(acc_dtype)
+    c0, c1 = x0.to(tl.int64) * C, x1.to(tl.int64) * C
+    t00 = tl.load(tok_ptr + (r0 + c0)[:, None] + c, mask=mask, other=0.0).to(acc_dtype)
+    t01 = tl.load(tok_ptr + (r0 + c1)[:, None] + c, mask=mask, other=0.0).to(acc_dtype)
+    t10 = tl.load(tok_ptr + (r1 + c0)[:, None] + c, mask=mask, other=0.0).to(acc_dtype)
+    t11 = tl.load(tok_ptr + (r1 + c1)[:, None] + c, mask=mask, other=0.0).to(acc_dtype)
     b0, b1 = b0[:, None], b1[:, None]
     up = a0[:, None] * (b0 * t00 + b1 * t01) + a1[:, None] * (b0 * t10 + b1 * t11)  # as PyTorch's kernel
-    offs = (pix * C)[:, None] + c
+    offs = (pix.to(tl.int64) * C)[:, None] + c
     res = tl.load(res_ptr + offs, mask=mask, other=0.0).to(acc_dtype)
     tl.store(out_ptr + offs, (res + up).to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -98,11 +101,11 @@ def upsample_add_bwd_kernel(
     else:
         acc_dtype: tl.constexpr = tl.float32
     one = tl.full([], 1.0, acc_dtype)
-    t = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(0)  # int32: inline divisions
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-    i = ((t // w) % h).to(tl.int32)
-    j = (t % w).to(tl.int32)
+    i = (t // w) % h
+    j = t % w
     row_stride = (tl.zeros([], dtype=tl.int64) + W) * C  # int64 whether W came as a value or a constant
     img = grad_ptr + (t // (h * w)) * H * row_stride
     y_lo, y_hi = _touching(i, h, H)
@@ -118,7 +121,8 @@ def upsample_add_bwd_kernel(
                 in_range = x <= x_hi
                 touch = ((x0 == j) | (x1 == j)) & in_range
                 mask = touch[:, None] & mask_c[None, :]
-                g = tl.load(row + (x * C)[:, None] + offs_c[None, :], mask=mask, other=0.0).to(acc_dtype)
+                g = tl.load(row + (x.to(tl.int64) * C)[:, None] + offs_c[None, :], mask=mask,
+                            other=0.0).to(acc_dtype)
                 # Eager's four scatter terms, each under a select (not a product with a 0 weight: a NaN at an
                 # untouched pixel must not leak in; a touching tap of weight 0 passes an inf on as NaN, as eager)
                 for_x0 = ((x0 == j) & in_range)[:, None]
@@ -127,7 +131,7 @@ def upsample_add_bwd_kernel(
                     acc += tl.where(for_x0, (a0 * b0)[:, None] * g, 0.0) + tl.where(for_x1, (a0 * b1)[:, None] * g, 0.0)
                 if y1 == i:
                     acc += tl.where(for_x0, (a1 * b0)[:, None] * g, 0.0) + tl.where(for_x1, (a1 * b1)[:, None] * g, 0.0)
-    tl.store(gt_ptr + t * C + offs_c, tl.sum(acc, axis=0).to(gt_ptr.dtype.element_ty), mask=mask_c)
+    tl.store(gt_ptr + t.to(tl.int64) * C + offs_c, tl.sum(acc, axis=0).to(gt_ptr.dtype.element_ty), mask=mask_c)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -152,7 +156,11 @@ def _block_c(channels: int) -> int:
 
 
 def limits(facts) -> str | None:
-    """The backward's grid has one program per token on axis 0 (B*h*w < 2^31)."""
+    """Pixel and token indices are int32 (offsets int64): fewer than 2^31 output pixels (B*H*W); the
+    backward's grid has one program per token on axis 0 (B*h*w)."""
+    pixels = facts["B"] * facts["H"] * facts["W"]
+    if pixels >= 2**31:
+        return f"B*H*W = {pixels} output pixels >= 2^31 (int32 pixel indices); split the batch"
     return _launch.grid_reason((facts["B"] * facts["h"] * facts["w"],), ("B*h*w tokens",))
 
 

@@ -2,10 +2,12 @@
 
 Everything is channels last, so a program owns BLOCK_T tokens (or map
 pixels) x BLOCK_C channels and every load and store runs along C (coalesced).
+Token and pixel indices are int32 (their divisions stay inline; int64 ones
+are calls whose frames ptxas keeps in local memory), offsets int64.
 The forward reads each window's Wh x Ww pixels once; the backward is a
 gather: each map pixel reads its token's gradient (no atomics), and the
 positional encoding's gradient is a per-program loop over the batch, in batch
-order. Sums are in fp32 (fp64 for fp64 data); offsets are int64.
+order. Sums are in fp32 (fp64 for fp64 data).
 
 Launchers below the kernels (contract: docs/kernels.md "window_pool").
 """
@@ -27,23 +29,29 @@ def window_pool_fwd_kernel(
         acc_dtype: tl.constexpr = tl.float64
     else:
         acc_dtype: tl.constexpr = tl.float32
-    tok = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    # Token indices in int32 (limits: < 2^31 map pixels), so the divisions below are inline (int64 ones are
+    # calls, whose frames ptxas saves to local memory); offsets in int64.
+    tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (tok < T)[:, None] & (offs_c < C)[None, :]
-    grid_i = (tok // WG) % HG
-    img = tok // (WG * HG)
+    row = tok // WG  # b * HG + i
     # The window's top-left pixel; its rows are WP * C apart.
-    corner = ((img * HG + grid_i) * WH * WP + (tok % WG) * WW) * C
+    corner = (row.to(tl.int64) * WH * WP + (tok % WG) * WW) * C
+    row_stride = (tl.zeros([], dtype=tl.int64) + WP) * C  # int64 whether WP came as a value or a constant
     acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=acc_dtype)
     for dh in range(0, WH):  # row-major order, as avg_pool2d sums
         for dw in range(0, WW):
-            offs = corner + (dh * WP + dw) * C
+            offs = corner + dh * row_stride + dw * C
             acc += tl.load(x_ptr + offs[:, None] + offs_c[None, :], mask=mask, other=0.0).to(acc_dtype)
-    acc = acc / (WH * WW)  # a division, as avg_pool2d's
+    # A division, as avg_pool2d's, but not the IEEE one: div.rn.f32 is a call whose frame ptxas keeps in local
+    # memory; div.full.f32 is within 2 ulp, inline.
+    count = (WH * WW) * tl.full([], 1.0, acc_dtype)
+    acc = tl.fdiv(acc, count, ieee_rounding=False)
     if HAS_POS:
-        pos_offs = (tok % (WG * HG)) * C
+        pos_offs = (tok % (WG * HG)).to(tl.int64) * C
         acc += tl.load(pos_ptr + pos_offs[:, None] + offs_c[None, :], mask=mask, other=0.0).to(acc_dtype)
-    tl.store(out_ptr + (tok * C)[:, None] + offs_c[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + (tok.to(tl.int64) * C)[:, None] + offs_c[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=mask)
 
 
 @triton.jit
@@ -57,14 +65,15 @@ def window_pool_bwd_kernel(
         acc_dtype: tl.constexpr = tl.float64
     else:
         acc_dtype: tl.constexpr = tl.float32
-    pix = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    pix = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # int32 (< 2^31 pixels): inline divisions
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (pix < P)[:, None] & (offs_c < C)[None, :]
     row = pix // WP  # b * HP + y
     tok = ((row // HP) * (HP // WH) + (row % HP) // WH) * WG + (pix % WP) // WW
-    g = tl.load(grad_ptr + (tok * C)[:, None] + offs_c[None, :], mask=mask, other=0.0).to(acc_dtype)
-    tl.store(gx_ptr + (pix * C)[:, None] + offs_c[None, :], (g / (WH * WW)).to(gx_ptr.dtype.element_ty),
-             mask=mask)
+    g = tl.load(grad_ptr + (tok.to(tl.int64) * C)[:, None] + offs_c[None, :], mask=mask, other=0.0).to(acc_dtype)
+    count = (WH * WW) * tl.full([], 1.0, acc_dtype)
+    tl.store(gx_ptr + (pix.to(tl.int64) * C)[:, None] + offs_c[None, :],
+             tl.fdiv(g, count, ieee_rounding=False).to(gx_ptr.dtype.element_ty), mask=mask)  # as the forward
 
 
 @triton.jit
@@ -94,8 +103,6 @@ def window_pool_pos_bwd_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 # Block sizes follow the shape (see _tile); the configs choose warps only.
-# The forward's 8-warp variant got an fp32 stack frame with local loads/stores from ptxas (sm_80 and sm_90):
-# it runs 2 or 4 warps.
 _WARPS = {("32",): _launch.configs(({}, 4, 1), ({}, 8, 1)), ("16",): _launch.configs(({}, 4, 1), ({}, 8, 1))}
 FWD = _launch.Kernel(window_pool_fwd_kernel,
                      configs={("32",): _launch.configs(({}, 4, 1), ({}, 2, 1)),
@@ -106,17 +113,21 @@ POS_BWD = _launch.Kernel(window_pool_pos_bwd_kernel, configs=_WARPS, interpret={
 
 
 def _tile(channels: int) -> tuple[int, int]:
-    """(BLOCK_T, BLOCK_C): up to 128 channels per program (one 16-byte vector per thread at fp32), ~2K
-    elements per tile on a GPU; small tiles under the interpreter so tests reach several programs and
-    ragged channel blocks."""
+    """(BLOCK_T, BLOCK_C): up to 128 channels per program (one 16-byte vector per thread at fp32), 1K
+    elements per tile on a GPU but at most 16 tokens (with few channels, more tokens per thread give
+    ptxas enough index divisions to outline them into a call, whose frame lives in local memory); small
+    tiles under the interpreter so tests reach several programs and ragged channel blocks."""
     if not _launch.on_gpu_path():
         return 4, 8
     block_c = min(128, max(16, triton.next_power_of_2(channels)))
-    return 2048 // block_c, block_c
+    return min(16, 1024 // block_c), block_c
 
 
 def limits(facts) -> str | None:
-    """Every shape runs: grid axis 0 counts token / pixel tiles (< 2^31), axis 1 channel blocks of >= 16."""
+    """Pixel and token indices are int32 (offsets int64): a map of fewer than 2^31 pixels (B*H*W)."""
+    pixels = facts["B"] * facts["H"] * facts["W"]
+    if pixels >= 2**31:
+        return f"B*H*W = {pixels} map pixels >= 2^31 (int32 pixel indices); split the batch"
     return None
 
 

@@ -38,7 +38,7 @@ def _triton_limits(facts):
 
 OP = register(FusedOp("upsample_add",
                       cpu=Support(dtypes={"cpu": (torch.float32, torch.float64, torch.bfloat16)}),
-                      cuda=Support(), triton=Support(limits=_triton_limits, note="B*h*w < 2^31")))
+                      cuda=Support(), triton=Support(limits=_triton_limits, note="B*H*W < 2^31")))
 
 
 def _facts(tokens: torch.Tensor, residual: torch.Tensor) -> dict:

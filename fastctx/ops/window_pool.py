@@ -27,9 +27,15 @@ from ..reference.window_pool import window_size
 from ._checks import check_same, check_tensor
 from ._dispatch import FusedOp, Support, reference_backward, reference_forward, register
 
+def _triton_limits(facts):
+    from fastctx.kernels.window_pool import limits
+
+    return limits(facts)
+
+
 OP = register(FusedOp("window_pool",
                       cpu=Support(dtypes={"cpu": (torch.float32, torch.float64, torch.bfloat16)}),
-                      cuda=Support(), triton=Support()))
+                      cuda=Support(), triton=Support(limits=_triton_limits, note="B*H*W < 2^31")))
 
 
 def _facts(x: torch.Tensor, window) -> dict:

@@ -8,6 +8,7 @@ import fastctx
 from fastctx import ops, reference
 from fastctx.reference.window_attention import sine_position_encoding
 from op_testing import check_fwd_bwd, check_launcher, launcher_device, randn, require, triton_launchers
+from tolerances import assert_close
 
 # No CUDA kernels yet: the cuda backend joins when they land.
 FUSED = ["cpu", "triton"]
@@ -75,11 +76,32 @@ def test_cpu_bfloat16():
                   lambda a, p: reference.window_pool(a.float(), 7, p.float()).bfloat16(), [x, pos], torch.bfloat16)
 
 
+def test_cpu_bf16_autocast():
+    """IIWA under CPU autocast: bf16 map, fp32 sine grid. Not an autocast op: the bf16 kernel runs (pos cast to
+    bf16, as released), forward and backward; the fp32 maths on the same values is the oracle."""
+    require("cpu")
+    x, pos = pool_inputs(2, 8, 16, 12, (4, 8))
+    x = x.bfloat16().requires_grad_()
+    pos = pos.requires_grad_()
+    with torch.autocast("cpu", torch.bfloat16), torch.profiler.profile() as prof:
+        out = ops.window_pool(x, (4, 8), pos)
+        out.backward(torch.ones_like(out))
+    calls = {e.name for e in prof.events()}
+    assert {"fastctx::window_pool_fwd", "fastctx::window_pool_bwd"} <= calls
+    assert out.dtype == torch.bfloat16 and x.grad.dtype == torch.bfloat16 and pos.grad.dtype == torch.float32
+    ref_x, ref_pos = x.detach().float().requires_grad_(), pos.detach().requires_grad_()
+    expected = reference.window_pool(ref_x, (4, 8), ref_pos.bfloat16())
+    expected.backward(torch.ones_like(expected))
+    assert_close(out, expected, torch.bfloat16, "output")
+    assert_close(x.grad, ref_x.grad, torch.bfloat16, "grad of x")
+    assert_close(pos.grad, ref_pos.grad, torch.bfloat16, "grad of pos")
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
 def test_gradcheck_float64(backend):
     require(backend, torch.float64)
     x, pos = (t.requires_grad_() for t in pool_inputs(2, 4, 6, 2, (2, 3), dtype=torch.float64))
-    fast = backend == "triton"  # the interpreter: random projections of the Jacobians, the full ones on cpu
+    fast = backend != "cpu"  # random projections of the Jacobians (the interpreter is slow); the full ones on cpu
     with fastctx.use_backend(backend):
         assert torch.autograd.gradcheck(lambda a, p: ops.window_pool(a, (2, 3), p), (x, pos), fast_mode=fast)
         assert torch.autograd.gradgradcheck(lambda a, p: ops.window_pool(a, (2, 3), p), (x, pos), fast_mode=fast)
