@@ -70,4 +70,15 @@ TORCH_LIBRARY(fastctx, m) {
   m.def(
       "window_attention_bwd(Tensor grad, Tensor qkv, Tensor? bias_table, Tensor? pad_qkv, int heads,"
       " int[] window, int[] shift, float scale) -> (Tensor, Tensor, Tensor)");
+  // IIWA's window tokens: mean of each Wh x Ww window of x [B, Hp, Wp, C] (channels last), + pos
+  // [Hg, Wg, C] if given -> [B, Hg, Wg, C]. Backward: grad_x = grad / (Wh*Ww) over each window;
+  // grad_pos = sum over the batch when pos_grad, else an empty tensor.
+  m.def("window_pool_fwd(Tensor x, Tensor? pos, int[] window) -> Tensor");
+  m.def(
+      "window_pool_bwd(Tensor grad, int[] window, bool pos_grad) -> (Tensor, Tensor)");
+  // residual [B, H, W, C] + bilinear upsample (align_corners=True) of tokens [B, h, w, C].
+  // Backward: grad_tokens [B, height, width, C], the transpose of the upsampling as a gather
+  // (grad_residual is grad itself).
+  m.def("upsample_add_fwd(Tensor tokens, Tensor residual) -> Tensor");
+  m.def("upsample_add_bwd(Tensor grad, int height, int width) -> Tensor");
 }

@@ -43,7 +43,7 @@ from triton.runtime.interpreter import InterpretedFunction
 
 # Every op with Triton kernels: kernels/<name>.py.
 OPS = ("pyramid_pool", "gla_context", "residual_relu", "encoding", "class_gather", "class_attention",
-       "window_attention")
+       "window_attention", "window_pool", "upsample_add")
 
 
 @triton.jit

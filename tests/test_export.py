@@ -29,7 +29,7 @@ HEADS = {
                 lambda b, h, w: ([torch.randn(b, 8, h, w), torch.randn(b, 12, h, w)],)),
 }
 FUSED_OPS = {"fastctx.pyramid_pool.default", "fastctx.gla_context.default", "fastctx.residual_relu.default",
-             "fastctx.encoding.default"}
+             "fastctx.encoding.default", "fastctx.window_pool.default", "fastctx.upsample_add.default"}
 
 
 def _head(name):
@@ -172,6 +172,10 @@ def _op_cases():
     yield torch.ops.fastctx.encoding.default, (
         torch.randn(2, 6, 20, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64),
         -torch.rand(4, dtype=torch.float64), True)
+    yield torch.ops.fastctx.window_pool.default, (
+        torch.randn(2, 4, 6, 3, dtype=torch.float64), torch.randn(2, 2, 3, dtype=torch.float64), [2, 3])
+    yield torch.ops.fastctx.upsample_add.default, (
+        torch.randn(2, 2, 3, 3, dtype=torch.float64), torch.randn(2, 5, 7, 3, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("backend", ["auto", "reference"])

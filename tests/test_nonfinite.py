@@ -91,6 +91,17 @@ def _encoding_inputs(g, pixels_last=False):
     }
 
 
+def _window_pool_inputs(g):
+    # 4x8 windows over an 8x16 map: 2x2 tokens; pos as IIWA passes it (one per token, all images)
+    return {"x": torch.randn(2, 8, 16, 3, generator=g), "pos": torch.randn(2, 2, 3, generator=g)}
+
+
+def _upsample_inputs(g):
+    # 2x3 tokens -> 5x7, channels last: output rows 0 and 4 and columns 0, 3 and 6 sit exactly on tokens
+    # (their second tap has weight 0 and still turns an inf into NaN, as eager's)
+    return {"tokens": torch.randn(2, 2, 3, 5, generator=g), "residual": torch.randn(2, 5, 7, 5, generator=g)}
+
+
 CASES = {
     "pyramid_pool": Case(
         _pool_inputs,
@@ -121,6 +132,28 @@ CASES = {
             "scale": {"element": (1,), "all": (ALL,)},
             "shift": {"element": (1,), "all": (ALL,)},
             "grad": PLANE4,
+        },
+    ),
+    "window_pool": Case(
+        _window_pool_inputs,
+        lambda x, pos: ops.window_pool(x, (4, 8), pos),
+        lambda x, pos: reference.window_pool(x, (4, 8), pos),
+        {
+            "x": {"element": (1, 5, 9, 2), "pixel": (1, 5, 9, ALL)},
+            "pos": {"element": (1, 0, 2)},
+            "grad": {"element": (1, 1, 0, 2)},
+        },
+    ),
+    "upsample_add": Case(
+        _upsample_inputs,
+        ops.upsample_add,
+        reference.upsample_add,
+        {
+            "tokens": {"element": (1, 1, 1, 3), "corner": (0, 1, 2, ALL)},
+            "residual": {"element": (1, 2, 5, 3)},
+            # on_tap: output (2, 3) lies on token column 1: its second column tap has weight 0; last_row: row 4
+            # lies on the last token row, whose two row taps coincide (one of weight 0)
+            "grad": {"element": (1, 2, 5, 3), "on_tap": (1, 2, 3, 3), "last_row": (1, 4, ALL, 3)},
         },
     ),
     "encoding": Case(  # x [B, D, H, W]: the channels-first kernels

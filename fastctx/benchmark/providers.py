@@ -31,15 +31,15 @@ import fastctx
 from fastctx import _backend, ops, reference
 from fastctx.models.swin import SwinBlock
 from fastctx.nn import ACM, IIWA, ACFHead, APCHead, EncHead, EncModule, OCRHead
-from fastctx.reference.window_attention import (relative_position_index, shift_window_mask, window_partition,
-                                                window_reverse)
+from fastctx.reference.window_attention import (relative_position_index, shift_window_mask, sine_position_encoding,
+                                                window_partition, window_reverse)
 from fastctx.nn.apc_head import fused_acm_forward
 from fastctx.reference.apc_head import acm_forward
 
 from .shapes import ShapeSet
 
 OPS = ("pyramid_pool", "gla_context", "residual_relu", "encoding", "class_gather", "class_attention",
-       "window_attention")
+       "window_attention", "window_pool", "upsample_add")
 HEADS = ("acm", "apc_head", "enc_module", "enc_head", "ocr_head", "acf_head", "iiwa_block", "swin_block")
 ALL_OPS = OPS + HEADS
 MODES = ("fwd", "fwdbwd")
@@ -54,7 +54,8 @@ HAS_EAGER_BEST = {"gla_context", "residual_relu", "encoding", "acm", "apc_head",
 OPS_OF = {op: (op,) for op in OPS} | {
     "acm": ("pyramid_pool", "gla_context", "residual_relu"), "apc_head": ("pyramid_pool", "gla_context", "residual_relu"),
     "enc_module": ("encoding",), "enc_head": ("encoding",), "ocr_head": ("class_gather", "class_attention"),
-    "acf_head": ("class_gather", "class_attention"), "iiwa_block": ("window_attention",),
+    "acf_head": ("class_gather", "class_attention"),
+    "iiwa_block": ("window_attention", "window_pool", "upsample_add"),
     "swin_block": ("window_attention",),
 }
 
@@ -289,6 +290,15 @@ def case_shapes(op: str, shapes: ShapeSet) -> list[CaseShape]:
             out.append(CaseShape(label, dict(batch=b, height=h, width=w, in_channels=cin, num_classes=k,
                                              class_channels=shapes.class_channels,
                                              attention_channels=shapes.attention_channels)))
+        return out
+    if op in ("window_pool", "upsample_add"):  # IIWA's inter-window path on its padded map (no shifted windows)
+        for h, w, c, heads, wh, ww, shift in shapes.window_cases:
+            if shift:
+                continue
+            hg, wg = -(-h // wh), -(-w // ww)
+            label = f"{b}x{hg * wh}x{wg * ww}x{c} {wh}x{ww}" if op == "window_pool" else \
+                f"{b}x{hg}x{wg}x{c} -> {hg * wh}x{wg * ww}"
+            out.append(CaseShape(label, dict(batch=b, height=hg * wh, width=wg * ww, channels=c, wh=wh, ww=ww)))
         return out
     if op in ("window_attention", "iiwa_block", "swin_block"):
         for h, w, c, heads, wh, ww, shift in shapes.window_cases:
@@ -542,6 +552,23 @@ def _build_window_attention(p, device, dtype, gen):
     return [qkv, table, pad], None, [(b, h, w, c)], forms
 
 
+def _build_window_pool(p, device, dtype, gen):
+    b, hp, wp, c, wh, ww = (p[k] for k in ("batch", "height", "width", "channels", "wh", "ww"))
+    (x,) = _to(device, dtype, _randn(gen, b, hp, wp, c))
+    pos = sine_position_encoding(hp // wh, wp // ww, c, device=device)  # float32, as IIWA's cached grid
+    args = (x, (wh, ww), pos)
+    forms = {"eager": (reference.window_pool, args), "fused": (ops.window_pool, args), "set_fused": _no_flag}
+    return [x], None, [(b, hp // wh, wp // ww, c)], forms
+
+
+def _build_upsample_add(p, device, dtype, gen):
+    b, hp, wp, c, wh, ww = (p[k] for k in ("batch", "height", "width", "channels", "wh", "ww"))
+    tokens, residual = _to(device, dtype, _randn(gen, b, hp // wh, wp // ww, c), _randn(gen, b, hp, wp, c))
+    args = (tokens, residual)
+    forms = {"eager": (reference.upsample_add, args), "fused": (ops.upsample_add, args), "set_fused": _no_flag}
+    return [tokens, residual], None, [(b, hp, wp, c)], forms
+
+
 def _build_ocr_head(p, device, dtype, gen):
     b, cin, c, k, h, w = p["batch"], p["in_channels"], p["class_channels"], p["num_classes"], p["height"], p["width"]
     head = OCRHead(p["attention_channels"], in_channels=cin, channels=c, num_classes=k)
@@ -588,6 +615,8 @@ _BUILDERS = {
     "class_gather": _build_class_gather,
     "class_attention": _build_class_attention,
     "window_attention": _build_window_attention,
+    "window_pool": _build_window_pool,
+    "upsample_add": _build_upsample_add,
     "ocr_head": _build_ocr_head,
     "acf_head": _build_acf_head,
     "iiwa_block": _build_iiwa_block,

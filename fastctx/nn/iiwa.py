@@ -21,9 +21,11 @@ With `fused=True` both attentions run `fastctx.ops.window_attention`: the
 intra-window one over the padded map, the inter-window one with one window
 covering the whole token grid. The map is padded before the qkv Linear, as
 released, because the inter-window path averages the padded tokens' outputs
-too: the op's outputs exist only for the tokens it is given. Window pooling,
-the positional encoding and the upsample + residual are the eager forms of
-`fastctx.reference.window_attention`. Active attention dropout (training with
+too: the op's outputs exist only for the tokens it is given. Window pooling
+and the positional encoding run as `fastctx.ops.window_pool` (the encoding,
+parameter-free, is cached per grid size and device, outside the state_dict),
+the upsample + residual as `fastctx.ops.upsample_add`; `fused=False` runs
+their eager forms (`fastctx.reference.window_attention`). Active attention dropout (training with
 attn_drop > 0; the released default is 0.1) or a mask runs the eager maths
 for the intra-window attention; the inter-window attention has no dropout.
 
@@ -156,6 +158,7 @@ class IIWA(nn.Module):
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
         self.pose_encoding = PositionEmbeddingSine(normalize=True)
+        self._sine_grids: dict[tuple, torch.Tensor] = {}  # see _sine_grid (fused path)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if x.dim() != 4 or x.shape[3] != self.dim:
@@ -174,16 +177,36 @@ class IIWA(nn.Module):
         x = x + self.proj_drop(self.proj(x))
 
         # inter-window attention over one token per window
-        tokens = window_pool(x, self.window_size)  # [B, Hg, Wg, C]
-        pos = self.pose_encoding.grid(tokens.shape[1], tokens.shape[2], channels, x.device)
-        tokens = tokens + pos.to(tokens.dtype)  # released: float32 encoding, promoted to x's dtype
-        x = upsample_add(self._inter_window_attention(tokens), x)
+        grid = (hp // wh, wp // ww)
+        if self.fused:  # pooling + encoding in one op, attention, upsample + residual in one op
+            tokens = ops.window_pool(x, self.window_size, self._sine_grid(*grid, channels, x.device))
+            x = ops.upsample_add(self._inter_window_attention(tokens), x)
+        else:
+            tokens = window_pool(x, self.window_size)  # [B, Hg, Wg, C]
+            pos = self.pose_encoding.grid(*grid, channels, x.device)
+            tokens = tokens + pos.to(tokens.dtype)  # released: float32 encoding, promoted to x's dtype
+            x = upsample_add(self._inter_window_attention(tokens), x)
         x = x + self.proj_drop2(self.proj2(x))
 
         if pad_r > 0 or pad_b > 0:
             x = x[:, :height, :width, :].contiguous()
         x = x + self.drop_path(self.mlp(self.norm1(x)))
         return self.norm2(x)
+
+    def _sine_grid(self, height: int, width: int, channels: int, device: torch.device) -> torch.Tensor:
+        """The positional encoding of a token grid, [height, width, C] float32, cached per grid and device.
+
+        It has no parameters, so it is computed once per grid size; the cache is a plain attribute, not a
+        buffer (state_dicts stay the released ones). While torch.compile traces, it is computed in the graph
+        instead (a constant the compiler folds; no Python state mutated under tracing).
+        """
+        if torch.compiler.is_compiling():
+            return self.pose_encoding.grid(height, width, channels, device)
+        key = (height, width, channels, str(device))
+        grid = self._sine_grids.get(key)
+        if grid is None:
+            grid = self._sine_grids[key] = self.pose_encoding.grid(height, width, channels, device)
+        return grid
 
     def _intra_window_attention(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """Attention inside the windows of the padded map x [B, Hp, Wp, C] -> [B, Hp, Wp, C] (no projection)."""

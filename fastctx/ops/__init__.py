@@ -8,7 +8,9 @@ from .encoding import encoding
 from .gla_context import gla_context
 from .pyramid_pool import pyramid_pool, split_scales
 from .residual_relu import residual_relu
+from .upsample_add import upsample_add
 from .window_attention import window_attention
+from .window_pool import window_pool
 
 __all__ = ["OPS", "class_attention", "class_gather", "encoding", "gla_context", "pyramid_pool", "residual_relu", "split_scales",
-           "window_attention"]
+           "upsample_add", "window_attention", "window_pool"]

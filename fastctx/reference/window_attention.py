@@ -7,12 +7,13 @@ multiples of the window, cyclic shift, partition into windows, region mask,
 softmax(q k^T * scale + relative position bias) v, reverse, shift back, crop --
 so the fused kernels are checked against the computation users run today.
 
-The other functions are the eager forms of IIWA's inter-window path, kept
-separate so each can be replaced by a fused op on its own:
-
-  window_pool             average of each window -> one token per window
-  sine_position_encoding  the parameter-free positional encoding added to those tokens
-  upsample_add            bilinear upsample (align_corners=True) of the tokens + residual add
+The eager forms of IIWA's inter-window path: `sine_position_encoding` (the
+parameter-free positional encoding of the window tokens) here; `window_pool`
+(average of each window -> one token per window, + that encoding) and
+`upsample_add` (bilinear upsample, align_corners=True, of the tokens + residual)
+are the oracles of the fused ops of those names, in their own files
+(`fastctx/reference/window_pool.py`, `fastctx/reference/upsample_add.py`), and
+re-exported here.
 
 The full attention over the window tokens is `window_attention` with one
 window covering the whole token grid and no bias table.
@@ -28,6 +29,11 @@ import numbers
 
 import torch
 import torch.nn.functional as F
+
+# IIWA's pooling and upsampling are fused ops with their own oracles; re-exported here, where the eager
+# IIWA path and the benchmarks have always imported them from.
+from .upsample_add import upsample_add
+from .window_pool import window_pool
 
 __all__ = [
     "relative_position_index", "shift_window_mask", "sine_position_encoding", "upsample_add", "window_attention",
@@ -215,17 +221,6 @@ def window_attention(qkv: torch.Tensor, heads: int, window, bias_table: torch.Te
     return out[:, :height, :width, :].contiguous()
 
 
-def window_pool(x: torch.Tensor, window) -> torch.Tensor:
-    """Mean of each window: [B, Hp, Wp, C] -> [B, Hp/Wh, Wp/Ww, C] (Hp, Wp multiples of the window).
-
-    ULLMC's `nn.AvgPool2d(kernel_size=window)` over the padded map, padded tokens included.
-    """
-    wh, ww = _pair(window, "window", 1)
-    if x.dim() != 4 or x.shape[1] % wh or x.shape[2] % ww:
-        raise ValueError(f"window_pool expects [B, Hp, Wp, C] with Hp, Wp multiples of the window {(wh, ww)}, "
-                         f"got shape {tuple(x.shape)}")
-    pooled = F.avg_pool2d(x.permute(0, 3, 1, 2).contiguous(), kernel_size=(wh, ww))
-    return pooled.permute(0, 2, 3, 1)
 
 
 def sine_position_encoding(height: int, width: int, channels: int, *, normalize: bool = True,
@@ -261,16 +256,3 @@ def sine_position_encoding(height: int, width: int, channels: int, *, normalize:
     pos_y = torch.stack((pos_y[:, :, :, 0::2].sin(), pos_y[:, :, :, 1::2].cos()), dim=4).flatten(3)
     return torch.cat((pos_y, pos_x), dim=3)[0]
 
-
-def upsample_add(tokens: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """residual + bilinear upsample (align_corners=True) of tokens to residual's size, channels last.
-
-    tokens [B, h, w, C], residual [B, H, W, C] -> [B, H, W, C] (IIWA's
-    `x = shortcut + interpolate(xg)` after the inter-window attention).
-    """
-    if tokens.dim() != 4 or residual.dim() != 4 or tokens.shape[0] != residual.shape[0] \
-            or tokens.shape[3] != residual.shape[3]:
-        raise ValueError(f"upsample_add expects tokens [B, h, w, C] and residual [B, H, W, C], got "
-                         f"{tuple(tokens.shape)} and {tuple(residual.shape)}")
-    up = F.interpolate(tokens.permute(0, 3, 1, 2), size=residual.shape[1:3], mode="bilinear", align_corners=True)
-    return residual + up.permute(0, 2, 3, 1)
