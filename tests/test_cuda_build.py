@@ -19,7 +19,8 @@ from fastctx.info import _cuda_tool
 
 CUDA_BUILD_EXPECTED = bool(torch.version.cuda) and os.environ.get("FASTCTX_NO_CUDA", "0") != "1" \
     and os.environ.get("FASTCTX_NO_EXT", "0") != "1"
-OPS = ("pyramid_pool", "gla_context", "residual_relu", "encoding", "class_gather", "class_attention")
+OPS = ("pyramid_pool", "gla_context", "residual_relu", "encoding", "class_gather", "class_attention",
+       "window_attention")
 # The architectures setup.py builds when no GPU is there to ask (TORCH_CUDA_ARCH_LIST unset).
 EXPECTED_ARCHS = {"sm_75", "sm_80", "sm_90"}
 # Every __global__ template of csrc/cuda/*_kernel.cuh: each must be compiled for every architecture.
@@ -31,6 +32,7 @@ KERNELS = (
     "encoding_bwd_reduce_kernel",
     "class_gather_fwd_kernel", "class_gather_merge_kernel", "class_gather_prep_kernel", "class_gather_bwd_kernel",
     "class_attention_fwd_kernel", "class_attention_bwd_kernel", "class_attention_sum_kernel",
+    "window_attention_fwd_kernel", "window_attention_bwd_kernel", "window_attention_sum_kernel",
 )
 
 

@@ -11,9 +11,10 @@ compiles them with the host compiler against tests/cuda_emu/emu.h and runs every
   path): the latest and the earliest a copy may land;
 - against tests/tolerances.py, per dtype (fp32, fp64, and a bfloat16 stand-in type).
 
-The mutation tests prove the emulation can fail: with one barrier of gla_context, encoding, class_gather
-or class_attention removed, or encoding's cp.async waits one group short, the same drivers must report
-wrong results. The sanitizer test builds the drivers with AddressSanitizer and UndefinedBehaviorSanitizer.
+The mutation tests prove the emulation can fail: with one barrier of gla_context, encoding, class_gather,
+class_attention or window_attention removed, or encoding's cp.async waits one group short, the same drivers
+must report wrong results. The sanitizer test builds the drivers with AddressSanitizer and
+UndefinedBehaviorSanitizer.
 """
 import os
 import re
@@ -29,7 +30,8 @@ from tolerances import TOLERANCES
 
 ROOT = Path(__file__).resolve().parents[1]
 EMU = ROOT / "tests" / "cuda_emu"
-OPS = ("residual_relu", "pyramid_pool", "gla_context", "encoding", "class_gather", "class_attention")
+OPS = ("residual_relu", "pyramid_pool", "gla_context", "encoding", "class_gather", "class_attention",
+       "window_attention")
 # Issue 11, item 5: at near one-hot assignments, fp32 grad_scale and grad_codewords within 1e-5 of
 # float64, relative to the largest magnitude of each (rtol, atol as in tests/tolerances.py).
 PEAKED_TOL = (0.0, 1e-5)
@@ -49,6 +51,9 @@ COVERAGE = {
                      r"parts=[2-9]", "masked", "nan=[1-9]", "f64", "bf16"],
     "class_attention": ["KP=32", "KP=64", "KP=128", "KP=256", " query ", " logits ", "vec=1", "vec=0",
                         r"parts=[2-9]", "masked", "nan=[1-9]", "f64", "bf16"],
+    "window_attention": ["N=32", "N=49", "N=128", "N=144", r"shift=[1-9]", "shift=0,0", "table=0", "table=1",
+                         "pad=0", "pad=1", "vec=1", "vec=0", r"qblocks=[2-9]", r"chunks=[2-9]", "d=128",
+                         "nan=[1-9]", "f64", "bf16"],
 }
 
 
@@ -85,6 +90,8 @@ BUILDS = {
     "class_gather-no-weights-barrier": ("class_gather.cpp", ("-DFASTCTX_EMU_DROP_BARRIER=kSyncGatherWeightsReady",)),
     "class_attention-no-row-sums-barrier": ("class_attention.cpp",
                                             ("-DFASTCTX_EMU_DROP_BARRIER=kSyncClassRowSums",)),
+    "window_attention-no-probs-barrier": ("window_attention.cpp",
+                                          ("-DFASTCTX_EMU_DROP_BARRIER=kSyncWinProbsReady",)),
     **{f"{op}-sanitized": (f"{op}.cpp", tuple(SANITIZE)) for op in OPS},
 }
 
@@ -140,6 +147,7 @@ MUTATIONS = {
     "encoding-short-cp-async-wait": "KP 32; D % 4 != 0",
     "class_gather-no-weights-barrier": "K 19: KP 32",
     "class_attention-no-row-sums-barrier": "K 19: KP 32",
+    "window_attention-no-probs-barrier": "4x8 windows",
 }
 
 

@@ -21,7 +21,8 @@ and the padded keys' dK, dV summed into d(pad_qkv); those cross-window sums are
 reduced in a fixed order.
 
 Backends: reference (fastctx/reference/window_attention.py), cpu (csrc/cpu/window_attention.cpp, any
-window size); the other fused kernels register here as they land.
+window size), triton (kernels/window_attention.py, d <= 64), cuda (csrc/cuda/window_attention.cu: fp32,
+fp16, bf16; limited by shared memory per block, see _cuda_smem_bytes).
 Contract: docs/kernels.md "window_attention".
 """
 from __future__ import annotations
@@ -40,7 +41,41 @@ def _triton_limits(facts):
     return limits(facts)
 
 
-OP = register(FusedOp("window_attention", cpu=Support(), cuda=Support(),
+# Opt-in shared memory per block (bytes) by compute capability; unknown ones get the smallest current
+# figure (the extension checks the device's own value before launch either way).
+_CUDA_SMEM = {75: 64 << 10, 80: 163 << 10, 86: 99 << 10, 87: 163 << 10, 89: 99 << 10, 90: 227 << 10,
+              100: 227 << 10, 103: 227 << 10, 120: 99 << 10, 121: 99 << 10}
+_CUDA_SMEM_DEFAULT = 99 << 10
+
+
+def _cuda_smem_bytes(wh: int, ww: int, d: int) -> int:
+    """Shared memory of a CUDA backward block (the larger kernel), as window_attention_plan computes it
+    (csrc/cuda/window_attention_launch.h): the window's token rows and labels, K^T and V^T [d, N], a
+    query block's q and dO [bq, d], its P and dS [bq, N], pad_qkv's q gradient and the table gradient,
+    in fp32 for every data dtype; N and d padded to multiples of 4, bq = N up to 64 tokens, else 32."""
+    n4, d4 = -(-wh * ww // 4) * 4, -(-d // 4) * 4
+    bq = n4 if n4 <= 64 else 32
+    entries4 = -(-(2 * wh - 1) * (2 * ww - 1) // 4) * 4
+    return 12 * n4 + 4 * (2 * d4 * n4 + 2 * bq * d4 + 2 * bq * n4 + d4 + entries4)
+
+
+def _cuda_limits(facts):
+    if facts["N"] > 1024 or facts["d"] > 1024:
+        return f"a window of {facts['N']} tokens with head_dim {facts['d']}: the CUDA kernels take N, d <= 1024"
+    need = _cuda_smem_bytes(facts["Wh"], facts["Ww"], facts["d"])
+    allowed = _CUDA_SMEM.get(facts["sm"], _CUDA_SMEM_DEFAULT)
+    if need > allowed:
+        return (f"a {facts['Wh']}x{facts['Ww']} window with head_dim {facts['d']} needs {need} bytes of shared "
+                f"memory per block in the CUDA backward; sm_{facts['sm']} allows {allowed}")
+    windows = facts["B"] * -(-facts["H"] // facts["Wh"]) * -(-facts["W"] // facts["Ww"])
+    if windows * facts["heads"] > 2**31 - 1:
+        return f"windows x heads = {windows * facts['heads']} > 2^31 - 1 (grid axis 0): split the batch"
+    return None
+
+
+_CUDA_NOTE = ("shared memory per block: 7x7 windows d <= 32 on sm_75; 12x12 d <= 32 on sm_86, <= 64 on sm_80, "
+              "<= 128 on sm_90")
+OP = register(FusedOp("window_attention", cpu=Support(), cuda=Support(limits=_cuda_limits, note=_CUDA_NOTE),
                       triton=Support(limits=_triton_limits, note="d <= 64, H*W*3C < 2^31")))
 
 

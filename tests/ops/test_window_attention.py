@@ -110,6 +110,25 @@ def test_forced_triton_names_the_limit():
             ops.window_attention(qkv, 1, (2, 2))
 
 
+def test_cuda_limits_are_declared():
+    """The CUDA kernels keep a window's keys, values and a query block's scores in shared memory: a call
+    whose block needs more than the device allows is declined before launch (automatic choice moves on)."""
+    from fastctx.ops.window_attention import _cuda_smem_bytes
+
+    limits = ops.OPS["window_attention"].support["cuda"].limits
+    swin = dict(B=2, H=56, W=56, C=96, heads=3, d=32, Wh=7, Ww=7, N=49)
+    # the size window_attention_plan gives (the emulation driver prints smem=fwd/bwd bytes for this window)
+    assert _cuda_smem_bytes(7, 7, 32) == 49696
+    assert limits({**swin, "sm": 75}) is None
+    assert "needs 76448 bytes of shared memory per block in the CUDA backward; sm_75 allows 65536" in \
+        limits({**swin, "d": 64, "C": 192, "sm": 75})
+    large = dict(swin, C=192, d=64, Wh=12, Ww=12, N=144)  # 131088 bytes
+    assert limits({**large, "sm": 80}) is None and limits({**large, "sm": 90}) is None
+    assert "sm_86 allows" in limits({**large, "sm": 86})
+    assert "N, d <= 1024" in limits(dict(swin, C=1025 * 3, heads=3, d=1025, sm=90))
+    assert "grid axis 0" in limits(dict(swin, B=2**24, sm=90))
+
+
 def test_public_function_defaults_and_empty_batch():
     qkv, table, pad = window_inputs(1, 4, 4, 6, 3, (2, 2))
     out = ops.window_attention(qkv, 3, 2, table, 1, pad_qkv=pad)  # ints for window and shift, default scale
