@@ -211,7 +211,8 @@ class CrossScaleIIWA(nn.Module):
         tokens = _nhwc(F.adaptive_avg_pool2d(_nchw(x), grid))
         tokens = tokens + sine_position_encoding(*grid, self.dim, device=x.device).to(x.dtype)
         glob = _attention(self.qkv2(tokens), self.num_heads, grid, None, self.fused)
-        x = self.norm2(upsample_add(self.proj_drop(self.proj2(glob)), x))
+        add = ops.upsample_add if self.fused else upsample_add
+        x = self.norm2(add(self.proj_drop(self.proj2(glob)), x))
         return self.norm3(x + self.drop_path(self.mlp(x)))
 
     def extra_repr(self) -> str:
