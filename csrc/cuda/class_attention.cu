@@ -17,6 +17,7 @@
 
 #include "cuda/class_attention_kernel.cuh"
 #include "cuda/class_attention_launch.h"
+#include "cuda/host.h"
 
 namespace fastctx {
 namespace {
@@ -72,23 +73,11 @@ Dims check_inputs(const std::optional<at::Tensor>& query, const std::optional<at
   return d;
 }
 
-int64_t sm_count() {
-  return at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-}
-
-dim3 to_dim3(const Grid3& g) {
-  return dim3(static_cast<unsigned>(g.x), static_cast<unsigned>(g.y), static_cast<unsigned>(g.z));
-}
-
-// Raises kKernel's shared-memory limit (once) to its size, a constant of the
-// instantiation, and checks the device grants it.
+// The kernels' shared memory is a constant of the instantiation (KP), so the limit is raised to exactly it.
 template <auto kKernel>
 void check_smem(int64_t bytes, int KP, const char* op) {
-  const DynamicSmemLimit limit = dynamic_smem_limit<kKernel>(bytes);
-  C10_CUDA_CHECK(limit.error);
-  TORCH_CHECK(bytes <= limit.bytes, op, ": K padded to ", KP, " classes needs ", bytes,
-              " bytes of shared memory per block, the device allows ", limit.bytes,
-              " (use the triton or reference backend on this GPU)");
+  require_dynamic_smem<kKernel>(bytes, bytes, op, "K padded to " + std::to_string(KP) + " classes",
+                                "use the triton or reference backend on this GPU");
 }
 
 template <typename scalar_t, typename acc_t>

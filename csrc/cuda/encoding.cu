@@ -15,6 +15,7 @@
 
 #include "cuda/encoding_kernel.cuh"
 #include "cuda/encoding_launch.h"
+#include "cuda/host.h"
 
 namespace fastctx {
 namespace {
@@ -42,10 +43,6 @@ void check_encoding_inputs(const at::Tensor& x, const at::Tensor& codewords, con
   }
 }
 
-dim3 to_dim3(const Grid3& g) {
-  return dim3(static_cast<unsigned>(g.x), static_cast<unsigned>(g.y), static_cast<unsigned>(g.z));
-}
-
 // The call's plan, after raising the tile kernel's shared-memory limit (once)
 // to its fixed size and reading its occupancy there.
 template <auto kTileKernel>
@@ -54,17 +51,15 @@ EncodingPlan make_plan(bool backward, const at::Tensor& x, const at::Tensor& cod
   const int KP = encoding_padded_codes(codewords.size(0));
   const int acc_size = static_cast<int>(at::elementSize(at::toOpMathType(x.scalar_type())));
   const int64_t smem = encoding_tile_smem_bytes(KP, backward, acc_size);
-  const DynamicSmemLimit limit = dynamic_smem_limit<kTileKernel>(smem);
-  C10_CUDA_CHECK(limit.error);
-  TORCH_CHECK(smem <= limit.bytes, op, ": needs ", smem, " bytes of shared memory per block, the device allows ",
-              limit.bytes, acc_size > 4 ? " (float64 doubles the float32 footprint: use float32/float16/bfloat16)"
-                                        : " (use the triton or reference backend on this GPU)");
+  require_dynamic_smem<kTileKernel>(smem, smem, op, "the tile kernel",
+                                    acc_size > 4 ? "float64 doubles the float32 footprint: use float32/float16/bfloat16"
+                                                 : "use the triton or reference backend on this GPU");
   int per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kTileKernel, kThreads, smem));
   const int64_t B = x.size(0), N = channels_first ? x.size(2) : x.size(1);
   EncodingPlan plan = encoding_plan(backward, B, N, codewords.size(1), codewords.size(0), channels_first, acc_size,
                                     x.numel() * x.element_size(), grad_x_aligned16,
-                                    at::cuda::getCurrentDeviceProperties()->multiProcessorCount, per_sm);
+                                    sm_count(), per_sm);
   TORCH_CHECK(plan.error.empty(), op, ": ", plan.error);
   return plan;
 }

@@ -16,6 +16,7 @@
 
 #include "cuda/gla_context_kernel.cuh"
 #include "cuda/gla_context_launch.h"
+#include "cuda/host.h"
 
 namespace fastctx {
 namespace {
@@ -52,22 +53,12 @@ int64_t check_inputs(const at::Tensor& x, const at::Tensor& weight, const at::Te
   return C;
 }
 
-int64_t sm_count() {
-  return at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-}
-
 // Raises the kernel's shared-memory limit (once) and checks the launch fits it.
 template <auto kKernel>
 void check_smem(const GlaLaunch& l, bool backward, int acc_size, const char* op) {
-  const DynamicSmemLimit limit = dynamic_smem_limit<kKernel>(gla_max_smem_bytes(backward, l.kj, acc_size));
-  C10_CUDA_CHECK(limit.error);
-  TORCH_CHECK(l.smem_bytes <= limit.bytes, op, ": a group of ", l.table.size[0], " rows needs ", l.smem_bytes,
-              " bytes of shared memory per block, the device allows ", limit.bytes,
-              " (use smaller groups, or float32 instead of float64)");
-}
-
-dim3 to_dim3(const Grid3& g) {
-  return dim3(static_cast<unsigned>(g.x), static_cast<unsigned>(g.y), static_cast<unsigned>(g.z));
+  require_dynamic_smem<kKernel>(l.smem_bytes, gla_max_smem_bytes(backward, l.kj, acc_size), op,
+                                "a group of " + std::to_string(l.table.size[0]) + " rows",
+                                "use smaller groups, or float32 instead of float64");
 }
 
 // Calls launch(i, stream) for i < n: launch 0 on the current stream, the
