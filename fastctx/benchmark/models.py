@@ -30,23 +30,36 @@ def _build_model_fn():
     return build_model
 
 
+def _pool_norm(model: nn.Module) -> str | None:
+    """Which part of `model` applies BatchNorm to each image's 1x1 global pool, or None."""
+    from fastctx.nn.apc_head import ACM
+    from fastctx.nn.aspp_head import ASPPHead
+
+    for module in model.modules():
+        if isinstance(module, ACM):
+            return "the ACM's"
+        if isinstance(module, ASPPHead):  # ASPP's image pool (ACFNet's base too)
+            return "the ASPP image pool's"
+    return None
+
+
 def model_batch(name: str, model: nn.Module, mode: str, batch: int | None) -> int:
     """The batch to run `model` (named `name`) at in `mode`: `batch`, or with None the smallest it
-    runs, 1, or 2 to train a model with an ACM. ValueError if `batch` is below that.
+    runs, 1, or 2 to train a model with an ACM or an ASPP image pool. ValueError if `batch` is below that.
 
-    The ACM applies BatchNorm to each image's 1x1 global pool; in training mode BatchNorm
+    Both apply BatchNorm to each image's 1x1 global pool; in training mode BatchNorm
     needs more than one value per channel, so one image cannot train (in mmseg too).
     """
-    from fastctx.nn.apc_head import ACM
-
     if batch is not None and batch < 1:
         raise ValueError(f"--model-batch {batch}: must be >= 1")
-    smallest = 2 if mode == "train" and any(isinstance(m, ACM) for m in model.modules()) else 1
+    pool_norm = _pool_norm(model) if mode == "train" else None
+    smallest = 2 if pool_norm is not None else 1
     if batch is None:
         return smallest
     if batch < smallest:
         raise ValueError(f"--model-batch {batch}: training {name} needs at least {smallest} images (BatchNorm in "
-                         "training mode over the ACM's [B, C, 1, 1] global pool needs more than one value per channel)")
+                         f"training mode over {pool_norm} [B, C, 1, 1] global pool needs more than one value per "
+                         "channel)")
     return batch
 
 
