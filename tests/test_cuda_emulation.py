@@ -31,7 +31,7 @@ from tolerances import TOLERANCES
 ROOT = Path(__file__).resolve().parents[1]
 EMU = ROOT / "tests" / "cuda_emu"
 OPS = ("residual_relu", "pyramid_pool", "gla_context", "encoding", "class_gather", "class_attention",
-       "window_attention")
+       "window_attention", "window_pool", "upsample_add")
 # Issue 11, item 5: at near one-hot assignments, fp32 grad_scale and grad_codewords within 1e-5 of
 # float64, relative to the largest magnitude of each (rtol, atol as in tests/tolerances.py).
 PEAKED_TOL = (0.0, 1e-5)
@@ -54,6 +54,10 @@ COVERAGE = {
     "window_attention": ["N=32", "N=49", "N=128", "N=144", r"shift=[1-9]", "shift=0,0", "table=0", "table=1",
                          "pad=0", "pad=1", "vec=1", "vec=0", r"qblocks=[2-9]", r"chunks=[2-9]", "d=128",
                          "nan=[1-9]", "f64", "bf16"],
+    "window_pool": ["vec=1", "vec=0", "aligned=0", "lanes=256", r"rows=[1-9]\d", "window=4x8", "window=7x7",
+                    "grid=1x", r"grid=\d+x1 ", "nan=[1-9]", "pool_div_mismatches=0", "f64", "bf16"],
+    "upsample_add": ["vec=1", "vec=0", "aligned=0", "lanes=256", r"B=\d+ 1x\d+->", r"->1x\d+ ", r"->\d+x1 ",
+                     "downsampling", "nan=[1-9]", "f64", "bf16"],
 }
 
 

@@ -18,7 +18,7 @@ eager `residual + up`. Mixed dtypes are accepted inside autocast (IIWA's
 attention output in the autocast dtype, its fp32 residual stream).
 
 Backends: reference (fastctx/reference/upsample_add.py), cpu (csrc/cpu/upsample_add.cpp),
-triton (kernels/upsample_add.py). Contract: docs/kernels.md "upsample_add".
+cuda (csrc/cuda/upsample_add.cu), triton (kernels/upsample_add.py). Contract: docs/kernels.md "upsample_add".
 """
 from __future__ import annotations
 
@@ -36,9 +36,19 @@ def _triton_limits(facts):
     return limits(facts)
 
 
+def _cuda_limits(facts):
+    """The CUDA kernels index pixels, tokens and taps in int32 (csrc/cuda/upsample_add_launch.h)."""
+    for what, count in (("B*H*W output pixels", facts["B"] * facts["H"] * facts["W"]),
+                        ("B*h*w tokens", facts["B"] * facts["h"] * facts["w"])):
+        if count >= 2**31:
+            return f"{what} = {count} >= 2^31 (int32 indices); split the batch"
+    return None
+
+
 OP = register(FusedOp("upsample_add",
                       cpu=Support(dtypes={"cpu": (torch.float32, torch.float64, torch.bfloat16)}),
-                      cuda=Support(), triton=Support(limits=_triton_limits, note="B*H*W < 2^31")))
+                      cuda=Support(limits=_cuda_limits, note="B*H*W, B*h*w < 2^31"),
+                      triton=Support(limits=_triton_limits, note="B*H*W < 2^31")))
 
 
 def _facts(tokens: torch.Tensor, residual: torch.Tensor) -> dict:

@@ -16,7 +16,7 @@ Not an autocast op (eager avg_pool2d and add keep their dtypes): the kernels
 run in x's dtype (the CPU kernel has a bfloat16 path, summing in fp32).
 
 Backends: reference (fastctx/reference/window_pool.py), cpu (csrc/cpu/window_pool.cpp),
-triton (kernels/window_pool.py). Contract: docs/kernels.md "window_pool".
+cuda (csrc/cuda/window_pool.cu), triton (kernels/window_pool.py). Contract: docs/kernels.md "window_pool".
 """
 from __future__ import annotations
 
@@ -33,9 +33,20 @@ def _triton_limits(facts):
     return limits(facts)
 
 
+def _cuda_limits(facts):
+    """The CUDA kernels index pixels, tokens and channels in int32 (csrc/cuda/window_pool_launch.h)."""
+    pixels = facts["B"] * facts["H"] * facts["W"]
+    if pixels >= 2**31:
+        return f"B*H*W = {pixels} map pixels >= 2^31 (int32 pixel indices); split the batch"
+    if facts["C"] > 2**30:
+        return f"C = {facts['C']} channels > 2^30"
+    return None
+
+
 OP = register(FusedOp("window_pool",
                       cpu=Support(dtypes={"cpu": (torch.float32, torch.float64, torch.bfloat16)}),
-                      cuda=Support(), triton=Support(limits=_triton_limits, note="B*H*W < 2^31")))
+                      cuda=Support(limits=_cuda_limits, note="B*H*W < 2^31"),
+                      triton=Support(limits=_triton_limits, note="B*H*W < 2^31")))
 
 
 def _facts(x: torch.Tensor, window) -> dict:
