@@ -38,6 +38,7 @@
 #include <vector>
 
 #include "cpu/class_tiles.h"
+#include "cpu/output.h"
 #include "cpu/parallel.h"
 
 namespace fastctx {
@@ -154,7 +155,7 @@ std::tuple<at::Tensor, at::Tensor> class_attention_fwd(const std::optional<at::T
                                                        const std::optional<at::Tensor>& logits,
                                                        double scale) {
   const Dims d = check_inputs(query, keys, values, logits, "class_attention_fwd");
-  auto out = at::empty({d.B, d.Cv, d.H, d.W}, values.options());
+  auto out = cpu::empty_output({d.B, d.Cv, d.H, d.W}, values.options());
   auto lse = at::empty({d.B, d.N}, values.options());
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "class_attention_fwd", [&] {
     using T = scalar_t;
@@ -281,10 +282,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> class_attention_bwd(
               d.B, ", ", d.N, "], got ", lse.sizes());
   (void)out;  // the softmax backward's row sums come from A and dA (see above)
   const auto options = values.options();
-  auto grad_query = d.query_form ? at::empty_like(*query) : at::empty({0}, options);
+  auto grad_query = d.query_form ? cpu::empty_output_like(*query) : at::empty({0}, options);
   auto grad_keys = d.query_form ? at::empty_like(*keys) : at::empty({0}, options);
   auto grad_values = at::empty_like(values);
-  auto grad_logits = d.query_form ? at::empty({0}, options) : at::empty_like(*logits);
+  auto grad_logits = d.query_form ? at::empty({0}, options) : cpu::empty_output_like(*logits);
   AT_DISPATCH_FLOATING_TYPES(dtype, "class_attention_bwd", [&] {
     using T = scalar_t;
     BackwardArgs<T> p{};

@@ -51,6 +51,7 @@
 
 #include "common/class_context.h"
 #include "cpu/class_tiles.h"
+#include "cpu/output.h"
 #include "cpu/parallel.h"
 
 namespace fastctx {
@@ -347,8 +348,8 @@ std::tuple<at::Tensor, at::Tensor> class_gather_bwd(const at::Tensor& grad,
   check_like(grad, "grad", {d.B, d.K, d.C}, feats.scalar_type(), fn);
   check_like(centres, "centres", {d.B, d.K, d.C}, feats.scalar_type(), fn);
   check_like(stat, "stat", {d.B, d.K}, feats.scalar_type(), fn);
-  auto grad_feats = at::empty_like(feats);
-  auto grad_probs = at::empty_like(probs);
+  auto grad_feats = cpu::empty_output_like(feats);
+  auto grad_probs = cpu::empty_output_like(probs);
   AT_DISPATCH_FLOATING_TYPES(feats.scalar_type(), "class_gather_bwd", [&] {
     gather_bwd_impl<scalar_t>(grad, feats, probs, centres, stat, mode, static_cast<scalar_t>(scale),
                               d, grad_feats, grad_probs);

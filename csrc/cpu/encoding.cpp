@@ -50,6 +50,7 @@
 #include "common/encoding.h"
 #include "cpu/blas.h"
 #include "cpu/parallel.h"
+#include "cpu/output.h"
 
 namespace fastctx {
 namespace {
@@ -660,7 +661,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> encoding_bwd(const at::Tensor& gr
                   grad.size(2) == s.D && grad.is_contiguous(),
               "encoding_bwd: expected a contiguous grad of shape [B=", s.B, ", K=", s.K, ", D=",
               s.D, "], got ", grad.sizes());
-  auto grad_x = at::empty_like(x, at::MemoryFormat::Contiguous);
+  auto grad_x = cpu::empty_output_like(x);  // contiguous, whatever x's layout
   auto grad_c = at::zeros_like(codewords, at::MemoryFormat::Contiguous);
   auto grad_s = at::zeros_like(scale, at::MemoryFormat::Contiguous);
   if (s.B == 0 || s.N == 0 || s.D == 0) {

@@ -31,6 +31,7 @@
 #include "common/activation.h"
 #include "cpu/blas.h"
 #include "cpu/parallel.h"
+#include "cpu/output.h"
 
 namespace fastctx {
 namespace {
@@ -265,7 +266,7 @@ at::Tensor gla_context_fwd(const at::Tensor& x, const at::Tensor& weight, const 
                            const at::Tensor& pooled, at::IntArrayRef group_sizes) {
   const Groups groups = make_groups(group_sizes);
   const auto [B, G, C, N] = check_inputs(x, weight, bias, pooled, groups);
-  auto z = at::empty_like(x);
+  auto z = cpu::empty_output_like(x);
   if (z.numel() == 0) return z;
   const int64_t S = groups.total;
   const int64_t n_tiles = (N + kTileFwd - 1) / kTileFwd;
@@ -315,7 +316,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gla_context_bwd(
               ", got ", grad.sizes());
   const int64_t S = groups.total;
 
-  auto grad_x = at::empty_like(x);
+  auto grad_x = cpu::empty_output_like(x);
   auto grad_weight = at::zeros_like(weight);
   auto grad_bias = at::zeros_like(bias);
   auto grad_pooled = at::zeros_like(pooled);

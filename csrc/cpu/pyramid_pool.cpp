@@ -27,6 +27,7 @@
 
 #include "common/adaptive_pool.h"
 #include "cpu/parallel.h"
+#include "cpu/output.h"
 
 namespace fastctx {
 namespace {
@@ -148,7 +149,7 @@ at::Tensor pyramid_pool_bwd(const at::Tensor& grad, at::IntArrayRef scales, int6
   check_data(grad, "grad", 3, "pyramid_pool_bwd");
   const int64_t B = grad.size(0), C = grad.size(1), H = height, W = width;
   // Allocated first: its size checks also bound the caller's height and width.
-  auto dx = at::empty({B, C, H, W}, grad.options());
+  auto dx = cpu::empty_output({B, C, H, W}, grad.options());
   const Pyramid py = make_pyramid(scales, B * C, H, W, "pyramid_pool_bwd");
   const int64_t S = py.bins;
   TORCH_CHECK(grad.size(2) == S, "pyramid_pool_bwd: grad has ", grad.size(2), " bins, scales ",

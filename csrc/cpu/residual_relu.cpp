@@ -21,6 +21,7 @@
 
 #include "common/activation.h"
 #include "cpu/parallel.h"
+#include "cpu/output.h"
 
 namespace fastctx {
 namespace {
@@ -87,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor> residual_relu_fwd(const at::Tensor& y, const 
   check_data(residual, "residual", y);
   check_affine(scale, "scale", y);
   check_affine(shift, "shift", y);
-  auto out = at::empty_like(y);
+  auto out = cpu::empty_output_like(y);
   const int64_t C = y.size(1), N = y.size(2) * y.size(3), planes = y.size(0) * C;
   const int64_t mask_bytes = (N + 7) / 8;
   auto mask = save_mask ? at::empty({y.size(0), C, mask_bytes}, y.options().dtype(at::kByte))
@@ -135,8 +136,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_relu_bwd(
   TORCH_CHECK(mask.dim() == 3 && mask.size(0) == B && mask.size(1) == C && mask.size(2) == mask_bytes,
               "residual_relu: mask must be [B, C, ceil(H*W/8)] = [", B, ", ", C, ", ", mask_bytes,
               "], got ", mask.sizes());
-  auto grad_y = at::empty_like(y);
-  auto grad_residual = at::empty_like(y);
+  auto grad_y = cpu::empty_output_like(y);
+  auto grad_residual = cpu::empty_output_like(y);
   auto grad_scale = at::zeros_like(scale);
   auto grad_shift = at::zeros_like(shift);
   if (grad_y.numel() == 0) return {grad_y, grad_residual, grad_scale, grad_shift};

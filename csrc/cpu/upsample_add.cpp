@@ -31,6 +31,7 @@
 #include <vector>
 
 #include "cpu/parallel.h"
+#include "cpu/output.h"
 
 namespace fastctx {
 namespace {
@@ -96,7 +97,7 @@ at::Tensor upsample_add_fwd(const at::Tensor& tokens, const at::Tensor& residual
   const int64_t B = residual.size(0), H = residual.size(1), W = residual.size(2), C = residual.size(3);
   const int64_t h = tokens.size(1), w = tokens.size(2);
   TORCH_CHECK(h >= 1 && w >= 1, "upsample_add: tokens must have h, w >= 1, got ", tokens.sizes());
-  auto out = at::empty_like(residual);
+  auto out = cpu::empty_output_like(residual);
   if (out.numel() == 0) return out;
 
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, residual.scalar_type(), "upsample_add_fwd", [&] {

@@ -55,6 +55,7 @@
 #include "common/window_attention.h"
 #include "cpu/class_tiles.h"
 #include "cpu/parallel.h"
+#include "cpu/output.h"
 
 namespace fastctx {
 namespace {
@@ -445,7 +446,7 @@ at::Tensor window_attention_fwd(const at::Tensor& qkv, const std::optional<at::T
                                 at::IntArrayRef window, at::IntArrayRef shift, double scale) {
   const Shape s =
       check_inputs(qkv, bias_table, pad_qkv, heads, window, shift, "window_attention_fwd");
-  auto out = at::empty({s.B, s.g.H, s.g.W, s.C}, qkv.options());
+  auto out = cpu::empty_output({s.B, s.g.H, s.g.W, s.C}, qkv.options());
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "window_attention_fwd", [&] {
     at::Tensor storage;
@@ -632,7 +633,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_bwd(
   TORCH_CHECK(grad.sizes() == at::IntArrayRef({s.B, s.g.H, s.g.W, s.C}), fn,
               ": grad must be [B, H, W, C] = ", at::IntArrayRef({s.B, s.g.H, s.g.W, s.C}),
               ", got ", grad.sizes());
-  auto grad_qkv = at::empty_like(qkv);
+  auto grad_qkv = cpu::empty_output_like(qkv);
   auto grad_table = bias_table.has_value() ? at::zeros_like(*bias_table) : qkv.new_empty({0});
   auto grad_pad = pad_qkv.has_value() ? at::zeros_like(*pad_qkv) : qkv.new_empty({0});
   if (qkv.numel() == 0) return {grad_qkv, grad_table, grad_pad};

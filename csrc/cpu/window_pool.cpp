@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "cpu/parallel.h"
+#include "cpu/output.h"
 
 namespace fastctx {
 namespace {
@@ -101,7 +102,7 @@ std::tuple<at::Tensor, at::Tensor> window_pool_bwd(const at::Tensor& grad, at::I
   const auto [Wh, Ww] = window_of(window);
   const int64_t B = grad.size(0), Hg = grad.size(1), Wg = grad.size(2), C = grad.size(3);
   const int64_t Hp = Hg * Wh, Wp = Wg * Ww;
-  auto grad_x = at::empty({B, Hp, Wp, C}, grad.options());
+  auto grad_x = cpu::empty_output({B, Hp, Wp, C}, grad.options());
   auto grad_pos = pos_grad ? at::zeros({Hg, Wg, C}, grad.options()) : at::empty({0}, grad.options());
   if (grad.numel() == 0) {
     grad_x.zero_();
