@@ -83,16 +83,19 @@ struct V {
 // maximum or a log-sum-exp: <= 0 up to rounding). Cody-Waite reduction
 // x = n ln2 + r, |r| <= ln2/2, then Cephes' polynomial (float) or Pade form
 // (double) for exp(r): within 1.1 ulp (float) and 2 ulp (double) of the exact
-// value. Results below the smallest normal number are flushed to 0 (the
-// softmax sums they join are >= 1); -inf gives 0 and NaN stays NaN (the
-// clamp's comparison is false for NaN, and 2^n multiplies, so it cannot turn
-// a NaN's bits into a number).
+// value. Underflow is gradual, as std::exp: 2^n is applied as 2^(n/2) 2^(n-n/2),
+// two normal factors, so results below the smallest normal number are the
+// subnormals torch's exp gives (a -100-masked weight stays > 0, and times an
+// infinite value gives inf, not NaN), and only x below log of half the
+// smallest subnormal gives 0. -inf gives 0 and NaN stays NaN (the clamp's
+// comparison is false for NaN, and 2^n multiplies, so it cannot turn a NaN's
+// bits into a number).
 template <typename T>
 __attribute__((always_inline)) inline void exp_inplace(vec<T>& v) {
   if constexpr (sizeof(T) == sizeof(float)) {
     const vec<T> x = v;
     typedef int32_t ivec __attribute__((vector_size(32)));
-    const vec<T> lo = V<T>::all(-87.3365447f);  // log(FLT_MIN)
+    const vec<T> lo = V<T>::all(-103.972084f);  // log(FLT_TRUE_MIN / 2): exp rounds to 0 below
     const vec<T> magic = V<T>::all(12582912.0f);  // 1.5 * 2^23: t + magic rounds t to an integer
     const vec<T> xc = x < lo ? lo : x;
     const vec<T> t = xc * 1.44269504088896341f + magic;
@@ -106,13 +109,15 @@ __attribute__((always_inline)) inline void exp_inplace(vec<T>& v) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     vec<T> y = p * (r * r) + r + 1.0f;
-    const ivec bits = ((ivec)t - (ivec)magic + 127) << 23;  // 2^n, n in [-126, 127]
-    y = y * (vec<T>)bits;
+    const ivec n_int = (ivec)t - (ivec)magic;  // n in [-150, 127]
+    const ivec half = n_int >> 1;
+    y = y * (vec<T>)((half + 127) << 23);          // 2^(n/2), exact
+    y = y * (vec<T>)((n_int - half + 127) << 23);  // 2^(n - n/2): one rounding
     v = x < lo ? vec<T>{} : y;
   } else {
     const vec<T> x = v;
     typedef int64_t ivec __attribute__((vector_size(32)));
-    const vec<T> lo = V<T>::all(-708.39641853226408);  // log(DBL_MIN)
+    const vec<T> lo = V<T>::all(-745.13321910194122);  // log(DBL_TRUE_MIN / 2): exp rounds to 0 below
     const vec<T> magic = V<T>::all(6755399441055744.0);  // 1.5 * 2^52
     const vec<T> xc = x < lo ? lo : x;
     const vec<T> t = xc * 1.4426950408889634074 + magic;
@@ -129,8 +134,10 @@ __attribute__((always_inline)) inline void exp_inplace(vec<T>& v) {
     qx = qx * rr + 2.00000000000000000009e0;
     vec<T> y = px / (qx - px);
     y = y + y + 1.0;
-    const ivec bits = ((ivec)t - (ivec)magic + 1023) << 52;  // 2^n, n in [-1022, 127]
-    y = y * (vec<T>)bits;
+    const ivec n_int = (ivec)t - (ivec)magic;  // n in [-1075, 128]
+    const ivec half = n_int >> 1;
+    y = y * (vec<T>)((half + 1023) << 52);          // 2^(n/2), exact
+    y = y * (vec<T>)((n_int - half + 1023) << 52);  // 2^(n - n/2): one rounding
     v = x < lo ? vec<T>{} : y;
   }
 }

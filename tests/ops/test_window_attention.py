@@ -252,6 +252,32 @@ def test_cpu_nan_pattern_matches_reference(part, shift, with_pad):
         assert_close(actual[finite], expected[finite], torch.float32, f"result {i}")
 
 
+def test_cpu_masked_pair_keeps_its_subnormal_weight():
+    """A Swin region-masked pair has logit - 100: in fp32 its softmax weight is a subnormal (~1e-44), not 0,
+    so an infinite v in another region of the window gives +-inf to the masked queries, as in eager
+    (0 * inf would be NaN). Output and every gradient: the same NaN and inf pattern and finite values."""
+    require("cpu")
+    qkv, table, pad = window_inputs(1, 6, 8, 8, 2, (2, 4), dtype=torch.float32)
+    qkv, table = qkv * 0.1, table * 0.1  # logits near 0: the masked ones near -100
+    # shift (1, 2): shifted token (4, 4) of the last window is token (5, 6); (5, 6) there is token (0, 0),
+    # in another region of the same window.
+    qkv[0, 5, 6, 2 * 8 + 1] = float("inf")  # v, head 0
+    results = []
+    for backend in ("cpu", "reference"):
+        leaves = [t.clone().requires_grad_() for t in (qkv, table)]
+        with fastctx.use_backend(backend):
+            out = ops.window_attention(leaves[0], 2, (2, 4), leaves[1], (1, 2), None)
+            out.backward(torch.ones_like(out))
+        results.append([out.detach()] + [t.grad for t in leaves])
+    assert results[1][0][0, 0, 0, 1].isinf(), "the masked query should see the infinite v"
+    for i, (actual, expected) in enumerate(zip(*results)):
+        assert torch.equal(actual.isnan(), expected.isnan()), f"result {i}: NaN pattern differs"
+        assert torch.equal(actual.isinf(), expected.isinf()), f"result {i}: inf pattern differs"
+        finite = expected.isfinite()
+        assert torch.equal(actual[~finite].nan_to_num(), expected[~finite].nan_to_num()), f"result {i}: inf signs"
+        assert_close(actual[finite], expected[finite], torch.float32, f"result {i}")
+
+
 def test_cpu_gradcheck_float64():
     """The cpu backward through the op, in full (the second order is the reference's, checked above)."""
     require("cpu", torch.float64)
