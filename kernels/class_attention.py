@@ -43,6 +43,12 @@ from . import _launch
 _LOG2E = tl.constexpr(1.4426950408889634)
 
 
+@triton.constexpr_function
+def _acc_dtype(dtype):
+    """The accumulation dtype of data in dtype: fp64 for fp64 (the interpreter's), else fp32."""
+    return tl.float64 if dtype == tl.float64 else tl.float32
+
+
 @triton.jit
 def _scores(q_img, keys_img, logits_img, offs_k, mask_k, offs_n, mask_n, CQ, N, scale,
             QUERY: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -69,22 +75,11 @@ def _scores(q_img, keys_img, logits_img, offs_k, mask_k, offs_n, mask_n, CQ, N, 
 
 
 @triton.jit
-def class_attention_fwd_kernel(
-    q_ptr, keys_ptr, values_ptr, logits_ptr, out_ptr, lse_ptr,
-    CQ, CV, K, N, scale,
-    QUERY: tl.constexpr, K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """grid = (cdiv(N, BLOCK_N), B).
-
-    q T [B, CQ, N] and keys T [B, K, CQ] (QUERY), or logits T [B, K, N]; values T [B, K, CV].
-    Writes out T [B, CV, N] and lse acc [B, N].
-    """
-    if values_ptr.dtype.element_ty == tl.float64:
-        acc_dtype: tl.constexpr = tl.float64
-    else:
-        acc_dtype: tl.constexpr = tl.float32
-    dot_dtype: tl.constexpr = values_ptr.dtype.element_ty
+def _pixel_tile_scores(q_ptr, keys_ptr, logits_ptr, CQ, K, N, scale,
+                       QUERY: tl.constexpr, K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr, acc_dtype: tl.constexpr):
+    """The prologue of the forward and the pixel kernel, grid (pixel tiles, B): this program's pixel tile, every
+    class. Returns (b int64, offs_k, mask_k [K_PAD], offs_n, mask_n [BLOCK_N], scale * S [K_PAD, BLOCK_N])."""
     tile = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs_k = tl.arange(0, K_PAD)
@@ -97,6 +92,25 @@ def class_attention_fwd_kernel(
     else:
         s = _scores(q_ptr, keys_ptr, logits_ptr + b * K * N, offs_k, mask_k, offs_n, mask_n,
                     CQ, N, scale, QUERY, K_PAD, BLOCK_N, BLOCK_C, DOT_PRECISION, acc_dtype)
+    return b, offs_k, mask_k, offs_n, mask_n, s
+
+
+@triton.jit
+def class_attention_fwd_kernel(
+    q_ptr, keys_ptr, values_ptr, logits_ptr, out_ptr, lse_ptr,
+    CQ, CV, K, N, scale,
+    QUERY: tl.constexpr, K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """grid = (cdiv(N, BLOCK_N), B).
+
+    q T [B, CQ, N] and keys T [B, K, CQ] (QUERY), or logits T [B, K, N]; values T [B, K, CV].
+    Writes out T [B, CV, N] and lse acc [B, N].
+    """
+    acc_dtype: tl.constexpr = _acc_dtype(values_ptr.dtype.element_ty)
+    dot_dtype: tl.constexpr = values_ptr.dtype.element_ty
+    b, offs_k, mask_k, offs_n, mask_n, s = _pixel_tile_scores(
+        q_ptr, keys_ptr, logits_ptr, CQ, K, N, scale, QUERY, K_PAD, BLOCK_N, BLOCK_C, DOT_PRECISION, acc_dtype)
 
     # Softmax over the classes; a NaN or +inf score makes its pixel NaN, as torch.softmax does.
     s_max = tl.max(s, axis=0)
@@ -130,23 +144,10 @@ def class_attention_bwd_pixel_kernel(
     grad, out T [B, CV, N]; lse acc [B, N]. Writes grad_logits T [B, K, N], or grad_q T [B, CQ, N] and
     delta acc [B, N] (D_n = G_n . out_n).
     """
-    if values_ptr.dtype.element_ty == tl.float64:
-        acc_dtype: tl.constexpr = tl.float64
-    else:
-        acc_dtype: tl.constexpr = tl.float32
+    acc_dtype: tl.constexpr = _acc_dtype(values_ptr.dtype.element_ty)
     dot_dtype: tl.constexpr = values_ptr.dtype.element_ty
-    tile = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    offs_k = tl.arange(0, K_PAD)
-    mask_k = offs_k < K
-    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    if QUERY:
-        s = _scores(q_ptr + b * CQ * N, keys_ptr + b * K * CQ, logits_ptr, offs_k, mask_k, offs_n, mask_n,
-                    CQ, N, scale, QUERY, K_PAD, BLOCK_N, BLOCK_C, DOT_PRECISION, acc_dtype)
-    else:
-        s = _scores(q_ptr, keys_ptr, logits_ptr + b * K * N, offs_k, mask_k, offs_n, mask_n,
-                    CQ, N, scale, QUERY, K_PAD, BLOCK_N, BLOCK_C, DOT_PRECISION, acc_dtype)
+    b, offs_k, mask_k, offs_n, mask_n, s = _pixel_tile_scores(
+        q_ptr, keys_ptr, logits_ptr, CQ, K, N, scale, QUERY, K_PAD, BLOCK_N, BLOCK_C, DOT_PRECISION, acc_dtype)
     lse = tl.load(lse_ptr + b * N + offs_n, mask=mask_n, other=0.0)
     a = tl.exp2((s - lse[None, :]) * _LOG2E)  # 0 on padded classes
 
@@ -197,10 +198,7 @@ def class_attention_bwd_class_kernel(
     C_OUT = max(CQ, CV) (QUERY) or CV. Chunk s is pixels [s * per_split, (s + 1) * per_split). Writes the
     chunk's dv_part acc [B, n_split, K, CV] and, for QUERY, dk_part acc [B, n_split, K, CQ].
     """
-    if values_ptr.dtype.element_ty == tl.float64:
-        acc_dtype: tl.constexpr = tl.float64
-    else:
-        acc_dtype: tl.constexpr = tl.float32
+    acc_dtype: tl.constexpr = _acc_dtype(values_ptr.dtype.element_ty)
     dot_dtype: tl.constexpr = values_ptr.dtype.element_ty
     pid = tl.program_id(0)
     n_kb = tl.cdiv(K, BLOCK_K)
