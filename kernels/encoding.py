@@ -57,9 +57,12 @@ def _centred_tile(x_img, mean_ptr, offs_n, offs_d, mask_n, mask_d, N, D,
 
 
 @triton.jit
-def _centred_tile_t(x_img, mean_ptr, offs_d, offs_n, mask_d, mask_n, N, D,
-                    CHANNELS_FIRST: tl.constexpr, acc_dtype: tl.constexpr):
-    """x'^T as [BLOCK_D, BLOCK_N]: the second pass keeps D as the MMA M dimension."""
+def _centred_tile_t(x_img, mean_ptr, d0, offs_n, mask_n, N, D, BLOCK_D: tl.constexpr,
+                    CHANNELS_FIRST: tl.constexpr, acc_dtype: tl.constexpr, dot_dtype: tl.constexpr):
+    """(offs_d, mask_d, x'^T in dot_dtype as [BLOCK_D, BLOCK_N]) for the D chunk from d0: the second pass
+    keeps D as the MMA M dimension."""
+    offs_d = d0 + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
     mask = mask_d[:, None] & mask_n[None, :]
     if CHANNELS_FIRST:
         ptrs = x_img + offs_d[:, None] * N + offs_n[None, :]
@@ -67,7 +70,7 @@ def _centred_tile_t(x_img, mean_ptr, offs_d, offs_n, mask_d, mask_n, N, D,
         ptrs = x_img + offs_n[None, :] * D + offs_d[:, None]
     x = tl.load(ptrs, mask=mask, other=0.0).to(acc_dtype)
     m = tl.load(mean_ptr + offs_d, mask=mask_d, other=0.0)
-    return tl.where(mask, x - m[:, None], 0.0)
+    return offs_d, mask_d, tl.where(mask, x - m[:, None], 0.0).to(dot_dtype)
 
 
 @triton.jit
@@ -92,6 +95,60 @@ def _assignment(cross, xx, cc, s, mask_n, mask_k):
     return a, dist
 
 
+@triton.constexpr_function
+def _acc_dtype(dtype):
+    """The accumulation dtype of data in dtype: fp64 for fp64 (the interpreter's), else fp32."""
+    return tl.float64 if dtype == tl.float64 else tl.float32
+
+
+@triton.jit
+def _program(x_ptr, N, D, n_split):
+    """The kernels' program, grid (n_split, B): (pid, b int64, x_img, slot index)."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    return pid, b, x_ptr + b * N * D, b * n_split + pid
+
+
+@triton.jit
+def _codewords(cc_ptr, scale_ptr, K, K_PAD: tl.constexpr, acc_dtype: tl.constexpr):
+    """(offs_k, mask_k, s acc, ||c'||^2 acc), [K_PAD] each; padded codewords load 0."""
+    offs_k = tl.arange(0, K_PAD)
+    mask_k = offs_k < K
+    s = tl.load(scale_ptr + offs_k, mask=mask_k, other=0.0).to(acc_dtype)
+    cc = tl.load(cc_ptr + offs_k, mask=mask_k, other=0.0)
+    return offs_k, mask_k, s, cc
+
+
+@triton.jit
+def _pass1(x_img, mean_ptr, w_ptr, offs_w, mask_w, offs_n, mask_n, N, D,
+           CHANNELS_FIRST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, W_PAD: tl.constexpr,
+           DOT_PRECISION: tl.constexpr, acc_dtype: tl.constexpr, dot_dtype: tl.constexpr):
+    """Pass 1 over the D chunks of a pixel tile: (X' W^T acc [BLOCK_N, W_PAD], ||x'||^2 acc [BLOCK_N]) for
+    the rows offs_w of W [., D] at w_ptr (dot dtype); ||x'||^2 from the rounded x' the dot sees."""
+    prod = tl.zeros([BLOCK_N, W_PAD], dtype=acc_dtype)
+    xx = tl.zeros([BLOCK_N], dtype=acc_dtype)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        xc = _centred_tile(x_img, mean_ptr, offs_n, offs_d, mask_n, mask_d, N, D,
+                           CHANNELS_FIRST, acc_dtype).to(dot_dtype)
+        xr = xc.to(acc_dtype)
+        xx += tl.sum(xr * xr, axis=1)
+        w_t = tl.load(w_ptr + offs_w[None, :] * D + offs_d[:, None],
+                      mask=mask_w[None, :] & mask_d[:, None], other=0.0)
+        prod = tl.dot(xc, w_t, prod, input_precision=DOT_PRECISION)
+    return prod, xx
+
+
+@triton.jit
+def _add_to_slot(slot_ptr, part, offs_d, mask_d, offs_k, mask_k, K, later_tile):
+    """Stores part [BLOCK_D, K_PAD] into the slot [D, K] at slot_ptr, plus what it holds on later tiles."""
+    ptrs = slot_ptr + offs_d[:, None] * K + offs_k[None, :]
+    pmask = mask_d[:, None] & mask_k[None, :]
+    part += tl.load(ptrs, mask=pmask & later_tile, other=0.0)
+    tl.store(ptrs, part, mask=pmask)
+
+
 @triton.jit
 def encoding_fwd_kernel(
     x_ptr, cw_ptr, cc_ptr, mean_ptr, scale_ptr, e_part_ptr, a_part_ptr,
@@ -107,39 +164,19 @@ def encoding_fwd_kernel(
     and a_part acc [B, n_split, K] = sum of A_ik; the launcher forms
     E = sum e_part - (sum a_part) c'.
     """
-    if x_ptr.dtype.element_ty == tl.float64:
-        acc_dtype: tl.constexpr = tl.float64
-    else:
-        acc_dtype: tl.constexpr = tl.float32
+    acc_dtype: tl.constexpr = _acc_dtype(x_ptr.dtype.element_ty)
     dot_dtype: tl.constexpr = cw_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    x_img = x_ptr + b * N * D
-    slot = b * n_split + pid
+    pid, b, x_img, slot = _program(x_ptr, N, D, n_split)
     e_slot = e_part_ptr + slot * K * D
-
-    offs_k = tl.arange(0, K_PAD)
-    mask_k = offs_k < K
-    s = tl.load(scale_ptr + offs_k, mask=mask_k, other=0.0).to(acc_dtype)
-    cc = tl.load(cc_ptr + offs_k, mask=mask_k, other=0.0)
+    offs_k, mask_k, s, cc = _codewords(cc_ptr, scale_ptr, K, K_PAD, acc_dtype)
     colsum = tl.zeros([K_PAD], dtype=acc_dtype)
 
     for tile in range(pid, tl.cdiv(N, BLOCK_N), n_split):
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
 
-        cross = tl.zeros([BLOCK_N, K_PAD], dtype=acc_dtype)
-        xx = tl.zeros([BLOCK_N], dtype=acc_dtype)
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            mask_d = offs_d < D
-            xc = _centred_tile(x_img, mean_ptr, offs_n, offs_d, mask_n, mask_d, N, D,
-                               CHANNELS_FIRST, acc_dtype).to(dot_dtype)
-            xr = xc.to(acc_dtype)
-            xx += tl.sum(xr * xr, axis=1)
-            c_t = tl.load(cw_ptr + offs_k[None, :] * D + offs_d[:, None],
-                          mask=mask_k[None, :] & mask_d[:, None], other=0.0)
-            cross = tl.dot(xc, c_t, cross, input_precision=DOT_PRECISION)
+        cross, xx = _pass1(x_img, mean_ptr, cw_ptr, offs_k, mask_k, offs_n, mask_n, N, D,
+                           CHANNELS_FIRST, BLOCK_N, BLOCK_D, K_PAD, DOT_PRECISION, acc_dtype, dot_dtype)
         a, _ = _assignment(cross, xx, cc, s, mask_n, mask_k)
         colsum += tl.sum(a, axis=0)
         a_op = a.to(dot_dtype)
@@ -149,16 +186,11 @@ def encoding_fwd_kernel(
         tl.debug_barrier()
         later_tile = tile > pid
         for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            mask_d = offs_d < D
             # X'^T A as [BLOCK_D, K_PAD]: D, not K, is the MMA M dimension (wgmma needs M >= 64).
-            xt = _centred_tile_t(x_img, mean_ptr, offs_d, offs_n, mask_d, mask_n, N, D,
-                                 CHANNELS_FIRST, acc_dtype).to(dot_dtype)
+            offs_d, mask_d, xt = _centred_tile_t(x_img, mean_ptr, d0, offs_n, mask_n, N, D, BLOCK_D,
+                                                 CHANNELS_FIRST, acc_dtype, dot_dtype)
             part = tl.dot(xt, a_op, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
-            ptrs = e_slot + offs_d[:, None] * K + offs_k[None, :]
-            pmask = mask_d[:, None] & mask_k[None, :]
-            part += tl.load(ptrs, mask=pmask & later_tile, other=0.0)
-            tl.store(ptrs, part, mask=pmask)
+            _add_to_slot(e_slot, part, offs_d, mask_d, offs_k, mask_k, K, later_tile)
 
     tl.store(a_part_ptr + slot * K + offs_k, colsum, mask=mask_k)
 
@@ -185,25 +217,15 @@ def encoding_bwd_kernel(
     [B, n_split, 3, K] = (colsum A, colsum W, colsum dL*dist); the launcher
     finishes grad_c = -(sum A) dE - 2 sum gc_part + 2 (sum W) c', grad_s = sum dL*dist.
     """
-    if x_ptr.dtype.element_ty == tl.float64:
-        acc_dtype: tl.constexpr = tl.float64
-    else:
-        acc_dtype: tl.constexpr = tl.float32
+    acc_dtype: tl.constexpr = _acc_dtype(x_ptr.dtype.element_ty)
     dot_dtype: tl.constexpr = g_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    x_img = x_ptr + b * N * D
+    pid, b, x_img, slot = _program(x_ptr, N, D, n_split)
     gx_img = gx_ptr + b * N * D
     g_img = g_ptr + b * 2 * K * D
-    slot = b * n_split + pid
     gc_slot = gc_part_ptr + slot * K * D
-
-    offs_k = tl.arange(0, K_PAD)
-    mask_k = offs_k < K
+    offs_k, mask_k, s, cc = _codewords(cc_ptr, scale_ptr, K, K_PAD, acc_dtype)
     offs_g = tl.arange(0, 2 * K_PAD)
     mask_g = offs_g < 2 * K
-    s = tl.load(scale_ptr + offs_k, mask=mask_k, other=0.0).to(acc_dtype)
-    cc = tl.load(cc_ptr + offs_k, mask=mask_k, other=0.0)
     cde = tl.load(cde_ptr + b * K + offs_k, mask=mask_k, other=0.0)
     sum_a = tl.zeros([K_PAD], dtype=acc_dtype)
     sum_w = tl.zeros([K_PAD], dtype=acc_dtype)
@@ -213,18 +235,8 @@ def encoding_bwd_kernel(
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
 
-        both = tl.zeros([BLOCK_N, 2 * K_PAD], dtype=acc_dtype)
-        xx = tl.zeros([BLOCK_N], dtype=acc_dtype)
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            mask_d = offs_d < D
-            xc = _centred_tile(x_img, mean_ptr, offs_n, offs_d, mask_n, mask_d, N, D,
-                               CHANNELS_FIRST, acc_dtype).to(dot_dtype)
-            xr = xc.to(acc_dtype)
-            xx += tl.sum(xr * xr, axis=1)
-            g_t = tl.load(g_img + offs_g[None, :] * D + offs_d[:, None],
-                          mask=mask_g[None, :] & mask_d[:, None], other=0.0)
-            both = tl.dot(xc, g_t, both, input_precision=DOT_PRECISION)
+        both, xx = _pass1(x_img, mean_ptr, g_img, offs_g, mask_g, offs_n, mask_n, N, D,
+                          CHANNELS_FIRST, BLOCK_N, BLOCK_D, 2 * K_PAD, DOT_PRECISION, acc_dtype, dot_dtype)
         cross, xde = tl.split(tl.reshape(both, [BLOCK_N, K_PAD, 2]))
         a, dist = _assignment(cross, xx, cc, s, mask_n, mask_k)
         # dA_ik = dE_k . (x'_i - c'_k); padded rows / codewords have A = 0, so dL = 0 there. The softmax
@@ -248,11 +260,9 @@ def encoding_bwd_kernel(
         tl.debug_barrier()  # the slot written for the previous tile is read back below
         later_tile = tile > pid
         for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            mask_d = offs_d < D
             # Transposed tiles: D is the MMA M dimension (wgmma needs M >= 64).
-            xt = _centred_tile_t(x_img, mean_ptr, offs_d, offs_n, mask_d, mask_n, N, D,
-                                 CHANNELS_FIRST, acc_dtype).to(dot_dtype)
+            offs_d, mask_d, xt = _centred_tile_t(x_img, mean_ptr, d0, offs_n, mask_n, N, D, BLOCK_D,
+                                                 CHANNELS_FIRST, acc_dtype, dot_dtype)
             g_t = tl.load(g_img + offs_g[None, :] * D + offs_d[:, None],
                           mask=mask_g[None, :] & mask_d[:, None], other=0.0)
             gx = tl.dot(g_t, wa_t, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
@@ -265,10 +275,7 @@ def encoding_bwd_kernel(
             tl.store(gx_ptrs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
 
             part = tl.dot(xt, w_op, input_precision=DOT_PRECISION, out_dtype=acc_dtype)
-            ptrs = gc_slot + offs_d[:, None] * K + offs_k[None, :]
-            pmask = mask_d[:, None] & mask_k[None, :]
-            part += tl.load(ptrs, mask=pmask & later_tile, other=0.0)
-            tl.store(ptrs, part, mask=pmask)
+            _add_to_slot(gc_slot, part, offs_d, mask_d, offs_k, mask_k, K, later_tile)
 
     vec = vec_part_ptr + slot * 3 * K + offs_k
     tl.store(vec, sum_a, mask=mask_k)
