@@ -26,7 +26,9 @@
 //
 // Non-finite values propagate as in the eager maths: the row maxima ignore
 // NaN, but a NaN reaches the row's sum through exp, so the row is NaN.
+#include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include "common/class_context.h"
 #include "common/cuda_helpers.cuh"
@@ -206,6 +208,35 @@ __device__ __forceinline__ acc_t window_group_max(acc_t v) {
   return v;
 }
 
+// Row softmax of one score row, in place, by the 8 lanes of its row group
+// (each walks u = lane, lane + 8, ...): P = exp(S - shift(max)) / sum, and 0
+// on a dead row (a query past the window). With `dot` (the backward's dP row)
+// it returns D = sum_u P[u] dot[u] to every lane of the group, accumulated as
+// each P[u] is written; without it (nullptr, a compile-time choice: a runtime
+// test costs the backward spills on sm_90), 0.
+template <typename acc_t, typename Dot = std::nullptr_t>
+__device__ __forceinline__ acc_t window_softmax_row(acc_t* row, int NP, bool live, Dot dot = nullptr) {
+  constexpr bool kDot = !std::is_same_v<Dot, std::nullptr_t>;
+  const int lane = threadIdx.x % 8;
+  acc_t m = -static_cast<acc_t>(INFINITY);
+  for (int u = lane; u < NP; u += 8) m = row[u] > m ? row[u] : m;
+  const acc_t shift = softmax_shift(window_group_max(m));
+  acc_t l = acc_t(0);
+  for (int u = lane; u < NP; u += 8) {
+    const acc_t e = class_exp(row[u] - shift);
+    row[u] = e;
+    l += e;
+  }
+  const acc_t inv = acc_t(1) / window_group_sum(l);
+  acc_t D = acc_t(0);
+  for (int u = lane; u < NP; u += 8) {
+    row[u] = live ? row[u] * inv : acc_t(0);
+    if constexpr (kDot) D += row[u] * dot[u];
+  }
+  if constexpr (kDot) D = window_group_sum(D);
+  return D;
+}
+
 // Block start: the window's token rows and region labels into shared memory.
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void window_tokens(const WindowAttentionParams<scalar_t, acc_t>& p, int64_t window,
@@ -284,21 +315,7 @@ __global__ void __launch_bounds__(kThreads, 1) window_attention_fwd_kernel(const
     window_scores(p, h, q0, qs, kt, rows, labels, ps);
     FASTCTX_SYNC(kSyncWinScoresReady);
     // Row softmax, 8 threads per row; a warp holds 4 whole rows (bq % 4 == 0).
-    for (int r = tid / 8; r < bq; r += kThreads / 8) {
-      acc_t* row = ps + r * NP;
-      acc_t m = -static_cast<acc_t>(INFINITY);
-      for (int u = tid % 8; u < NP; u += 8) m = row[u] > m ? row[u] : m;
-      const acc_t shift = softmax_shift(window_group_max(m));
-      acc_t l = acc_t(0);
-      for (int u = tid % 8; u < NP; u += 8) {
-        const acc_t e = class_exp(row[u] - shift);
-        row[u] = e;
-        l += e;
-      }
-      const acc_t inv = acc_t(1) / window_group_sum(l);
-      const bool live = q0 + r < N;
-      for (int u = tid % 8; u < NP; u += 8) row[u] = live ? row[u] * inv : acc_t(0);
-    }
+    for (int r = tid / 8; r < bq; r += kThreads / 8) window_softmax_row(ps + r * NP, NP, q0 + r < N);
     FASTCTX_SYNC(kSyncWinProbsReady);
     // O = P V, straight to the token rows of the window's real queries.
     window_gemm<false, true>(ps, NP, vs, DP, NP, bq, DP, [&](int m0, int c0, acc_t(&acc)[4][4]) {
@@ -367,23 +384,8 @@ __global__ void __launch_bounds__(kThreads) window_attention_bwd_kernel(const Wi
     for (int r = tid / 8; r < bq; r += kThreads / 8) {
       acc_t* row = ps + r * NP;
       acc_t* drow = dss + r * NP;
-      acc_t m = -static_cast<acc_t>(INFINITY);
-      for (int u = tid % 8; u < NP; u += 8) m = row[u] > m ? row[u] : m;
-      const acc_t shift = softmax_shift(window_group_max(m));
-      acc_t l = acc_t(0);
-      for (int u = tid % 8; u < NP; u += 8) {
-        const acc_t e = class_exp(row[u] - shift);
-        row[u] = e;
-        l += e;
-      }
-      const acc_t inv = acc_t(1) / window_group_sum(l);
       const bool live = q0 + r < N;
-      acc_t D = acc_t(0);
-      for (int u = tid % 8; u < NP; u += 8) {
-        row[u] = live ? row[u] * inv : acc_t(0);
-        D += row[u] * drow[u];
-      }
-      D = window_group_sum(D);
+      const acc_t D = window_softmax_row(row, NP, live, drow);
       for (int u = tid % 8; u < NP; u += 8) drow[u] = live ? row[u] * (drow[u] - D) : acc_t(0);
     }
     FASTCTX_SYNC(kSyncWinProbsReady);
