@@ -100,24 +100,9 @@ template <typename scalar_t, typename acc_t>
 WindowAttentionParams<scalar_t, acc_t> params(const at::Tensor& qkv, const std::optional<at::Tensor>& bias_table,
                                               const std::optional<at::Tensor>& pad_qkv, double scale,
                                               const WindowAttentionPlan& plan) {
-  WindowAttentionParams<scalar_t, acc_t> p{};
-  p.qkv = qkv.data_ptr<scalar_t>();
-  p.table = bias_table.has_value() ? bias_table->data_ptr<scalar_t>() : nullptr;
-  p.pad = pad_qkv.has_value() ? pad_qkv->data_ptr<scalar_t>() : nullptr;
-  p.g = plan.g;
-  p.C = plan.C;
-  p.heads = static_cast<int>(plan.heads);
-  p.d = static_cast<int>(plan.d);
-  p.N = static_cast<int>(plan.N);
-  p.NP = static_cast<int>(plan.NP);
-  p.DP = static_cast<int>(plan.DP);
-  p.bq = static_cast<int>(plan.bq);
-  p.entries = static_cast<int>(plan.entries);
-  p.table_slot = static_cast<int>(plan.table_slot);
-  p.slot = static_cast<int>(plan.slot);
-  p.scale = static_cast<acc_t>(scale);
-  p.vec = plan.vec;
-  return p;
+  return window_attention_params<WindowAttentionParams<scalar_t, acc_t>>(
+      plan, qkv.data_ptr<scalar_t>(), bias_table.has_value() ? bias_table->data_ptr<scalar_t>() : nullptr,
+      pad_qkv.has_value() ? pad_qkv->data_ptr<scalar_t>() : nullptr, scale);
 }
 
 template <typename scalar_t>

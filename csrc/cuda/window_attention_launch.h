@@ -124,4 +124,32 @@ inline WindowAttentionPlan window_attention_plan(int64_t B, int64_t H, int64_t W
   return p;
 }
 
+// The kernels' parameters (WindowAttentionParams<scalar_t, acc_t> of
+// window_attention_kernel.cuh) that the plan and the inputs give, filled alike
+// by the extension and the emulation driver; table, pad: nullptr when absent.
+// Each launch sets its own out, grad, grad_qkv, kv, partial and window_begin.
+template <typename Params, typename scalar_t>
+Params window_attention_params(const WindowAttentionPlan& plan, const scalar_t* qkv, const scalar_t* table,
+                               const scalar_t* pad, double scale) {
+  using acc_t = decltype(Params::scale);
+  Params p{};
+  p.qkv = qkv;
+  p.table = table;
+  p.pad = pad;
+  p.g = plan.g;
+  p.C = plan.C;
+  p.heads = static_cast<int>(plan.heads);
+  p.d = static_cast<int>(plan.d);
+  p.N = static_cast<int>(plan.N);
+  p.NP = static_cast<int>(plan.NP);
+  p.DP = static_cast<int>(plan.DP);
+  p.bq = static_cast<int>(plan.bq);
+  p.entries = static_cast<int>(plan.entries);
+  p.table_slot = static_cast<int>(plan.table_slot);
+  p.slot = static_cast<int>(plan.slot);
+  p.scale = static_cast<acc_t>(scale);
+  p.vec = plan.vec;
+  return p;
+}
+
 }  // namespace fastctx

@@ -151,23 +151,8 @@ Outcome run(const Shape& s, uint32_t seed) {
   Outcome o;
   o.require(plan.error.empty(), "plan_error");
   const auto grid = [](const Grid3& g) { return dim3(g.x, g.y, g.z); };
-  WindowAttentionParams<T, acc> p{};
-  p.qkv = qkv.data();
-  p.table = s.table ? table.data() : nullptr;
-  p.pad = s.pad ? pad.data() : nullptr;
-  p.g = plan.g;
-  p.C = C;
-  p.heads = static_cast<int>(heads);
-  p.d = static_cast<int>(d);
-  p.N = static_cast<int>(plan.N);
-  p.NP = static_cast<int>(plan.NP);
-  p.DP = static_cast<int>(plan.DP);
-  p.bq = static_cast<int>(plan.bq);
-  p.entries = static_cast<int>(plan.entries);
-  p.table_slot = static_cast<int>(plan.table_slot);
-  p.slot = static_cast<int>(plan.slot);
-  p.scale = static_cast<acc>(scale);
-  p.vec = plan.vec;
+  WindowAttentionParams<T, acc> p = window_attention_params<WindowAttentionParams<T, acc>>(
+      plan, qkv.data(), s.table ? table.data() : nullptr, s.pad ? pad.data() : nullptr, scale);
 
   // ---- forward, as window_attention_fwd_cuda
   std::vector<T> out(B * H * W * C, T(-7.f));
