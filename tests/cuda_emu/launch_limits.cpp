@@ -5,10 +5,15 @@
 #include <cstdio>
 #include <string>
 
+#include "cuda/class_attention_launch.h"
+#include "cuda/class_gather_launch.h"
 #include "cuda/encoding_launch.h"
 #include "cuda/gla_context_launch.h"
 #include "cuda/pyramid_pool_launch.h"
 #include "cuda/residual_relu_launch.h"
+#include "cuda/upsample_add_launch.h"
+#include "cuda/window_attention_launch.h"
+#include "cuda/window_pool_launch.h"
 
 using namespace fastctx;
 
@@ -51,6 +56,47 @@ int main() {
                "channels per image (32-bit indices within an image)");
   ok &= expect("encoding K", encoding_plan(false, 1, 16, 8, 65, true, 4, 1 << 20, true, 1, 1).error,
                "expected 1 <= K <= 64");
+
+  // Class context: K within the shared-memory tiles; the image is grid.y.
+  ok &= expect("class_gather fits", class_gather_plan(16, 512, 150, 128 * 256, 4, 4, true, 108).error, "");
+  ok &= expect("class_attention fits", class_attention_plan(16, 150, 256, 512, 128 * 256, 4, 4, true, 108).error, "");
+  ok &= expect("class_gather K", class_gather_plan(1, 512, 257, 4096, 4, 4, true, 108).error,
+               "expected 1 <= K <= 256 classes");
+  ok &= expect("class_attention K", class_attention_plan(1, 0, 256, 512, 4096, 4, 4, true, 108).error,
+               "expected 1 <= K <= 256 classes");
+  ok &= expect("class_gather grid.y", class_gather_plan(70000, 64, 19, 256, 4, 4, true, 108).error,
+               "grid.y = 70000 blocks exceeds the CUDA limit of 65535; split the batch into calls of at most 65535 "
+               "images");
+  ok &= expect("class_attention grid.y", class_attention_plan(70000, 19, 64, 64, 256, 4, 4, true, 108).error,
+               "grid.y = 70000 blocks exceeds the CUDA limit of 65535; split the batch into calls of at most 65535 "
+               "images");
+
+  // Window attention: one block per (window, head) on grid.x; windows up to 1024 tokens.
+  ok &= expect("window_attention fits", window_attention_plan(16, 64, 128, 256, 8, 4, 8, 2, 4, true, true, 4, true).error,
+               "");
+  ok &= expect("window_attention window", window_attention_plan(1, 40, 40, 64, 2, 33, 33, 0, 0, true, true, 4, true).error,
+               "window of 1089 tokens with head_dim 32 is beyond the CUDA kernels");
+  ok &= expect("window_attention grid.x",
+               window_attention_plan(40000000, 8, 8, 64, 64, 8, 8, 0, 0, true, false, 4, true).error,
+               "window_attention: grid.x = 2560000000 blocks exceeds the CUDA limit of 2147483647; split the batch "
+               "into calls of at most 33554431 images");
+
+  // window_pool and upsample_add: 32-bit pixel and token indices.
+  ok &= expect("window_pool fits", window_pool_plan("window_pool_fwd", 2 * 16 * 16, 2 * 64 * 128, 256, 4, true, 2).error,
+               "");
+  ok &= expect("window_pool pixels", window_pool_plan("window_pool_bwd", 1 << 20, int64_t(3) << 30, 8, 4, true, 3).error,
+               "window_pool_bwd: B*Hp*Wp = 3221225472 map pixels exceeds the kernels' 32-bit indices (at most "
+               "2^31 - 1); split the batch into calls of at most 1 images");
+  ok &= expect("window_pool channels", window_pool_plan("window_pool_fwd", 4, 64, (int64_t(1) << 30) + 1, 4, true, 1).error,
+               "C = 1073741825 channels exceeds the kernels' limit of 2^30");
+  ok &= expect("upsample_add fits", upsample_add_plan("upsample_add_fwd", false, 2, 16, 16, 64, 128, 256, 4, true).error,
+               "");
+  ok &= expect("upsample_add pixels", upsample_add_plan("upsample_add_fwd", false, 3, 8, 8, 32768, 32768, 8, 4, true).error,
+               "upsample_add_fwd: B*H*W output pixels = 3221225472 exceeds the kernels' 32-bit indices (at most "
+               "2^31 - 1); split the batch into calls of at most 1 images");
+  ok &= expect("upsample_add tokens", upsample_add_plan("upsample_add_bwd", true, 1, 65536, 65536, 2, 2, 8, 4, true).error,
+               "upsample_add_bwd: B*h*w tokens = 4294967296 exceeds the kernels' 32-bit indices (at most 2^31 - 1); "
+               "a single image of this size is beyond the CUDA kernels");
   std::printf(ok ? "ALL OK\n" : "FAILURES\n");
   return ok ? 0 : 1;
 }
