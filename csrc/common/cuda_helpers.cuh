@@ -47,19 +47,24 @@ FASTCTX_HOST_DEVICE bool is_aligned16(const void* p) {
   return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 }
 
-// Butterfly reductions over the 32 lanes of a full warp: every lane ends with
-// the same value, combined in an order independent of scheduling.
-template <typename T>
+// Butterfly reductions over aligned groups of kWidth lanes (lanes kWidth*g ..
+// kWidth*g + kWidth-1; the whole warp by default): every lane of a group ends
+// with the same value, combined in an order independent of scheduling. The
+// maximum ignores NaN (a NaN never wins the comparison). All 32 lanes must
+// take part (full mask).
+template <int kWidth = 32, typename T>
 __device__ __forceinline__ T warp_sum(T v) {
+  static_assert(kWidth >= 1 && kWidth <= 32 && (kWidth & (kWidth - 1)) == 0, "kWidth: a power of two <= 32");
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  for (int off = kWidth / 2; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
   return v;
 }
 
-template <typename T>
+template <int kWidth = 32, typename T>
 __device__ __forceinline__ T warp_max(T v) {
+  static_assert(kWidth >= 1 && kWidth <= 32 && (kWidth & (kWidth - 1)) == 0, "kWidth: a power of two <= 32");
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
+  for (int off = kWidth / 2; off > 0; off >>= 1) {
     const T o = __shfl_xor_sync(0xffffffffu, v, off);
     v = o > v ? o : v;
   }

@@ -272,25 +272,6 @@ __device__ __forceinline__ void class_pixel_reduce(acc_t (&acc)[4][8], const acc
   }
 }
 
-// Reductions over groups of LANES adjacent lanes (a power of two <= 32; all
-// lanes of the warp take part): every lane of a group ends with the same value.
-template <int LANES, typename acc_t>
-__device__ __forceinline__ acc_t class_group_max(acc_t v) {
-#pragma unroll
-  for (int off = LANES / 2; off > 0; off >>= 1) {
-    const acc_t o = __shfl_xor_sync(0xffffffffu, v, off);
-    v = o > v ? o : v;
-  }
-  return v;
-}
-
-template <int LANES, typename acc_t>
-__device__ __forceinline__ acc_t class_group_sum(acc_t v) {
-#pragma unroll
-  for (int off = LANES / 2; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
-
 // Softmax over the classes, per pixel column, in place on a [KP][kClassLd]
 // tile of raw values v: a_kn = exp(s v_kn - shift_n) / sum_k for k < K, with
 // shift_n = softmax_shift(max_k s v_kn), the max ignoring NaN; 0 for the
@@ -313,7 +294,7 @@ __device__ __forceinline__ acc_t class_column_softmax(acc_t* tile, int K, int n_
     if (8 * i < kv && v > m) m = v;
   }
   // Every lane's m is NaN-free, so the butterfly leaves the same value in all.
-  const acc_t shift = softmax_shift(class_group_max<8>(m));
+  const acc_t shift = softmax_shift(warp_max<8>(m));
   acc_t sum = acc_t(0);
 #pragma unroll 4
   for (int i = 0; i < CI; ++i) {
@@ -322,7 +303,7 @@ __device__ __forceinline__ acc_t class_column_softmax(acc_t* tile, int K, int n_
     *v = e;
     sum += e;
   }
-  sum = class_group_sum<8>(sum);
+  sum = warp_sum<8>(sum);
   const bool in = n < n_valid;
 #pragma unroll 4
   for (int i = 0; i < CI; ++i) {
@@ -404,7 +385,7 @@ __global__ void __launch_bounds__(kThreads, kClassMinBlocks) class_gather_fwd_ke
           if (j + u < pv && x > m) m = x;  // ignores NaN (lanes must agree); NaN reaches the sum through exp
         }
       }
-      m = class_group_max<TR>(m);
+      m = warp_max<TR>(m);
       const acc_t new_max = m > run_max ? m : run_max;
       const acc_t shift = softmax_shift(new_max);
       // exp(run_max - shift): 0 while the class has seen only -inf (its sums
@@ -422,7 +403,7 @@ __global__ void __launch_bounds__(kThreads, kClassMinBlocks) class_gather_fwd_ke
         }
         class_sts4(row + j, w);
       }
-      run_sum = run_sum * rescale + class_group_sum<TR>(s);
+      run_sum = run_sum * rescale + warp_sum<TR>(s);
       run_max = new_max;
       if (row_q == 0) alpha[row_k] = rescale;
     } else {
@@ -443,7 +424,7 @@ __global__ void __launch_bounds__(kThreads, kClassMinBlocks) class_gather_fwd_ke
         const Pack<acc_t, 4> v = class_lds4(row + j);
         s += (v.v[0] + v.v[1]) + (v.v[2] + v.v[3]);
       }
-      run_sum += class_group_sum<TR>(s);
+      run_sum += warp_sum<TR>(s);
     }
     class_pixel_reduce<KP>(acc, ws, xs);
     FASTCTX_SYNC(kSyncGatherTileConsumed);

@@ -189,25 +189,6 @@ __device__ __forceinline__ void window_gemm(const acc_t* a, int lda, const acc_t
   }
 }
 
-// Sum and NaN-ignoring maximum over the 8 lanes of a row group (lanes 8g ..
-// 8g+7): every lane gets the same value (the butterfly adds the same pairs).
-template <typename acc_t>
-__device__ __forceinline__ acc_t window_group_sum(acc_t v) {
-#pragma unroll
-  for (int off = 4; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t window_group_max(acc_t v) {
-#pragma unroll
-  for (int off = 4; off > 0; off >>= 1) {
-    const acc_t o = __shfl_xor_sync(0xffffffffu, v, off);
-    v = o > v ? o : v;
-  }
-  return v;
-}
-
 // Row softmax of one score row, in place, by the 8 lanes of its row group
 // (each walks u = lane, lane + 8, ...): P = exp(S - shift(max)) / sum, and 0
 // on a dead row (a query past the window). With `dot` (the backward's dP row)
@@ -220,20 +201,20 @@ __device__ __forceinline__ acc_t window_softmax_row(acc_t* row, int NP, bool liv
   const int lane = threadIdx.x % 8;
   acc_t m = -static_cast<acc_t>(INFINITY);
   for (int u = lane; u < NP; u += 8) m = row[u] > m ? row[u] : m;
-  const acc_t shift = softmax_shift(window_group_max(m));
+  const acc_t shift = softmax_shift(warp_max<8>(m));
   acc_t l = acc_t(0);
   for (int u = lane; u < NP; u += 8) {
     const acc_t e = class_exp(row[u] - shift);
     row[u] = e;
     l += e;
   }
-  const acc_t inv = acc_t(1) / window_group_sum(l);
+  const acc_t inv = acc_t(1) / warp_sum<8>(l);
   acc_t D = acc_t(0);
   for (int u = lane; u < NP; u += 8) {
     row[u] = live ? row[u] * inv : acc_t(0);
     if constexpr (kDot) D += row[u] * dot[u];
   }
-  if constexpr (kDot) D = window_group_sum(D);
+  if constexpr (kDot) D = warp_sum<8>(D);
   return D;
 }
 
