@@ -46,7 +46,7 @@ COVERAGE = {
     "gla_context": [r"KJ=\S*1", r"KJ=\S*2", r"KJ=\S*4", r"KJ=\S*5", r"KJ=\S*8", "vec=1", "vec=0", r"nblk=[2-9]",
                     "f64", "bf16"],
     "encoding": ["KP=32", "KP=64", " cf ", " cl ", "vec_out=1", "vec_out=0", r"parts=[2-9]", "far-near", "peaked",
-                 "f64", "bf16"],
+                 "spread", "flagged=0,0", r"flagged=[1-9]\d*,[1-9]", "f64", "bf16"],
     "class_gather": ["KP=32", "KP=64", "KP=128", "KP=256", " ocr ", " paper ", "vec=1", "vec=0", r"cblocks=[2-9]",
                      r"parts=[2-9]", "masked", "nan=[1-9]", "f64", "bf16"],
     "class_attention": ["KP=32", "KP=64", "KP=128", "KP=256", " query ", " logits ", "vec=1", "vec=0",

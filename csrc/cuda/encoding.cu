@@ -94,6 +94,9 @@ at::Tensor encoding_fwd_impl(const at::Tensor& x, const at::Tensor& codewords, c
   p.cn = w + plan.ws_cn;
   p.part = part.data_ptr<acc_t>();
   p.part_a = p.part + plan.part_a;
+  at::Tensor flags = at::empty({plan.flag_bytes}, x.options().dtype(at::kByte));
+  p.codewords = codewords.data_ptr<scalar_t>();
+  p.flags = flags.data_ptr<uint8_t>();
   p.N = static_cast<int>(channels_first ? x.size(2) : x.size(1));
   p.D = static_cast<int>(D);
   p.Dp = static_cast<int>(plan.Dp);
@@ -102,6 +105,8 @@ at::Tensor encoding_fwd_impl(const at::Tensor& x, const at::Tensor& codewords, c
   p.K = static_cast<int>(K);
   p.cf = channels_first;
   kTileKernel<<<to_dim3(plan.tile_grid), kThreads, plan.smem_bytes, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  encoding_fixup_kernel<scalar_t, acc_t, KP, false><<<to_dim3(plan.tile_grid), kThreads, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   at::Tensor out = at::empty({B, K, D}, x.options());
@@ -154,6 +159,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> encoding_bwd_impl(const at::Tenso
   p.part_a = p.part + plan.part_a;
   p.part_v = p.part + plan.part_v;
   p.part_s = p.part + plan.part_s;
+  at::Tensor flags = at::empty({plan.flag_bytes}, x.options().dtype(at::kByte));
+  p.codewords = codewords.data_ptr<scalar_t>();
+  p.flags = flags.data_ptr<uint8_t>();
   p.N = static_cast<int>(channels_first ? x.size(2) : x.size(1));
   p.D = static_cast<int>(D);
   p.Dp = static_cast<int>(plan.Dp);
@@ -163,6 +171,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> encoding_bwd_impl(const at::Tenso
   p.cf = channels_first;
   p.vec_out = plan.vec_out;
   kTileKernel<<<to_dim3(plan.tile_grid), kThreads, plan.smem_bytes, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  encoding_fixup_kernel<scalar_t, acc_t, KP, true><<<to_dim3(plan.tile_grid), kThreads, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   at::Tensor grad_c = at::empty_like(codewords);

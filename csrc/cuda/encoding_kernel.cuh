@@ -8,7 +8,10 @@
 // Numerics. Everything runs on centred values x' = x - m, c' = c - m with
 // m = mean_k c_k (fp32), so ||x'||^2 - 2 x'.c' + ||c'||^2 does not cancel when
 // ||x|| is large and x lies near the codewords. All sums are in fp32 (fp64 for
-// fp64 data).
+// fp64 data). Codewords spread far apart still defeat the expansion for a
+// pixel near one of them (common/encoding.h): a pixel with an imprecise entry
+// whose logit can matter (encoding_row_direct) gets A = 0 in the tile kernel
+// and is redone whole by the fixup kernel from raw x and c, as the reference.
 //
 // Kernels, per call (256 threads per block unless noted):
 //   prep      m, c' = c - m as [KP, Dp] and c'^T as [Dp, KP] (fp32, zero padded,
@@ -25,12 +28,18 @@
 //                  tiles; ||x'||^2 from the staged x' tile.
 //               2. softmax per pixel row, one warp per row, max subtracted; the
 //                  [KP, TN] assignment stays in shared memory (never global).
+//                  Rows flagged by encoding_row_direct get A = 0 (dL = 0) and
+//                  a 1 in flags [B, N] (every pixel written, every call).
 //               3. over D in 4096 / KP-channel chunks and KP-pixel steps:
 //                  P += A^T X' (forward) or Q += V^T X' and
 //                  grad_x = [A | V] [dE ; c'] - v x' (backward), x re-read
 //                  through the same prefetch.
 //             Cross-tile sums go to a per-block fp32 slot, accumulated in tile
 //             order by its own block (no atomics).
+//   fixup     the tile kernel's blocks again: each walks its pixel range in
+//             order and adds the flagged pixels, computed directly from raw x
+//             and c, to its own slot (backward: and writes their grad_x).
+//             Clustered codewords flag nothing: one read of the flags.
 //   reduce    sums the slots of every block in a fixed order and applies the
 //             colsum * c' terms: deterministic run to run.
 //
@@ -43,8 +52,8 @@
 // (the contract's formulas with -2 s_k dL_ik folded into V).
 //
 // Never materialised: [B, N, K, D] and [B, N, K]. Extra memory: the padded
-// fp32 copies of c' (and dE) and B * parts * KP * Dp fp32 partials, with parts
-// capped so the partials stay under half the size of x.
+// fp32 copies of c' (and dE), B * parts * KP * Dp fp32 partials, with parts
+// capped so the partials stay under half the size of x, and B * N flag bytes.
 #include <cmath>
 #include <cstdint>
 
@@ -67,6 +76,10 @@ enum EncodingBarrier : int {
   kSyncEncPrepTile,
   kSyncEncPrepMean,
   kSyncEncPrepCentred,
+  kSyncEncFixFlags,
+  kSyncEncFixDistances,
+  kSyncEncFixWeights,
+  kSyncEncFixChunkDone,
 };
 
 template <typename T>
@@ -183,6 +196,8 @@ struct EncParams {
   acc_t* part_a;           // [B*parts, KP]: colsum(A)
   acc_t* part_v;           // [B*parts, KP]: colsum(V)            (backward)
   acc_t* part_s;           // [B*parts, KP]: sum dL * distance    (backward)
+  const scalar_t* codewords;  // c [K, D], raw: the fixup's direct residuals x - c_k
+  uint8_t* flags;          // [B, N]: pixel left to the fixup (tile kernel writes, fixup reads)
   int N, D, Dp, tiles, parts;  // per-image sizes fit int (host-checked); addresses use int64
   int K;
   bool cf;       // x is [B, D, N]
@@ -201,6 +216,54 @@ constexpr int kBwdBlocksPerSm = 2;
 #endif
 template <typename acc_t, int KP, bool BWD>
 constexpr int kTileMinBlocks = sizeof(acc_t) == 4 ? (BWD ? kBwdBlocksPerSm : KP == 64 ? 3 : 2) : 1;
+
+// Block blk's image b and pixel tiles [t_begin, t_end): contiguous, balanced
+// ranges (the first tiles % parts parts get one more), non-empty because
+// parts <= tiles. 32-bit: no 64-bit division.
+struct EncBlockTiles {
+  int b, t_begin, t_end;
+};
+__device__ __forceinline__ EncBlockTiles encoding_block_tiles(int blk, int tiles, int parts) {
+  const int b = blk / parts;
+  const int part = blk - b * parts;
+  const int per = tiles / parts, extra = tiles - per * parts;
+  const int t_begin = part * per + (part < extra ? part : extra);
+  return {b, t_begin, t_begin + per + (part < extra ? 1 : 0)};
+}
+
+// Whether a pixel row leaves the expanded path for the fixup kernel (spread
+// codewords, see encoding.h): some valid k has an imprecise expansion
+// (encoding_expansion_imprecise) and a logit at or above encoding_logit_floor
+// of the row max and the row's largest error bound (encoding_logit_error).
+// One warp per row, lane holding k = lane + 32 h (logit -inf for k >= K);
+// the same result in every lane. Rows without an imprecise entry (clustered
+// codewords: all of them) cost one ballot.
+template <int KP, typename acc_t>
+__device__ __forceinline__ bool encoding_row_direct(const acc_t* dist, const acc_t* logit, acc_t row_max,
+                                                    acc_t x_sq, const acc_t* cn, const acc_t* sc, int K, int D,
+                                                    int lane) {
+  bool imprecise[KP / 32];
+  bool any = false;
+#pragma unroll
+  for (int h = 0; h < KP / 32; ++h) {
+    const int k = lane + 32 * h;
+    imprecise[h] = k < K && encoding_expansion_imprecise(x_sq, cn[k], dist[h]);
+    any |= imprecise[h];
+  }
+  if (__ballot_sync(0xffffffffu, any) == 0u) return false;
+  acc_t err = acc_t(0);
+#pragma unroll
+  for (int h = 0; h < KP / 32; ++h) {
+    const int k = lane + 32 * h;
+    const acc_t e = k < K ? encoding_logit_error(x_sq, cn[k], sc[k], static_cast<int64_t>(D)) : acc_t(0);
+    err = e > err ? e : err;
+  }
+  const acc_t floor = encoding_logit_floor(row_max, warp_max(err));
+  bool hit = false;
+#pragma unroll
+  for (int h = 0; h < KP / 32; ++h) hit |= imprecise[h] && logit[h] >= floor;
+  return __ballot_sync(0xffffffffu, hit) != 0u;
+}
 
 template <typename scalar_t, typename acc_t, int KP, bool BWD>
 __global__ void __launch_bounds__(kThreads, kTileMinBlocks<acc_t, KP, BWD>)
@@ -226,13 +289,8 @@ __global__ void __launch_bounds__(kThreads, kTileMinBlocks<acc_t, KP, BWD>)
 
   const int tid = threadIdx.x;  // setup and epilogue only; the phases re-read it
   const int blk = blockIdx.x;
-  const int b = blk / p.parts;
-  const int part = blk - b * p.parts;
-  // Contiguous, balanced tile ranges (the first tiles % parts parts get one
-  // more); non-empty because parts <= tiles. 32-bit: no 64-bit division.
-  const int per = p.tiles / p.parts, extra = p.tiles - per * p.parts;
-  const int t_begin = part * per + (part < extra ? part : extra);
-  const int t_end = t_begin + per + (part < extra ? 1 : 0);
+  const EncBlockTiles range = encoding_block_tiles(blk, p.tiles, p.parts);
+  const int b = range.b, t_begin = range.t_begin, t_end = range.t_end;
   const int N = p.N, D = p.D, Dp = p.Dp;
   const int K = p.K;
   const bool cf = p.cf;
@@ -417,6 +475,10 @@ __global__ void __launch_bounds__(kThreads, kTileMinBlocks<acc_t, KP, BWD>)
         mx = logit[h] > mx ? logit[h] : mx;
       }
       mx = warp_max(mx);
+      // A pixel whose expansion cannot be trusted gets A = 0 (and dL = 0): it
+      // adds nothing here, and the fixup kernel does it from raw x and c.
+      const bool direct = valid && encoding_row_direct<KP>(dist, logit, mx, x_sq, cn, sc, K, D, lane);
+      if (valid && lane == 0) p.flags[static_cast<int64_t>(b) * N + n0 + n] = direct ? 1 : 0;
       acc_t e[2], esum = acc_t(0);
 #pragma unroll
       for (int h = 0; h < KP / 32; ++h) {
@@ -424,7 +486,7 @@ __global__ void __launch_bounds__(kThreads, kTileMinBlocks<acc_t, KP, BWD>)
         esum += e[h];
       }
       esum = warp_sum(esum);
-      const acc_t inv = valid ? acc_t(1) / esum : acc_t(0);  // padded pixels get A = 0
+      const acc_t inv = valid && !direct ? acc_t(1) / esum : acc_t(0);  // padded pixels get A = 0
       acc_t a[2];
 #pragma unroll
       for (int h = 0; h < KP / 32; ++h) {
@@ -462,7 +524,7 @@ __global__ void __launch_bounds__(kThreads, kTileMinBlocks<acc_t, KP, BWD>)
 #pragma unroll
         for (int h = 0; h < KP / 32; ++h) {
           const int k = lane + 32 * h;
-          const acc_t dl = encoding_softmax_grad(a[h], da[h], r);
+          const acc_t dl = direct ? acc_t(0) : encoding_softmax_grad(a[h], da[h], r);
           const acc_t v = acc_t(-2) * sc[k] * dl;
           st[k * XS_LD + n] = a[h];
           st[(KP + k) * XS_LD + n] = v;
@@ -640,6 +702,145 @@ __global__ void __launch_bounds__(kThreads, kTileMinBlocks<acc_t, KP, BWD>)
       p.part_s[slot] = ss;
     }
   }
+}
+
+// The pixels the tile kernel flagged (encoding_row_direct), from raw x and c:
+// same blocks as the tile kernel, each walking its own pixel range in order.
+// Per flagged pixel i, for every valid k (r_k = x_i - c_k in acc_t):
+//   dist_k = sum_d r_kd^2, A = softmax_k(s_k dist_k);
+//   forward:  slot P_k += A_k r_k. The reduce forms E_k = sum P_k - colsum(A)_k c'_k,
+//             and the pixel is in no column sum, so it adds exactly A_k (x_i - c_k).
+//   backward: dA_k = dE_k . r_k (shifted by its value at the winning codeword),
+//             dL = A (dA - sum_j A_j dA_j), V_k = -2 s_k dL_k;
+//             grad_x_i = sum_k (A_k dE_k - V_k r_k), stored whole (the tile kernel
+//             wrote 0 there); slot Q_k += V_k r_k - A_k dE_k, which the reduce
+//             adds to grad_c_k as it stands (the pixel is in neither colsum(A)
+//             nor colsum(V)); slot S_k += dL_k dist_k (grad_s).
+// kThreads / KP threads per codeword sum dist_k (and dA_k) over strided
+// channels, thread 0 does the row's softmax over k, and thread t owns channels
+// t, t + 256, ... of the slots and grad_x: fixed orders, no atomics, no warp
+// collectives on the per-pixel path. A block reads the flags of its range in
+// chunks of kThreads and skips chunks without one; clustered codewords never
+// flag a pixel, so there the kernel is one read of the B*N flag bytes.
+// The launch bound's 2 blocks per SM (<= 128 registers): with the default,
+// ptxas cut this kernel to 40-64 registers and spilled (up to 56 bytes).
+template <typename scalar_t, typename acc_t, int KP, bool BWD>
+__global__ void __launch_bounds__(kThreads, 2) encoding_fixup_kernel(const EncParams<scalar_t, acc_t> p) {
+  constexpr int TN = EncTile<KP, BWD>::TN, G = kThreads / KP;
+  __shared__ acc_t sh_red[(BWD ? 2 : 1) * kThreads];  // per-thread partials of dist (and dA)
+  __shared__ acc_t sh_dist[KP], sh_da[KP], sh_a[KP], sh_v[KP], sh_gs[KP];
+  __shared__ unsigned sh_any[kWarps];
+  __shared__ uint8_t sh_flag[kThreads];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int blk = blockIdx.x;
+  const EncBlockTiles range = encoding_block_tiles(blk, p.tiles, p.parts);
+  const int b = range.b, N = p.N, D = p.D, Dp = p.Dp, K = p.K;
+  const int n_begin = range.t_begin * TN;
+  const int n_end = range.t_end * TN < N ? range.t_end * TN : N;
+  const scalar_t* __restrict__ xb = p.x + static_cast<int64_t>(b) * N * D;
+  const acc_t* __restrict__ gkb = BWD ? p.gkd + static_cast<int64_t>(b) * KP * Dp : nullptr;
+  const uint8_t* __restrict__ flags = p.flags + static_cast<int64_t>(b) * N;
+  acc_t* slots = p.part + static_cast<int64_t>(blk) * KP * Dp;
+  const int64_t xstep = p.cf ? N : 1;  // channel stride of x
+  if (BWD && tid < KP) sh_gs[tid] = acc_t(0);  // sum dL_k dist_k over the flagged pixels
+  bool any_flag = false;
+
+  for (int c0 = n_begin; c0 < n_end; c0 += kThreads) {
+    const bool f = c0 + tid < n_end && flags[c0 + tid] != 0;
+    sh_flag[tid] = f ? 1 : 0;
+    const unsigned w = __ballot_sync(0xffffffffu, f);
+    if (lane == 0) sh_any[warp] = w;
+    FASTCTX_SYNC(kSyncEncFixFlags);
+    unsigned chunk_any = 0u;
+#pragma unroll
+    for (int q = 0; q < kWarps; ++q) chunk_any |= sh_any[q];
+    any_flag |= chunk_any != 0u;
+    for (int j = 0; chunk_any != 0u && j < kThreads && c0 + j < n_end; ++j) {
+      if (!sh_flag[j]) continue;  // the same for every thread
+      const int i = c0 + j;
+      const scalar_t* xi = xb + (p.cf ? static_cast<int64_t>(i) : static_cast<int64_t>(i) * D);
+
+      // dist_k (and dA_k = dE_k . r_k): G = kThreads / KP threads per codeword,
+      // thread (k, g) over channels g, g + G, ...; thread 0 then adds the G
+      // partials in order. No warp collectives on this data-dependent path.
+      {
+        const int k = tid / G, g = tid - (tid / G) * G;
+        acc_t q = acc_t(0), e = acc_t(0);
+        if (k < K) {
+          const scalar_t* ck = p.codewords + static_cast<int64_t>(k) * D;
+          for (int d = g; d < D; d += G) {
+            const acc_t r = static_cast<acc_t>(xi[d * xstep]) - static_cast<acc_t>(ck[d]);
+            q += r * r;
+            if (BWD) e += gkb[static_cast<int64_t>(k) * Dp + d] * r;
+          }
+        }
+        sh_red[tid] = q;
+        if (BWD) sh_red[kThreads + tid] = e;
+      }
+      FASTCTX_SYNC(kSyncEncFixDistances);
+
+      // Softmax (and its gradient) of the row, thread 0 over k in order.
+      if (tid == 0) {
+        acc_t mx = -INFINITY;
+        for (int k = 0; k < K; ++k) {
+          acc_t q = acc_t(0), e = acc_t(0);
+          for (int g = 0; g < G; ++g) {
+            q += sh_red[k * G + g];
+            if (BWD) e += sh_red[kThreads + k * G + g];
+          }
+          sh_dist[k] = q;
+          if (BWD) sh_da[k] = e;
+          const acc_t logit = static_cast<acc_t>(p.scale[k]) * q;
+          sh_a[k] = logit;
+          mx = logit > mx ? logit : mx;
+        }
+        int win = 0;  // the lowest k holding the max (0 for a NaN row), as the tile kernel
+        for (int k = K - 1; k >= 0; --k) win = sh_a[k] == mx ? k : win;
+        acc_t sum = acc_t(0);
+        for (int k = 0; k < K; ++k) {
+          const acc_t e = encoding_exp_nonpos(sh_a[k] - mx);
+          sh_a[k] = e;
+          sum += e;
+        }
+        const acc_t inv = acc_t(1) / sum;
+        for (int k = 0; k < K; ++k) sh_a[k] *= inv;
+        if (BWD) {
+          // dA shifted by its value at the winning codeword, as the tile kernel.
+          const acc_t da_w = sh_da[win];
+          acc_t r = acc_t(0);
+          for (int k = 0; k < K; ++k) r += sh_a[k] * (sh_da[k] - da_w);
+          for (int k = 0; k < K; ++k) {
+            const acc_t dl = encoding_softmax_grad(sh_a[k], sh_da[k] - da_w, r);
+            sh_v[k] = acc_t(-2) * static_cast<acc_t>(p.scale[k]) * dl;
+            sh_gs[k] += dl * sh_dist[k];
+          }
+        }
+      }
+      FASTCTX_SYNC(kSyncEncFixWeights);
+
+      // Per channel: the slots' residual terms (and grad_x).
+      for (int d = tid; d < D; d += kThreads) {
+        const acc_t xd = static_cast<acc_t>(xi[d * xstep]);
+        acc_t gx = acc_t(0);
+        for (int k = 0; k < K; ++k) {
+          const acc_t r = xd - static_cast<acc_t>(p.codewords[static_cast<int64_t>(k) * D + d]);
+          acc_t* slot = slots + static_cast<int64_t>(k) * Dp + d;
+          if (!BWD) {
+            *slot += sh_a[k] * r;
+          } else {
+            const acc_t ade = sh_a[k] * gkb[static_cast<int64_t>(k) * Dp + d], vr = sh_v[k] * r;
+            gx += ade - vr;
+            *slot += vr - ade;
+          }
+        }
+        if (BWD) p.grad_x[static_cast<int64_t>(b) * N * D + (p.cf ? static_cast<int64_t>(d) * N + i
+                                                                 : static_cast<int64_t>(i) * D + d)] =
+            static_cast<scalar_t>(gx);
+      }
+    }
+    FASTCTX_SYNC(kSyncEncFixChunkDone);  // sh_flag / sh_any free for the next chunk
+  }
+  if (BWD && any_flag && tid < K) p.part_s[static_cast<int64_t>(blk) * KP + tid] += sh_gs[tid];
 }
 
 // Pads (and for the codewords, centres) a [nb, K, D] tensor into fp32

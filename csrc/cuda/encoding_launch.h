@@ -86,10 +86,11 @@ struct EncodingPlan {
   // Partials of the B * parts tile blocks: [B*parts, KP, Dp] | colsum(A) [B*parts, KP]
   //            | (backward: colsum(V) [B*parts, KP] | sum dL*dist [B*parts, KP])
   int64_t part_elems = 0, part_a = 0, part_v = 0, part_s = 0;
+  int64_t flag_bytes = 0;  // uint8 [B, N]: the pixels the tile kernel leaves to the fixup kernel
   Grid3 prep_grid;       // encoding_prep_kernel for the codewords (one matrix)
   Grid3 prep_grad_grid;  // backward: encoding_prep_kernel for dE (B matrices)
   Grid3 norms_grid;      // encoding_norms_kernel (32 threads per block)
-  Grid3 tile_grid;       // encoding_tile_kernel
+  Grid3 tile_grid;       // encoding_tile_kernel and encoding_fixup_kernel (the same blocks)
   Grid3 reduce_grid;     // encoding_{fwd,bwd}_reduce_kernel
   bool vec_out = false;  // backward: 4-wide grad_x stores (runs of 4 elements, 16-byte aligned)
   std::string error;     // non-empty: the call is beyond the kernels (the message says why / how to split)
@@ -141,6 +142,7 @@ inline EncodingPlan encoding_plan(bool backward, int64_t B, int64_t N, int64_t D
   p.part_v = p.part_a + blocks * p.KP;
   p.part_s = p.part_v + (backward ? blocks * p.KP : 0);
   p.part_elems = p.part_s + (backward ? blocks * p.KP : 0);
+  p.flag_bytes = B * N;
 
   p.prep_grid.x = p.Dp / 32;
   p.prep_grad_grid.x = backward ? B * (p.Dp / 32) : 0;

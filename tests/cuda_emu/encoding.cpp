@@ -1,6 +1,6 @@
 // The Encoding layer's CUDA kernels (csrc/cuda/encoding_kernel.cuh: prep,
-// norms, tile, reduce; launched as encoding_plan says) under emu.h, against a
-// float64 reference of E = sum_i softmax_k(s_k ||x_i - c_k||^2) (x_i - c_k)
+// norms, tile, fixup, reduce; launched as encoding_plan says) under emu.h,
+// against a float64 reference of E = sum_i softmax_k(s_k ||x_i - c_k||^2) (x_i - c_k)
 // and its gradients.
 //
 // Cases reach both padded codeword widths (KP = 32, 64), several logit and
@@ -9,7 +9,9 @@
 // than one tile block (partial slot) per image, inputs of norm ~1e3 lying
 // near the codewords, and near one-hot assignments, where fp32 grad_scale and
 // grad_codewords must stay within the "peaked" tolerance of float64 (the
-// backward's shifted softmax gradient).
+// backward's shifted softmax gradient). Spread codewords (spread 1 to 1000):
+// the pixels the tile kernels flag go through the fixup kernels, whose E and
+// gradients must meet the fp32 tolerance; every flag byte is written.
 #include "emu.h"
 #include "driver.h"
 
@@ -25,7 +27,8 @@ struct Shape {
   bool aligned;        // grad_x 16-byte aligned (false: the scalar store path)
   int64_t sm_count;    // with blocks_per_sm, sizes the tile blocks per image
   int64_t blocks_per_sm;
-  enum Inputs { kUniform, kFarNear, kPeaked } inputs;
+  enum Inputs { kUniform, kFarNear, kPeaked, kSpread } inputs;
+  double spread = 0;   // kSpread: the codewords' scale
 };
 
 template <typename T>
@@ -35,7 +38,11 @@ struct Data {
 
 // Uniform: x, c in [-1, 1), s in [-2, -0.5). FarNear: ||x|| ~ 1e3 with x and
 // c within O(1) of a common centre. Peaked: well separated codewords and a
-// large |s|, so each pixel's assignment is near one-hot.
+// large |s|, so each pixel's assignment is near one-hot. Spread (as
+// tests/ops/test_encoding.py's _spread_inputs): codewords spread * randn, of
+// which (0, 1), (2, 3), (4, 5) are pairs 0.5 randn apart, features 0.5 randn
+// from one codeword, s = -(U(0, 1) + 0.1) / 10: the entries that matter have
+// ||x'||^2 ~ ||c'_k||^2 ~ spread^2 D against a distance ~0.25 D.
 template <typename T>
 Data<T> make_data(const Shape& s, uint32_t seed) {
   std::mt19937 rng(seed);
@@ -45,6 +52,28 @@ Data<T> make_data(const Shape& s, uint32_t seed) {
   d.x.resize(nx);
   d.codewords.resize(static_cast<size_t>(s.K) * s.D);
   d.scale.resize(s.K);
+  if (s.inputs == Shape::kSpread) {
+    std::normal_distribution<double> n01(0, 1);
+    std::uniform_real_distribution<double> u01(0, 1);
+    std::vector<double> c(d.codewords.size());
+    for (int k = 0; k < s.K; ++k)
+      for (int j = 0; j < s.D; ++j)
+        c[k * s.D + j] = k % 2 == 1 && k < 6 ? c[(k - 1) * s.D + j] + 0.5 * n01(rng) : s.spread * n01(rng);
+    for (size_t e = 0; e < c.size(); ++e) d.codewords[e] = static_cast<T>(c[e]);
+    for (int k = 0; k < s.K; ++k) d.scale[k] = static_cast<T>(-(u01(rng) + 0.1) * 0.1);
+    for (int b = 0; b < s.B; ++b)
+      for (int i = 0; i < s.N; ++i) {
+        const int k = static_cast<int>(rng() % s.K);
+        for (int j = 0; j < s.D; ++j) {
+          const size_t idx = s.channels_first ? (static_cast<size_t>(b) * s.D + j) * s.N + i
+                                              : (static_cast<size_t>(b) * s.N + i) * s.D + j;
+          d.x[idx] = static_cast<T>(c[k * s.D + j] + 0.5 * n01(rng));
+        }
+      }
+    d.grad.resize(static_cast<size_t>(s.B) * s.K * s.D);
+    for (auto& v : d.grad) v = static_cast<T>(n01(rng));
+    return d;
+  }
   std::vector<double> centre(s.D, 0.0);
   if (s.inputs == Shape::kFarNear)
     for (auto& v : centre) v = 1e3 / std::sqrt(static_cast<double>(s.D)) * (u(rng) > 0 ? 1 : -1);
@@ -164,6 +193,9 @@ Outcome run(const Shape& s, uint32_t seed) {
   p.cn = w + fwd.ws_cn;
   p.part = part.data();
   p.part_a = part.data() + fwd.part_a;
+  std::vector<uint8_t> flags(fwd.flag_bytes, 0xAA), flagsb(bwd.flag_bytes, 0xAA);
+  p.codewords = d.codewords.data();
+  p.flags = flags.data();
   p.N = static_cast<int>(N);
   p.D = static_cast<int>(D);
   p.Dp = static_cast<int>(fwd.Dp);
@@ -172,6 +204,7 @@ Outcome run(const Shape& s, uint32_t seed) {
   p.K = static_cast<int>(K);
   p.cf = s.channels_first;
   emu_launch(grid(fwd.tile_grid), kThreads, [&] { encoding_tile_kernel<T, acc, KP, false>(p); }, fwd.smem_bytes);
+  emu_launch(grid(fwd.tile_grid), kThreads, [&] { encoding_fixup_kernel<T, acc, KP, false>(p); });
   emu_launch(grid(fwd.reduce_grid), kThreads, [&] {
     encoding_fwd_reduce_kernel<T, acc>(p.part, p.part_a, p.cpk, E.data(), fwd.parts, K, KP, D, fwd.Dp);
   });
@@ -203,10 +236,12 @@ Outcome run(const Shape& s, uint32_t seed) {
   q.part_a = partb.data() + bwd.part_a;
   q.part_v = partb.data() + bwd.part_v;
   q.part_s = partb.data() + bwd.part_s;
+  q.flags = flagsb.data();
   q.tiles = static_cast<int>(bwd.tiles);
   q.parts = static_cast<int>(bwd.parts);
   q.vec_out = bwd.vec_out;
   emu_launch(grid(bwd.tile_grid), kThreads, [&] { encoding_tile_kernel<T, acc, KP, true>(q); }, bwd.smem_bytes);
+  emu_launch(grid(bwd.tile_grid), kThreads, [&] { encoding_fixup_kernel<T, acc, KP, true>(q); });
   emu_launch(grid(bwd.reduce_grid), kThreads, [&] {
     encoding_bwd_reduce_kernel<T, acc>(q.part, q.part_a, q.part_v, q.part_s, q.cpk, d.grad.data(), gc.data(),
                                        gs.data(), B, bwd.parts, K, KP, D, bwd.Dp);
@@ -223,10 +258,22 @@ Outcome run(const Shape& s, uint32_t seed) {
     o.check("peaked_grad_codewords", gc, want.grad_c, peaked);
     o.check("peaked_grad_scale", gs, want.grad_s, peaked);
   }
-  char buf[160];
-  std::snprintf(buf, sizeof buf, " KP=%d Dp=%ld tiles=%ld parts=%ld,%ld vec_out=%d min_top=%.4f", KP,
-                static_cast<long>(fwd.Dp), static_cast<long>(fwd.tiles), static_cast<long>(fwd.parts),
-                static_cast<long>(bwd.parts), static_cast<int>(bwd.vec_out), want.min_top);
+  // Every pixel's flag written (0 or 1) by both tile kernels; the pixels the
+  // fixup kernels redid from raw x and c (spread codewords only).
+  long flagged = 0, flagged_b = 0;
+  bool flags_ok = true;
+  for (size_t e = 0; e < flags.size(); ++e) {
+    flags_ok &= flags[e] <= 1 && flagsb[e] <= 1;
+    flagged += flags[e] == 1;
+    flagged_b += flagsb[e] == 1;
+  }
+  o.require(flags_ok, "flags_not_written");
+  if (s.inputs != Shape::kSpread) o.require(flagged == 0 && flagged_b == 0, "flagged_without_spread");
+  if (s.inputs == Shape::kSpread && s.spread >= 30) o.require(flagged > 0 && flagged_b > 0, "spread_not_flagged");
+  char buf[200];
+  std::snprintf(buf, sizeof buf, " KP=%d Dp=%ld tiles=%ld parts=%ld,%ld vec_out=%d min_top=%.4f flagged=%ld,%ld",
+                KP, static_cast<long>(fwd.Dp), static_cast<long>(fwd.tiles), static_cast<long>(fwd.parts),
+                static_cast<long>(bwd.parts), static_cast<int>(bwd.vec_out), want.min_top, flagged, flagged_b);
   o.detail = buf + o.detail;
   return o;
 }
@@ -235,11 +282,13 @@ template <typename T>
 Case make(Shape s, const char* what) {
   static uint32_t seed = 5;
   const uint32_t sd = seed++;
-  const char* inputs[] = {"uniform", "far-near", "peaked"};
+  const char* inputs[] = {"uniform", "far-near", "peaked", "spread"};
+  char kind[48];
+  std::snprintf(kind, sizeof kind, s.inputs == Shape::kSpread ? "%s=%g" : "%s", inputs[s.inputs], s.spread);
   char name[240];
   std::snprintf(name, sizeof name, "%s B=%d N=%d D=%d K=%d %s aligned=%d sms=%ld x%ld %s (%s)", dtype_name<T>(), s.B,
                 s.N, s.D, s.K, s.channels_first ? "cf" : "cl", s.aligned, static_cast<long>(s.sm_count),
-                static_cast<long>(s.blocks_per_sm), inputs[s.inputs], what);
+                static_cast<long>(s.blocks_per_sm), kind, what);
   return Case{name, [=] {
                 return encoding_padded_codes(s.K) == 32 ? run<T, 32>(s, sd) : run<T, 64>(s, sd);
               }};
@@ -264,5 +313,17 @@ int main(int argc, char** argv) {
           make<float>({1, 160, 40, 24, false, true, 1, 1, S::kPeaked}, "near one-hot assignments, K = 24"),
           make<double>({1, 400, 45, 30, true, true, 2, 1, S::kFarNear}, "fp64; far-near; 2 blocks per image"),
           make<BF16>({1, 150, 48, 36, false, true, 1, 1, S::kUniform}, "16-bit data, KP 64"),
+          // Spread codewords: every gradient within the fp32 tolerance of float64
+          // through the flagged pixels' direct path (spread 1: no pixel flagged).
+          make<float>({2, 45, 40, 8, false, true, 1, 1, S::kSpread, 1}, "spread codewords"),
+          make<float>({2, 45, 40, 8, true, true, 1, 1, S::kSpread, 1}, "spread codewords"),
+          make<float>({2, 45, 40, 8, false, true, 1, 1, S::kSpread, 30}, "spread codewords"),
+          make<float>({2, 45, 40, 8, true, true, 1, 1, S::kSpread, 30}, "spread codewords"),
+          make<float>({2, 45, 40, 8, false, true, 1, 1, S::kSpread, 100}, "spread codewords"),
+          make<float>({2, 45, 40, 8, true, true, 1, 1, S::kSpread, 100}, "spread codewords"),
+          make<float>({2, 45, 40, 8, false, true, 1, 1, S::kSpread, 1000}, "spread codewords"),
+          make<float>({2, 45, 40, 8, true, true, 1, 1, S::kSpread, 1000}, "spread codewords"),
+          make<float>({1, 1000, 40, 40, true, true, 4, 1, S::kSpread, 100},
+                      "spread codewords, KP 64; 16 tiles, 4 blocks per image"),
       });
 }
