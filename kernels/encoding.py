@@ -15,6 +15,10 @@ A program owns one image and its pixel tiles pid, pid + n_split, ... Per tile:
                         products with A, as [BLOCK_D, .] tiles so that D, not
                         K, is the MMA M dimension (wgmma wants M >= 64)
 
+Pixels whose expanded distances are mostly rounding error where it matters (codewords spread far apart,
+_untrusted_rows) get A = 0 here and are flagged; encoding_{fwd,bwd}_direct_kernel redo them from the raw
+values afterwards, into the same slots.
+
 The [N, K] assignment only ever exists as this register tile. Cross-tile sums
 go to the program's private fp32 slot: stored on its first tile, read-added-
 stored on later ones (no atomics, no zero-fill); the launcher sums the slots in
@@ -35,23 +39,29 @@ import triton.language as tl
 from . import _launch
 
 _LOG2E = tl.constexpr(1.4426950408889634)
+# csrc/common/encoding.h: kEncodingDirectRatio, kEncodingLogitMargin.
+_DIRECT_RATIO = tl.constexpr(16.0)
+_LOGIT_MARGIN = tl.constexpr(64.0)
+
+
+@triton.jit
+def _x_tile(x_img, offs_n, offs_d, mask, N, D, CHANNELS_FIRST: tl.constexpr, acc_dtype: tl.constexpr):
+    """x as [BLOCK_N, BLOCK_D] in acc_dtype, 0 where masked. x_img points at the image's first element;
+    channels_first reads [D, N] (pixels contiguous), else [N, D]."""
+    if CHANNELS_FIRST:
+        ptrs = x_img + offs_d[None, :] * N + offs_n[:, None]
+    else:
+        ptrs = x_img + offs_n[:, None] * D + offs_d[None, :]
+    return tl.load(ptrs, mask=mask, other=0.0).to(acc_dtype)
 
 
 @triton.jit
 def _centred_tile(x_img, mean_ptr, offs_n, offs_d, mask_n, mask_d, N, D,
                   CHANNELS_FIRST: tl.constexpr, acc_dtype: tl.constexpr):
-    """x' = x - m as [BLOCK_N, BLOCK_D] in acc_dtype, exactly 0 outside the image.
-
-    x_img points at the image's first element. channels_first reads [D, N]
-    (pixels contiguous), else [N, D]; masked loads give 0, and so does the
-    where() after subtracting m, so padding adds nothing to any sum.
-    """
+    """x' = x - m as [BLOCK_N, BLOCK_D] in acc_dtype, exactly 0 outside the image (masked loads give 0,
+    and so does the where() after subtracting m), so padding adds nothing to any sum."""
     mask = mask_n[:, None] & mask_d[None, :]
-    if CHANNELS_FIRST:
-        ptrs = x_img + offs_d[None, :] * N + offs_n[:, None]
-    else:
-        ptrs = x_img + offs_n[:, None] * D + offs_d[None, :]
-    x = tl.load(ptrs, mask=mask, other=0.0).to(acc_dtype)
+    x = _x_tile(x_img, offs_n, offs_d, mask, N, D, CHANNELS_FIRST, acc_dtype)
     m = tl.load(mean_ptr + offs_d, mask=mask_d, other=0.0)
     return tl.where(mask, x - m[None, :], 0.0)
 
@@ -74,12 +84,22 @@ def _centred_tile_t(x_img, mean_ptr, d0, offs_n, mask_n, N, D, BLOCK_D: tl.const
 
 
 @triton.jit
-def _assignment(cross, xx, cc, s, mask_n, mask_k):
-    """A = softmax_k(s_k * clamp(||x'_i - c'_k||^2, 0)); rows outside the image are 0.
+def _softmax_rows(logits, rows):
+    """softmax over axis 1 of [BLOCK_N, K_PAD] logits (padded codewords at -inf); rows outside `rows` are 0.
+    The row max is subtracted before exp2 so no logit overflows."""
+    row_max = tl.max(logits, axis=1)
+    p = tl.exp2((logits - row_max[:, None]) * _LOG2E)
+    a = p / tl.sum(p, axis=1)[:, None]
+    return tl.where(rows[:, None], a, 0.0)
 
-    cross = -2 x'_i . c'_k (the dot against -2 c', exact scaling of c').
-    Returns (A, dist). Padded codewords get -inf logits (weight 0); the row max
-    is subtracted before exp2 so no logit overflows.
+
+@triton.jit
+def _assignment(cross, xx, cc, s, mask_n, mask_k, D):
+    """A = softmax_k(s_k * clamp(||x'_i - c'_k||^2, 0)) from the expanded distances, and which rows cannot
+    trust them (spread codewords, see _untrusted_rows). Returns (A, dist, untrusted): A is 0 on rows
+    outside the image and on untrusted rows, which the direct kernels redo from the raw values.
+
+    cross = -2 x'_i . c'_k (the dot against -2 c', exact scaling of c'). Padded codewords get -inf logits.
     """
     dist = xx[:, None] + cross + cc[None, :]
     dist = tl.where(dist < 0, 0.0, dist)  # not tl.maximum: a NaN distance must stay NaN, as in the eager maths
@@ -88,11 +108,46 @@ def _assignment(cross, xx, cc, s, mask_n, mask_k):
     dist = tl.where(((xx[:, None] == inf) & (cc[None, :] < inf)) | ((cc[None, :] == inf) & (xx[:, None] < inf)),
                     inf, dist)
     logits = tl.where(mask_k[None, :], dist * s[None, :], float("-inf"))
-    row_max = tl.max(logits, axis=1)
-    p = tl.exp2((logits - row_max[:, None]) * _LOG2E)
-    a = p / tl.sum(p, axis=1)[:, None]
-    a = tl.where(mask_n[:, None], a, 0.0)
-    return a, dist
+    untrusted = _untrusted_rows(logits, xx, cc, dist, s, D) & mask_n
+    a = _softmax_rows(logits, mask_n & ~untrusted)
+    return a, dist, untrusted
+
+
+@triton.constexpr_function
+def _eps(dtype):
+    """Unit roundoff of the accumulation dtype."""
+    return 2.220446049250313e-16 if dtype == tl.float64 else 1.1920929e-7
+
+
+@triton.jit
+def _untrusted_rows(logits, xx, cc, dist, s, D):
+    """Pixels whose expanded distances are mostly rounding error where it matters: some entry's norms
+    ||x'||^2 + ||c'_k||^2 exceed DIRECT_RATIO times its distance (the expansion's error ~eps * norms
+    against the eager sum's ~eps * dist: codewords far apart, the pixel near one) and its logit is within
+    LOGIT_MARGIN of the row max, widened by twice a bound of the row's logit errors
+    |s_k| (||x'||^2 + ||c'_k||^2) D eps. The CPU kernel's rule per entry (csrc/common/encoding.h,
+    encoding_expansion_imprecise / encoding_logit_floor), applied here per pixel, with the error bound
+    max|s| ||x'||^2 + max_k |s_k| ||c'_k||^2 (>= the CPU's, from [K] vectors: no extra [BLOCK_N, K] tile
+    in a kernel at its register limit). Finite norms only: non-finite rows keep the expanded form's
+    reference semantics. Clustered codewords never qualify (norms ~ dist there)."""
+    abs_s = tl.abs(s)  # 0 on padded codewords, as cc
+    err = xx * tl.max(abs_s, axis=0) + tl.max(abs_s * cc, axis=0)
+    floor = tl.max(logits, axis=1) - _LOGIT_MARGIN - (2.0 * _eps(dist.dtype)) * D * err
+    norms = xx[:, None] + cc[None, :]
+    imprecise = (norms < float("inf")) & (norms > dist * _DIRECT_RATIO) & (logits >= floor[:, None])
+    return tl.max(imprecise.to(tl.int32), axis=1) > 0
+
+
+@triton.jit
+def _softmax_grad(a, d_a, offs_k):
+    """dL = A (dA - sum_j A_j dA_j) per row. dA is shifted by its value at the row's winning codeword
+    first (same dL, as sum_j A_j = 1): a near one-hot row then subtracts no two nearly equal terms. A
+    non-finite shift would turn the row's infinite terms into inf - inf: 0 instead. Rows with A = 0 give 0."""
+    win = tl.argmax(tl.where(a == a, a, -1.0), axis=1)  # a NaN row (NaN inputs) has no winner: take 0
+    shift = tl.sum(tl.where(offs_k[None, :] == win[:, None], d_a, 0.0), axis=1)
+    shift = tl.where(shift - shift == 0, shift, 0.0)
+    d_a = d_a - shift[:, None]
+    return a * (d_a - tl.sum(a * d_a, axis=1)[:, None])
 
 
 @triton.constexpr_function
@@ -110,13 +165,18 @@ def _program(x_ptr, N, D, n_split):
 
 
 @triton.jit
-def _codewords(cc_ptr, scale_ptr, K, K_PAD: tl.constexpr, acc_dtype: tl.constexpr):
-    """(offs_k, mask_k, s acc, ||c'||^2 acc), [K_PAD] each; padded codewords load 0."""
+def _scales(scale_ptr, K, K_PAD: tl.constexpr, acc_dtype: tl.constexpr):
+    """(offs_k, mask_k, s acc), [K_PAD] each; padded codewords load 0."""
     offs_k = tl.arange(0, K_PAD)
     mask_k = offs_k < K
-    s = tl.load(scale_ptr + offs_k, mask=mask_k, other=0.0).to(acc_dtype)
-    cc = tl.load(cc_ptr + offs_k, mask=mask_k, other=0.0)
-    return offs_k, mask_k, s, cc
+    return offs_k, mask_k, tl.load(scale_ptr + offs_k, mask=mask_k, other=0.0).to(acc_dtype)
+
+
+@triton.jit
+def _codewords(cc_ptr, scale_ptr, K, K_PAD: tl.constexpr, acc_dtype: tl.constexpr):
+    """(offs_k, mask_k, s acc, ||c'||^2 acc), [K_PAD] each; padded codewords load 0."""
+    offs_k, mask_k, s = _scales(scale_ptr, K, K_PAD, acc_dtype)
+    return offs_k, mask_k, s, tl.load(cc_ptr + offs_k, mask=mask_k, other=0.0)
 
 
 @triton.jit
@@ -151,7 +211,7 @@ def _add_to_slot(slot_ptr, part, offs_d, mask_d, offs_k, mask_k, K, later_tile):
 
 @triton.jit
 def encoding_fwd_kernel(
-    x_ptr, cw_ptr, cc_ptr, mean_ptr, scale_ptr, e_part_ptr, a_part_ptr,
+    x_ptr, cw_ptr, cc_ptr, mean_ptr, scale_ptr, e_part_ptr, a_part_ptr, flags_ptr,
     N, D, K, n_split,
     CHANNELS_FIRST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     K_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -162,12 +222,14 @@ def encoding_fwd_kernel(
     cc: ||c'||^2 acc [K]; mean: m acc [D]; scale: T [K].
     Writes e_part acc [B, n_split, D, K] = sum over the program's pixels of x'_i A_ik
     and a_part acc [B, n_split, K] = sum of A_ik; the launcher forms
-    E = sum e_part - (sum a_part) c'.
+    E = sum e_part - (sum a_part) c'. Untrusted pixels (_untrusted_rows) are left out of both and marked
+    in flags int8 [B, N] for encoding_fwd_direct_kernel.
     """
     acc_dtype: tl.constexpr = _acc_dtype(x_ptr.dtype.element_ty)
     dot_dtype: tl.constexpr = cw_ptr.dtype.element_ty
     pid, b, x_img, slot = _program(x_ptr, N, D, n_split)
     e_slot = e_part_ptr + slot * K * D
+    flags_img = flags_ptr + b * N
     offs_k, mask_k, s, cc = _codewords(cc_ptr, scale_ptr, K, K_PAD, acc_dtype)
     colsum = tl.zeros([K_PAD], dtype=acc_dtype)
 
@@ -177,7 +239,8 @@ def encoding_fwd_kernel(
 
         cross, xx = _pass1(x_img, mean_ptr, cw_ptr, offs_k, mask_k, offs_n, mask_n, N, D,
                            CHANNELS_FIRST, BLOCK_N, BLOCK_D, K_PAD, DOT_PRECISION, acc_dtype, dot_dtype)
-        a, _ = _assignment(cross, xx, cc, s, mask_n, mask_k)
+        a, _, untrusted = _assignment(cross, xx, cc, s, mask_n, mask_k, D)
+        tl.store(flags_img + offs_n, untrusted.to(tl.int8), mask=mask_n)
         colsum += tl.sum(a, axis=0)
         a_op = a.to(dot_dtype)
 
@@ -198,7 +261,7 @@ def encoding_fwd_kernel(
 @triton.jit
 def encoding_bwd_kernel(
     g_ptr, x_ptr, cc_ptr, mean_ptr, scale_ptr, cde_ptr,
-    gx_ptr, gc_part_ptr, vec_part_ptr,
+    gx_ptr, gc_part_ptr, vec_part_ptr, flags_ptr,
     N, D, K, n_split,
     CHANNELS_FIRST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     K_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -216,6 +279,8 @@ def encoding_bwd_kernel(
     W = dL * s; grad_x = A dE + 2 rowsum(W) x' - 2 W C'. vec_part acc
     [B, n_split, 3, K] = (colsum A, colsum W, colsum dL*dist); the launcher
     finishes grad_c = -(sum A) dE - 2 sum gc_part + 2 (sum W) c', grad_s = sum dL*dist.
+    Untrusted pixels get A = 0 here (grad_x 0, nothing in any sum) and are marked in flags int8 [B, N];
+    encoding_bwd_direct_kernel completes them.
     """
     acc_dtype: tl.constexpr = _acc_dtype(x_ptr.dtype.element_ty)
     dot_dtype: tl.constexpr = g_ptr.dtype.element_ty
@@ -223,6 +288,7 @@ def encoding_bwd_kernel(
     gx_img = gx_ptr + b * N * D
     g_img = g_ptr + b * 2 * K * D
     gc_slot = gc_part_ptr + slot * K * D
+    flags_img = flags_ptr + b * N
     offs_k, mask_k, s, cc = _codewords(cc_ptr, scale_ptr, K, K_PAD, acc_dtype)
     offs_g = tl.arange(0, 2 * K_PAD)
     mask_g = offs_g < 2 * K
@@ -238,17 +304,11 @@ def encoding_bwd_kernel(
         both, xx = _pass1(x_img, mean_ptr, g_img, offs_g, mask_g, offs_n, mask_n, N, D,
                           CHANNELS_FIRST, BLOCK_N, BLOCK_D, 2 * K_PAD, DOT_PRECISION, acc_dtype, dot_dtype)
         cross, xde = tl.split(tl.reshape(both, [BLOCK_N, K_PAD, 2]))
-        a, dist = _assignment(cross, xx, cc, s, mask_n, mask_k)
-        # dA_ik = dE_k . (x'_i - c'_k); padded rows / codewords have A = 0, so dL = 0 there. The softmax
-        # gradient A (dA - sum_j A_j dA_j) is taken with dA shifted by its value at the row's winning
-        # codeword (same value, as sum_j A_j = 1): a near one-hot row then subtracts no two nearly equal
-        # terms. A non-finite shift would turn the row's infinite terms into inf - inf: use 0 instead.
-        d_a = xde - cde[None, :]
-        win = tl.argmax(tl.where(a == a, a, -1.0), axis=1)  # a NaN row (NaN inputs) has no winner: take 0
-        shift = tl.sum(tl.where(offs_k[None, :] == win[:, None], d_a, 0.0), axis=1)
-        shift = tl.where(shift - shift == 0, shift, 0.0)
-        d_a = d_a - shift[:, None]
-        d_l = a * (d_a - tl.sum(a * d_a, axis=1)[:, None])
+        a, dist, untrusted = _assignment(cross, xx, cc, s, mask_n, mask_k, D)
+        tl.store(flags_img + offs_n, untrusted.to(tl.int8), mask=mask_n)
+        # dA_ik = dE_k . (x'_i - c'_k); padded and untrusted rows and padded codewords have A = 0, so
+        # dL = 0 there.
+        d_l = _softmax_grad(a, xde - cde[None, :], offs_k)
         w = d_l * s[None, :]
         w_row2 = 2.0 * tl.sum(w, axis=1)
         sum_a += tl.sum(a, axis=0)
@@ -281,6 +341,168 @@ def encoding_bwd_kernel(
     tl.store(vec, sum_a, mask=mask_k)
     tl.store(vec + K, sum_w, mask=mask_k)
     tl.store(vec + 2 * K, sum_s, mask=mask_k)
+
+
+# ----------------------------------------------------------------------------- untrusted pixels
+#
+# Pixels the tile kernels marked untrusted (spread codewords) are redone here from the raw x and c, as the
+# eager formula does: dist_ik = sum_d (x_id - c_kd)^2 and the residuals x_i - c_k, for every codeword of
+# such a pixel. They are rare (clustered codewords never have any), so these kernels favour simplicity:
+# one codeword at a time, residual tiles in registers, no MMA. A program walks every n_split-th pixel tile
+# of its image, skips tiles without a marked pixel, and adds into the same private slot the tile kernel
+# wrote (launched after it, so no barrier is needed across the two).
+
+
+@triton.jit
+def _residual_tile(x_img, c_row, offs_n, mask_n, offs_d, mask_d, N, D, CHANNELS_FIRST: tl.constexpr,
+                   acc_dtype: tl.constexpr):
+    """x_i - c_k as [BLOCK_N, BLOCK_D], 0 where masked; c_row is codeword k's raw row (acc dtype)."""
+    mask = mask_n[:, None] & mask_d[None, :]
+    x = _x_tile(x_img, offs_n, offs_d, mask, N, D, CHANNELS_FIRST, acc_dtype)
+    c = tl.load(c_row + offs_d, mask=mask_d, other=0.0)
+    return tl.where(mask, x - c[None, :], 0.0)
+
+
+@triton.jit
+def _direct_pass1(x_img, c_ptr, de_ptr, offs_n, rows, offs_k, N, D, K, CHANNELS_FIRST: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, K_PAD: tl.constexpr, WITH_DE: tl.constexpr,
+                  acc_dtype: tl.constexpr):
+    """(dist_ik = ||x_i - c_k||^2, and with WITH_DE r_ik = (x_i - c_k) . dE_k) as [BLOCK_N, K_PAD] from the
+    raw values, on `rows` (0 elsewhere)."""
+    dist = tl.zeros([BLOCK_N, K_PAD], dtype=acc_dtype)
+    xde = tl.zeros([BLOCK_N, K_PAD], dtype=acc_dtype)
+    for k in range(K):
+        dist_k = tl.zeros([BLOCK_N], dtype=acc_dtype)
+        xde_k = tl.zeros([BLOCK_N], dtype=acc_dtype)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            mask_d = offs_d < D
+            r = _residual_tile(x_img, c_ptr + k * D, offs_n, rows, offs_d, mask_d, N, D, CHANNELS_FIRST,
+                               acc_dtype)
+            dist_k += tl.sum(r * r, axis=1)
+            if WITH_DE:
+                g = tl.load(de_ptr + k * D + offs_d, mask=mask_d, other=0.0)
+                xde_k += tl.sum(r * g[None, :], axis=1)
+        dist = tl.where(offs_k[None, :] == k, dist_k[:, None], dist)
+        if WITH_DE:
+            xde = tl.where(offs_k[None, :] == k, xde_k[:, None], xde)
+    return dist, xde
+
+
+@triton.jit
+def _column(t, offs_k, k):
+    """Column k of a [BLOCK_N, K_PAD] register tile, as [BLOCK_N]."""
+    return tl.sum(tl.where(offs_k[None, :] == k, t, 0.0), axis=1)
+
+
+@triton.jit
+def _add_to_slot_column(slot_ptr, k, K, part, offs_d, mask_d):
+    """slot[d, k] += part[d] for the slot [D, K] at slot_ptr."""
+    ptrs = slot_ptr + offs_d * K + k
+    tl.store(ptrs, tl.load(ptrs, mask=mask_d, other=0.0) + part, mask=mask_d)
+
+
+@triton.jit
+def _untrusted_tile(flags_img, tile, N, BLOCK_N: tl.constexpr):
+    """(offs_n, rows, any): a pixel tile, its untrusted pixels and whether it has one."""
+    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.load(flags_img + offs_n, mask=offs_n < N, other=0) != 0
+    return offs_n, rows, tl.max(rows.to(tl.int32), axis=0) > 0
+
+
+@triton.jit
+def encoding_fwd_direct_kernel(
+    x_ptr, c_ptr, scale_ptr, flags_ptr, e_part_ptr,
+    N, D, K, n_split,
+    CHANNELS_FIRST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, K_PAD: tl.constexpr,
+):
+    """grid = (n_split, B), after encoding_fwd_kernel. c: raw codewords acc [K, D].
+
+    Adds sum_i A_ik (x_i - c_k) over the program's untrusted pixels to its e_part slot; those pixels are
+    in no a_part, so the launcher's E = sum e_part - (sum a_part) c' counts each residual once.
+    """
+    acc_dtype: tl.constexpr = _acc_dtype(x_ptr.dtype.element_ty)
+    pid, b, x_img, slot = _program(x_ptr, N, D, n_split)
+    e_slot = e_part_ptr + slot * K * D
+    flags_img = flags_ptr + b * N
+    offs_k, mask_k, s = _scales(scale_ptr, K, K_PAD, acc_dtype)
+    for tile in range(pid, tl.cdiv(N, BLOCK_N), n_split):
+        offs_n, rows, any_rows = _untrusted_tile(flags_img, tile, N, BLOCK_N)
+        if any_rows:
+            dist, _ = _direct_pass1(x_img, c_ptr, c_ptr, offs_n, rows, offs_k, N, D, K, CHANNELS_FIRST,
+                                    BLOCK_N, BLOCK_D, K_PAD, False, acc_dtype)
+            a = _softmax_rows(tl.where(mask_k[None, :], dist * s[None, :], float("-inf")), rows)
+            tl.debug_barrier()  # slot entries written for an earlier tile are read back below
+            for d0 in range(0, D, BLOCK_D):
+                offs_d = d0 + tl.arange(0, BLOCK_D)
+                mask_d = offs_d < D
+                for k in range(K):
+                    r = _residual_tile(x_img, c_ptr + k * D, offs_n, rows, offs_d, mask_d, N, D,
+                                       CHANNELS_FIRST, acc_dtype)
+                    part = tl.sum(_column(a, offs_k, k)[:, None] * r, axis=0)
+                    _add_to_slot_column(e_slot, k, K, part, offs_d, mask_d)
+
+
+@triton.jit
+def encoding_bwd_direct_kernel(
+    x_ptr, c_ptr, scale_ptr, de_ptr, flags_ptr, gx_ptr, gc_part_ptr, vec_part_ptr,
+    N, D, K, n_split,
+    CHANNELS_FIRST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, K_PAD: tl.constexpr,
+    GRAD_X: tl.constexpr,
+):
+    """grid = (n_split, B), after encoding_bwd_kernel. c: raw codewords acc [K, D]; de: dE acc [B, K, D].
+
+    For the program's untrusted pixels, with r_ik = x_i - c_k, dA_ik = dE_k . r_ik and W = dL * s:
+    GRAD_X stores grad_x_i = sum_k A_ik dE_k + 2 W_ik r_ik; otherwise it adds sum_i W_ik r_ik to the
+    gc_part slot and colsum A, colsum dL*dist to the vec_part slot. They are in no colsum W, so the
+    launcher's grad_c = -(sum A) dE - 2 sum gc_part + 2 (sum W) c' gets -A dE - 2 W r for each of them.
+    Two launches that each recompute A and dL: one kernel doing both kept a cold value on the stack
+    (ptxas, every config tried), and this path is rare.
+    """
+    acc_dtype: tl.constexpr = _acc_dtype(x_ptr.dtype.element_ty)
+    pid, b, x_img, slot = _program(x_ptr, N, D, n_split)
+    de_img = de_ptr + b * K * D
+    flags_img = flags_ptr + b * N
+    offs_k, mask_k, s = _scales(scale_ptr, K, K_PAD, acc_dtype)
+    for tile in range(pid, tl.cdiv(N, BLOCK_N), n_split):
+        offs_n, rows, any_rows = _untrusted_tile(flags_img, tile, N, BLOCK_N)
+        if any_rows:
+            dist, xde = _direct_pass1(x_img, c_ptr, de_img, offs_n, rows, offs_k, N, D, K, CHANNELS_FIRST,
+                                      BLOCK_N, BLOCK_D, K_PAD, True, acc_dtype)
+            a = _softmax_rows(tl.where(mask_k[None, :], dist * s[None, :], float("-inf")), rows)
+            d_l = _softmax_grad(a, xde, offs_k)
+            w = d_l * s[None, :]
+            if GRAD_X:
+                gx_img = gx_ptr + b * N * D
+                for d0 in range(0, D, BLOCK_D):
+                    offs_d = d0 + tl.arange(0, BLOCK_D)
+                    mask_d = offs_d < D
+                    gx = tl.zeros([BLOCK_N, BLOCK_D], dtype=acc_dtype)
+                    for k in range(K):
+                        r = _residual_tile(x_img, c_ptr + k * D, offs_n, rows, offs_d, mask_d, N, D,
+                                           CHANNELS_FIRST, acc_dtype)
+                        g = tl.load(de_img + k * D + offs_d, mask=mask_d, other=0.0)
+                        gx += _column(a, offs_k, k)[:, None] * g[None, :] + 2.0 * _column(w, offs_k, k)[:, None] * r
+                    mask = rows[:, None] & mask_d[None, :]
+                    if CHANNELS_FIRST:
+                        gx_ptrs = gx_img + offs_d[None, :] * N + offs_n[:, None]
+                    else:
+                        gx_ptrs = gx_img + offs_n[:, None] * D + offs_d[None, :]
+                    tl.store(gx_ptrs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
+            else:
+                gc_slot = gc_part_ptr + slot * K * D
+                vec = vec_part_ptr + slot * 3 * K + offs_k
+                tl.debug_barrier()  # slot entries written for an earlier tile are read back below
+                tl.store(vec, tl.load(vec, mask=mask_k) + tl.sum(a, axis=0), mask=mask_k)
+                tl.store(vec + 2 * K, tl.load(vec + 2 * K, mask=mask_k) + tl.sum(d_l * dist, axis=0), mask=mask_k)
+                for d0 in range(0, D, BLOCK_D):
+                    offs_d = d0 + tl.arange(0, BLOCK_D)
+                    mask_d = offs_d < D
+                    for k in range(K):
+                        r = _residual_tile(x_img, c_ptr + k * D, offs_n, rows, offs_d, mask_d, N, D,
+                                           CHANNELS_FIRST, acc_dtype)
+                        part = tl.sum(_column(w, offs_k, k)[:, None] * r, axis=0)
+                        _add_to_slot_column(gc_slot, k, K, part, offs_d, mask_d)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -328,6 +550,22 @@ BWD = _launch.Kernel(
         ("32", 64): _cfg((64, 16, 8, 1), (32, 16, 4, 1)),
     },
     interpret=dict(BLOCK_N=16, BLOCK_D=16), tune_key=["N", "D", "K", "CHANNELS_FIRST"], family_keys=("K_PAD",),
+)
+
+# The untrusted-pixel kernels: one config per family. They add into the slots, so they must not be autotuned
+# (Triton runs a single config without benchmarking it). Chosen spill-free on sm_80 and sm_90: ptxas keeps a
+# cold value on the stack for some (block, warps) choices, e.g. 4 warps for the K_PAD = 64 grad_x kernel.
+FWD_DIRECT = _launch.Kernel(
+    encoding_fwd_direct_kernel,
+    configs={(bits, k_pad): _cfg((32, 16, 4, 1)) for bits in ("16", "32") for k_pad in (32, 64)},
+    interpret=dict(BLOCK_N=16, BLOCK_D=16), tune_key=["N", "D", "K", "CHANNELS_FIRST"], family_keys=("K_PAD",),
+)
+BWD_DIRECT = _launch.Kernel(
+    encoding_bwd_direct_kernel,
+    configs={(bits, k_pad, grad_x): _cfg((32, 16, 8, 1) if (k_pad == 64 and grad_x) else (32, 16, 4, 1))
+             for bits in ("16", "32") for k_pad in (32, 64) for grad_x in (True, False)},
+    interpret=dict(BLOCK_N=16, BLOCK_D=16), tune_key=["N", "D", "K", "CHANNELS_FIRST"],
+    family_keys=("K_PAD", "GRAD_X"),
 )
 
 # Programs per launch under the interpreter: few, so that with B = 2 and the test shapes a program walks
@@ -399,9 +637,13 @@ def encoding_fwd(x: torch.Tensor, codewords: torch.Tensor, scale: torch.Tensor,
     n_split = _n_split(FWD, x, batch, n, d, k, k_pad)
     e_part = torch.empty(batch, n_split, d, k, dtype=acc, device=x.device)
     a_part = torch.empty(batch, n_split, k, dtype=acc, device=x.device)
+    untrusted = torch.empty(batch, n, dtype=torch.int8, device=x.device)
     FWD(x.dtype, lambda m: (n_split, batch),
-        x, (-2.0 * cw).contiguous(), cc, mean, scale, e_part, a_part, n, d, k, n_split,
+        x, (-2.0 * cw).contiguous(), cc, mean, scale, e_part, a_part, untrusted, n, d, k, n_split,
         K_PAD=k_pad, CHANNELS_FIRST=bool(channels_first), DOT_PRECISION=_launch.dot_precision(x.dtype))
+    FWD_DIRECT(x.dtype, lambda m: (n_split, batch),
+               x, codewords.to(acc).contiguous(), scale, untrusted, e_part, n, d, k, n_split,
+               K_PAD=k_pad, CHANNELS_FIRST=bool(channels_first))
     e = e_part.sum(dim=1).transpose(1, 2) - a_part.sum(dim=1).unsqueeze(2) * cw_acc
     return e.to(x.dtype).contiguous()  # the slots are [D, K]: the difference comes out transposed
 
@@ -422,9 +664,15 @@ def encoding_bwd(grad: torch.Tensor, x: torch.Tensor, codewords: torch.Tensor, s
     gx = torch.empty_like(x)
     gc_part = torch.empty(batch, n_split, d, k, dtype=acc, device=x.device)
     vec_part = torch.empty(batch, n_split, 3, k, dtype=acc, device=x.device)
+    untrusted = torch.empty(batch, n, dtype=torch.int8, device=x.device)
     BWD(x.dtype, lambda m: (n_split, batch),
-        g, x, cc, mean, scale, cde, gx, gc_part, vec_part, n, d, k, n_split,
+        g, x, cc, mean, scale, cde, gx, gc_part, vec_part, untrusted, n, d, k, n_split,
         K_PAD=k_pad, CHANNELS_FIRST=bool(channels_first), DOT_PRECISION=_launch.dot_precision(x.dtype))
+    c_raw, de = codewords.to(acc).contiguous(), grad_acc.contiguous()
+    for grad_x in (True, False):
+        BWD_DIRECT(x.dtype, lambda m: (n_split, batch),
+                   x, c_raw, scale, de, untrusted, gx, gc_part, vec_part, n, d, k, n_split,
+                   K_PAD=k_pad, CHANNELS_FIRST=bool(channels_first), GRAD_X=grad_x)
     sum_a, sum_w, sum_s = vec_part.sum(dim=1).unbind(dim=1)  # [B, K] each
     grad_c = (-torch.einsum("bk,bkd->kd", sum_a, grad_acc)
               - 2.0 * gc_part.sum(dim=(0, 1)).t()

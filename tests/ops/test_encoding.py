@@ -208,14 +208,14 @@ def _spread_inputs(spread, seed=0):
 
 @pytest.mark.parametrize("channels_first", [False, True], ids=["pixels", "channels_first"])
 @pytest.mark.parametrize("spread", [1, 30, 100, 1000])
-@pytest.mark.parametrize("backend", ["cpu"])
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
 def test_spread_codewords(backend, spread, channels_first):
     """Codewords far from their mean: centring does not help the near entries, whose expanded distance
     ||x'||^2 - 2 x'.c' + ||c'||^2 and residual x' - c' are mostly rounding error (the expanded form gives
-    fp32 E off by 2e-4 relative at spread 30, 0.2 at 1000). The CPU kernel redoes those entries from the raw
-    values; E and every gradient must meet the fp32 tolerance against float64 on the same fp32 values
-    (eager fp32's own error: ~1e-7). The Triton and CUDA kernels still use the expanded form for every
-    entry (docs/kernels.md), hence not parametrized here."""
+    fp32 E off by 2e-4 relative at spread 30, 0.2 at 1000). The CPU kernel redoes those entries, the Triton
+    kernels those pixels, from the raw values; E and every gradient must meet the fp32 tolerance against
+    float64 on the same fp32 values (eager fp32's own error: ~1e-7). The CUDA kernels' fix is checked by
+    the emulation driver (tests/cuda_emu/encoding.cpp, "spread" cases)."""
     device = require(backend)
     x, codewords, scale, grad = _spread_inputs(spread)
     if channels_first:
@@ -230,6 +230,35 @@ def test_spread_codewords(backend, spread, channels_first):
     assert_close(out.cpu(), expected.float(), torch.float32, f"E, spread {spread}")
     for name, a, b in zip(("x", "codewords", "scale"), got, want):
         assert_close(a.grad.cpu(), b.grad.float(), torch.float32, f"grad of {name}, spread {spread}")
+
+
+def test_triton_flags_only_pixels_the_expansion_cannot_resolve(monkeypatch):
+    """The Triton tile kernels hand a pixel to the direct kernels only when its expansion fails: none with
+    clustered codewords at ||x|| ~ 1e3 (the common case must keep the fast path), some at spread 100;
+    forward and backward alike, every flag byte written as 0 or 1."""
+    kernels = _kernels()
+    seen = {}
+    for name in ("FWD_DIRECT", "BWD_DIRECT"):
+        real = getattr(kernels, name)
+
+        def spy(dtype, grid, x, c, scale, *rest, _real=real, _name=name, **constexprs):
+            flags = rest[0] if _name == "FWD_DIRECT" else rest[1]
+            seen[_name] = flags.clone()
+            return _real(dtype, grid, x, c, scale, *rest, **constexprs)
+
+        monkeypatch.setattr(kernels, name, spy)
+    dev = launcher_device()
+    clustered = enc_inputs(2, 16, 5, 7, 8, offset=1e3 / 4)  # ||x|| ~ 1e3, codewords within O(1)
+    spread = _spread_inputs(100)[:3]
+    for inputs, want_any in ((clustered, False), (spread, True)):
+        x, c, s = (t.float().to(dev) for t in inputs)
+        cf = x.dim() == 4
+        x = x.flatten(2) if cf else x
+        kernels.encoding_fwd(x, c, s, cf)
+        kernels.encoding_bwd(torch.randn(x.shape[0], c.shape[0], c.shape[1], device=dev), x, c, s, cf)
+        for name, flags in seen.items():
+            assert set(flags.unique().tolist()) <= {0, 1}, f"{name}: flag bytes not all written"
+            assert bool(flags.any()) == want_any, f"{name}: {int(flags.sum())} of {flags.numel()} pixels flagged"
 
 
 # ----------------------------------------------------------------------------- backend selection
