@@ -14,8 +14,9 @@
 // ||c'_k||^2) swamps it. The CPU backend recomputes such entries directly as
 // sum_d (x_d - c_kd)^2 from the raw values, and their residual x - c_k enters
 // the sums (E, the gradients) directly instead of as x' - c'_k:
-// encoding_expansion_imprecise / encoding_logit_floor below decide which
-// (docs/kernels.md, "encoding"; the CUDA kernel does not do this yet).
+// encoding_expansion_imprecise / encoding_logit_floor below decide which. The
+// CUDA (and Triton) kernels apply the same rule per pixel and redo a flagged
+// pixel whole (docs/kernels.md, "encoding").
 #include <cmath>
 #include <cstdint>
 
