@@ -208,14 +208,14 @@ def _spread_inputs(spread, seed=0):
 
 @pytest.mark.parametrize("channels_first", [False, True], ids=["pixels", "channels_first"])
 @pytest.mark.parametrize("spread", [1, 30, 100, 1000])
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("backend", FUSED)
 def test_spread_codewords(backend, spread, channels_first):
     """Codewords far from their mean: centring does not help the near entries, whose expanded distance
     ||x'||^2 - 2 x'.c' + ||c'||^2 and residual x' - c' are mostly rounding error (the expanded form gives
     fp32 E off by 2e-4 relative at spread 30, 0.2 at 1000). The CPU kernel redoes those entries, the Triton
     kernels those pixels, from the raw values; E and every gradient must meet the fp32 tolerance against
-    float64 on the same fp32 values (eager fp32's own error: ~1e-7). The CUDA kernels' fix is checked by
-    the emulation driver (tests/cuda_emu/encoding.cpp, "spread" cases)."""
+    float64 on the same fp32 values (eager fp32's own error: ~1e-7). Without a GPU the CUDA kernels' fix is
+    checked by the emulation driver (tests/cuda_emu/encoding.cpp, "spread" cases)."""
     device = require(backend)
     x, codewords, scale, grad = _spread_inputs(spread)
     if channels_first:
