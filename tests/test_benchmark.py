@@ -20,6 +20,7 @@ from fastctx.benchmark.providers import (
 from fastctx.benchmark.report import FIELDS, add_ratios, format_table, plot_speedups, read_csv, write_csv
 from fastctx.benchmark.shapes import get_shape_set
 from fastctx.benchmark.traffic import TrafficCounter, count_traffic, footprint_bytes
+from fastctx.models import MODEL_NAMES
 from tolerances import assert_close
 
 TINY = get_shape_set("tiny")
@@ -306,6 +307,15 @@ def test_models_that_norm_a_global_pool_train_two_images():
     assert [model_batch(n, m, "infer", None) for n, m in models.items()] == [1, 1, 1]
     with pytest.raises(ValueError, match="training acfnet_r18-d8 needs at least 2 images .* ASPP image pool"):
         model_batch("acfnet_r18-d8", models["acfnet_r18-d8"], "train", 1)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_every_model_passes_the_models_check(name):
+    """`fastctx bench --models NAME` checks the architecture on the meta device first: every preset must
+    build there (Swin and ULLMC once read drop-path rates with .item() and crashed)."""
+    from fastctx.benchmark.models import check_model_batch
+
+    check_model_batch(name, None)
 
 
 @pytest.mark.parametrize("argv,message", [

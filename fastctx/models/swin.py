@@ -287,7 +287,9 @@ class SwinTransformer(nn.Module):
         self.drop_after_pos = nn.Dropout(p=drop_rate)
 
         total_depth = sum(depths)
-        dpr = [x.item() for x in torch.linspace(0, drop_path_rate, total_depth)]
+        # mmseg's float32 linspace values; on the CPU explicitly, so a model built under a meta device
+        # context (the benchmark's architecture check) can read them.
+        dpr = torch.linspace(0, drop_path_rate, total_depth, device="cpu").tolist()
         self.stages = nn.ModuleList()
         channels = embed_dims
         for i in range(num_layers):

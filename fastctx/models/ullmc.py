@@ -263,7 +263,7 @@ class IIWAHead(DecodeHead):
         self.embed_dims = embed_dims
         self.query_proj = nn.Linear(in_channels, embed_dims)
         merged = [c * r * r for c, r in zip(memory_channels, memory_strides)]
-        rates = [x.item() for x in torch.linspace(0, drop_path_rate, depth)]
+        rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # CPU: buildable on meta
         self.layers = nn.ModuleList(
             CrossScaleIIWA(embed_dims, merged, num_heads, window_size, mlp_ratio, proj_drop=proj_drop,
                            drop_path=rates[i], fused=fused)
