@@ -12,6 +12,12 @@ backbone with strides (4, 2, 1, 1) as the released configs, the IIWA neck and
 decoder, an auxiliary FCNHead on the last Swin stage, OHEM on the decode loss;
 `ullmc_swin-tiny` is a CPU-sized one for the synthetic scenes.
 
+`upernet_swin-t` is mmseg's UPerNet-Swin-T baseline
+(`configs/swin/swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py`
+over `configs/_base_/models/upernet_swin.py`): Swin-T with strides (4, 2, 2, 2),
+UPerHead (fastctx.nn.uper_head) on the four stages, the auxiliary FCNHead on
+stage 3 (384 channels in, 256 wide, loss weight 0.4).
+
 `ocrnet_r*-d8` follow `configs/_base_/models/ocrnet_r50-d8.py` (a
 CascadeEncoderDecoder: FCNHead then OCRHead); `acfnet_r*-d8` are ACFNet with an
 ASPP base (fastctx.nn.acf_head), built like the others. Their r18 heads shrink
@@ -26,7 +32,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from ..nn import ACFHead, APCHead, ASPPHead, EncHead, FCNHead, OCRHead
+from ..nn import ACFHead, APCHead, ASPPHead, EncHead, FCNHead, OCRHead, UPerHead
 from .cascade import CascadeEncoderDecoder, CoarseToFineEncoderDecoder
 from .resnet import ResNetV1c, load_pretrained
 from .segmentor import EncoderDecoder
@@ -36,7 +42,7 @@ from .ullmc import ULLMC, IIWAHead, IIWANeck
 __all__ = ["MODEL_NAMES", "PRESETS", "HEADS", "SEGMENTORS", "get_preset", "build_model"]
 
 HEADS: dict[str, type[nn.Module]] = {"APCHead": APCHead, "EncHead": EncHead, "FCNHead": FCNHead}
-HEADS.update(OCRHead=OCRHead, ACFHead=ACFHead, ASPPHead=ASPPHead, IIWAHead=IIWAHead)
+HEADS.update(OCRHead=OCRHead, ACFHead=ACFHead, ASPPHead=ASPPHead, IIWAHead=IIWAHead, UPerHead=UPerHead)
 # A preset's "backbone_type" (default "ResNetV1c") and "neck" type name their classes here.
 BACKBONES: dict[str, type[nn.Module]] = {"ResNetV1c": ResNetV1c, "SwinTransformer": SwinTransformer}
 NECKS: dict[str, type[nn.Module]] = {"IIWANeck": IIWANeck}
@@ -151,6 +157,26 @@ def _ullmc(variant: str) -> dict[str, Any]:
 
 
 PRESETS.update({f"ullmc_swin-{variant}": _ullmc(variant) for variant in _SWIN})
+
+
+def _upernet_swin(variant: str) -> dict[str, Any]:
+    """mmseg's UPerNet on Swin-`variant` (configs/_base_/models/upernet_swin.py and the swin-tiny ADE20K config):
+    strides (4, 2, 2, 2), UPerHead on the four stages (pool scales 1, 2, 3, 6; 512 wide), auxiliary FCNHead on
+    stage 3 (256 wide, one conv, no input concat); losses decode 1.0, auxiliary 0.4."""
+    swin = _SWIN[variant]
+    dims = [swin["embed_dims"] * 2 ** i for i in range(4)]
+    backbone = dict(swin, patch_size=4, mlp_ratio=4, strides=(4, 2, 2, 2), out_indices=(0, 1, 2, 3),
+                    qkv_bias=True, drop_rate=0.0, attn_drop_rate=0.0, use_abs_pos_embed=False, patch_norm=True)
+    head = dict(type="UPerHead", in_channels=dims, in_index=(0, 1, 2, 3), pool_scales=(1, 2, 3, 6), channels=512,
+                dropout_ratio=0.1)
+    aux = dict(type="FCNHead", in_channels=dims[2], in_index=2, channels=256, num_convs=1, concat_input=False,
+               dropout_ratio=0.1)
+    return dict(segmentor="EncoderDecoder", backbone_type="SwinTransformer", backbone=backbone, decode_head=head,
+                auxiliary_head=aux, align_corners=False, decode_loss_weight=1.0, aux_loss_weight=0.4,
+                ignore_index=255)
+
+
+PRESETS["upernet_swin-t"] = _upernet_swin("t")
 MODEL_NAMES: tuple[str, ...] = tuple(PRESETS)
 
 

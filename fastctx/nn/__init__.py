@@ -14,3 +14,6 @@ from .aspp_head import ASPPHead
 from .ocr_head import ObjectAttentionBlock, OCRHead, SpatialGatherModule, convert_ocr
 
 __all__ += ["ACFHead", "ACFModule", "ASPPHead", "OCRHead", "ObjectAttentionBlock", "SpatialGatherModule", "convert_ocr"]
+from .uper_head import PPM, UPerHead
+
+__all__ += ["PPM", "UPerHead"]
