@@ -297,14 +297,16 @@ def test_model_rows_default_to_the_smallest_batch_each_model_runs():
 
 
 def test_models_that_norm_a_global_pool_train_two_images():
-    """ACFNet's ASPP base, like APCNet's ACM, applies BatchNorm to a [B, C, 1, 1] pool: training needs B >= 2."""
+    """ACFNet's ASPP base, like APCNet's ACM and UPerNet's PPM, applies BatchNorm to a [B, C, 1, 1] pool: training
+    needs B >= 2."""
     from fastctx.benchmark.models import model_batch
     from fastctx.models import build_model
 
     with torch.device("meta"):
-        models = {name: build_model(name, 19) for name in ("acfnet_r18-d8", "apcnet_r18-d8", "ocrnet_r18-d8")}
-    assert [model_batch(n, m, "train", None) for n, m in models.items()] == [2, 2, 1]
-    assert [model_batch(n, m, "infer", None) for n, m in models.items()] == [1, 1, 1]
+        models = {name: build_model(name, 19)
+                  for name in ("acfnet_r18-d8", "apcnet_r18-d8", "ocrnet_r18-d8", "upernet_swin-t")}
+    assert [model_batch(n, m, "train", None) for n, m in models.items()] == [2, 2, 1, 2]
+    assert [model_batch(n, m, "infer", None) for n, m in models.items()] == [1, 1, 1, 1]
     with pytest.raises(ValueError, match="training acfnet_r18-d8 needs at least 2 images .* ASPP image pool"):
         model_batch("acfnet_r18-d8", models["acfnet_r18-d8"], "train", 1)
 

@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-size", type=int, help="image side of the model rows (default: the shape set's)")
     parser.add_argument("--model-batch", type=int, default=None,
                         help="batch of the model rows (default: the smallest each runs: 1, and 2 to train APCNet, "
-                             "whose ACM applies BatchNorm to each image's 1x1 global pool)")
+                             "ACFNet and UPerNet, which apply BatchNorm to each image's 1x1 global pool)")
     parser.add_argument("--model-reps", type=int, default=3, help="timed rounds of the model rows (default: 3)")
     parser.add_argument("--out", default="bench/results", help="results directory ('' for none; default: %(default)s)")
     parser.add_argument("--plot", action="store_true", help="write <out>/<device>.png: speedups vs eager")

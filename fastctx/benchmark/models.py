@@ -34,20 +34,24 @@ def _pool_norm(model: nn.Module) -> str | None:
     """Which part of `model` applies BatchNorm to each image's 1x1 global pool, or None."""
     from fastctx.nn.apc_head import ACM
     from fastctx.nn.aspp_head import ASPPHead
+    from fastctx.nn.uper_head import PPM
 
     for module in model.modules():
         if isinstance(module, ACM):
             return "the ACM's"
         if isinstance(module, ASPPHead):  # ASPP's image pool (ACFNet's base too)
             return "the ASPP image pool's"
+        if isinstance(module, PPM) and 1 in module.pool_scales:  # UPerHead's pyramid pooling
+            return "the PPM's scale-1"
     return None
 
 
 def model_batch(name: str, model: nn.Module, mode: str, batch: int | None) -> int:
     """The batch to run `model` (named `name`) at in `mode`: `batch`, or with None the smallest it
-    runs, 1, or 2 to train a model with an ACM or an ASPP image pool. ValueError if `batch` is below that.
+    runs, 1, or 2 to train a model with an ACM, an ASPP image pool or a PPM with a scale-1 pool. ValueError if
+    `batch` is below that.
 
-    Both apply BatchNorm to each image's 1x1 global pool; in training mode BatchNorm
+    All apply BatchNorm to each image's 1x1 global pool; in training mode BatchNorm
     needs more than one value per channel, so one image cannot train (in mmseg too).
     """
     if batch is not None and batch < 1:
