@@ -364,11 +364,11 @@ def _residual_tile(x_img, c_row, offs_n, mask_n, offs_d, mask_d, N, D, CHANNELS_
 
 
 @triton.jit
-def _direct_pass1(x_img, c_ptr, de_ptr, offs_n, rows, offs_k, N, D, K, CHANNELS_FIRST: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, K_PAD: tl.constexpr, WITH_DE: tl.constexpr,
-                  acc_dtype: tl.constexpr):
-    """(dist_ik = ||x_i - c_k||^2, and with WITH_DE r_ik = (x_i - c_k) . dE_k) as [BLOCK_N, K_PAD] from the
-    raw values, on `rows` (0 elsewhere)."""
+def _direct_assignment(x_img, c_ptr, de_ptr, offs_n, rows, offs_k, mask_k, s, N, D, K,
+                       CHANNELS_FIRST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                       K_PAD: tl.constexpr, WITH_DE: tl.constexpr, acc_dtype: tl.constexpr):
+    """(A = softmax_k(s_k dist_ik), dist_ik = ||x_i - c_k||^2, and with WITH_DE r_ik = (x_i - c_k) . dE_k) as
+    [BLOCK_N, K_PAD] from the raw values, on `rows` (0 elsewhere)."""
     dist = tl.zeros([BLOCK_N, K_PAD], dtype=acc_dtype)
     xde = tl.zeros([BLOCK_N, K_PAD], dtype=acc_dtype)
     for k in range(K):
@@ -386,7 +386,8 @@ def _direct_pass1(x_img, c_ptr, de_ptr, offs_n, rows, offs_k, N, D, K, CHANNELS_
         dist = tl.where(offs_k[None, :] == k, dist_k[:, None], dist)
         if WITH_DE:
             xde = tl.where(offs_k[None, :] == k, xde_k[:, None], xde)
-    return dist, xde
+    a = _softmax_rows(tl.where(mask_k[None, :], dist * s[None, :], float("-inf")), rows)
+    return a, dist, xde
 
 
 @triton.jit
@@ -429,9 +430,8 @@ def encoding_fwd_direct_kernel(
     for tile in range(pid, tl.cdiv(N, BLOCK_N), n_split):
         offs_n, rows, any_rows = _untrusted_tile(flags_img, tile, N, BLOCK_N)
         if any_rows:
-            dist, _ = _direct_pass1(x_img, c_ptr, c_ptr, offs_n, rows, offs_k, N, D, K, CHANNELS_FIRST,
-                                    BLOCK_N, BLOCK_D, K_PAD, False, acc_dtype)
-            a = _softmax_rows(tl.where(mask_k[None, :], dist * s[None, :], float("-inf")), rows)
+            a, _, _ = _direct_assignment(x_img, c_ptr, c_ptr, offs_n, rows, offs_k, mask_k, s, N, D, K,
+                                         CHANNELS_FIRST, BLOCK_N, BLOCK_D, K_PAD, False, acc_dtype)
             tl.debug_barrier()  # slot entries written for an earlier tile are read back below
             for d0 in range(0, D, BLOCK_D):
                 offs_d = d0 + tl.arange(0, BLOCK_D)
@@ -467,9 +467,8 @@ def encoding_bwd_direct_kernel(
     for tile in range(pid, tl.cdiv(N, BLOCK_N), n_split):
         offs_n, rows, any_rows = _untrusted_tile(flags_img, tile, N, BLOCK_N)
         if any_rows:
-            dist, xde = _direct_pass1(x_img, c_ptr, de_img, offs_n, rows, offs_k, N, D, K, CHANNELS_FIRST,
-                                      BLOCK_N, BLOCK_D, K_PAD, True, acc_dtype)
-            a = _softmax_rows(tl.where(mask_k[None, :], dist * s[None, :], float("-inf")), rows)
+            a, dist, xde = _direct_assignment(x_img, c_ptr, de_img, offs_n, rows, offs_k, mask_k, s, N, D, K,
+                                              CHANNELS_FIRST, BLOCK_N, BLOCK_D, K_PAD, True, acc_dtype)
             d_l = _softmax_grad(a, xde, offs_k)
             w = d_l * s[None, :]
             if GRAD_X:
@@ -613,7 +612,7 @@ def _shapes(x: torch.Tensor, codewords: torch.Tensor, channels_first: bool):
 
 
 def _centre(codewords: torch.Tensor):
-    """(m acc [D], c' in the input dtype [K, D], c' acc [K, D], ||c'||^2 acc [K])."""
+    """(c acc [K, D], m acc [D], c' in the input dtype [K, D], c' acc [K, D], ||c'||^2 acc [K])."""
     acc = _launch.acc_dtype(codewords.dtype)
     c = codewords.to(acc)
     # A channel whose mean is not finite is not centred: an infinite codeword entry must stay infinite in c'
@@ -622,7 +621,7 @@ def _centre(codewords: torch.Tensor):
     mean = torch.where(mean.isfinite(), mean, 0)
     cw = (c - mean).to(codewords.dtype)
     cw_acc = cw.to(acc)
-    return mean.contiguous(), cw, cw_acc, cw_acc.pow(2).sum(dim=1).contiguous()
+    return c.contiguous(), mean.contiguous(), cw, cw_acc, cw_acc.pow(2).sum(dim=1).contiguous()
 
 
 def encoding_fwd(x: torch.Tensor, codewords: torch.Tensor, scale: torch.Tensor,
@@ -633,7 +632,7 @@ def encoding_fwd(x: torch.Tensor, codewords: torch.Tensor, scale: torch.Tensor,
     if batch == 0 or n == 0:
         return x.new_zeros(batch, k, d)  # empty sums (the kernel would leave its slots unwritten)
     acc = _launch.acc_dtype(x.dtype)
-    mean, cw, cw_acc, cc = _centre(codewords)
+    c_raw, mean, cw, cw_acc, cc = _centre(codewords)
     n_split = _n_split(FWD, x, batch, n, d, k, k_pad)
     e_part = torch.empty(batch, n_split, d, k, dtype=acc, device=x.device)
     a_part = torch.empty(batch, n_split, k, dtype=acc, device=x.device)
@@ -642,7 +641,7 @@ def encoding_fwd(x: torch.Tensor, codewords: torch.Tensor, scale: torch.Tensor,
         x, (-2.0 * cw).contiguous(), cc, mean, scale, e_part, a_part, untrusted, n, d, k, n_split,
         K_PAD=k_pad, CHANNELS_FIRST=bool(channels_first), DOT_PRECISION=_launch.dot_precision(x.dtype))
     FWD_DIRECT(x.dtype, lambda m: (n_split, batch),
-               x, codewords.to(acc).contiguous(), scale, untrusted, e_part, n, d, k, n_split,
+               x, c_raw, scale, untrusted, e_part, n, d, k, n_split,
                K_PAD=k_pad, CHANNELS_FIRST=bool(channels_first))
     e = e_part.sum(dim=1).transpose(1, 2) - a_part.sum(dim=1).unsqueeze(2) * cw_acc
     return e.to(x.dtype).contiguous()  # the slots are [D, K]: the difference comes out transposed
@@ -655,7 +654,7 @@ def encoding_bwd(grad: torch.Tensor, x: torch.Tensor, codewords: torch.Tensor, s
     if batch == 0 or n == 0:
         return torch.zeros_like(x), torch.zeros_like(codewords), torch.zeros_like(scale)
     acc = _launch.acc_dtype(x.dtype)
-    mean, cw, cw_acc, cc = _centre(codewords)
+    c_raw, mean, cw, cw_acc, cc = _centre(codewords)
     grad_acc = grad.to(acc)
     cde = torch.einsum("kd,bkd->bk", cw_acc, grad_acc).contiguous()  # c'_k . dE_bk
     # Rows interleaved (-2 c'_k, dE_bk): one MMA operand for both passes (see the kernel).
@@ -668,7 +667,7 @@ def encoding_bwd(grad: torch.Tensor, x: torch.Tensor, codewords: torch.Tensor, s
     BWD(x.dtype, lambda m: (n_split, batch),
         g, x, cc, mean, scale, cde, gx, gc_part, vec_part, untrusted, n, d, k, n_split,
         K_PAD=k_pad, CHANNELS_FIRST=bool(channels_first), DOT_PRECISION=_launch.dot_precision(x.dtype))
-    c_raw, de = codewords.to(acc).contiguous(), grad_acc.contiguous()
+    de = grad_acc.contiguous()
     for grad_x in (True, False):
         BWD_DIRECT(x.dtype, lambda m: (n_split, batch),
                    x, c_raw, scale, de, untrusted, gx, gc_part, vec_part, n, d, k, n_split,
