@@ -7,7 +7,8 @@
 //  * Softmax pieces on [K x n] class tiles. Softmaxes over pixels run along
 //    rows, softmaxes over classes down columns; both are vectorised across
 //    pixels. Compiled for AVX-512, AVX2+FMA and the baseline
-//    (FASTCTX_SIMD_CLONES, cpu/parallel.h). A pixel's result does not depend
+//    (FASTCTX_SIMD_CLONES, cpu/parallel.h); exp_rows and row_max, the hot
+//    ones, in ISA variants at the machine's vector width, as tile_gemm. A pixel's result does not depend
 //    on where it sits in a tile: a row's last, partial vector goes through the
 //    same vector code (partial loads and stores).
 //  * tile_gemm, the products of the kernels, all of one form: out = coef . x,
@@ -44,23 +45,26 @@ using vec = typename Simd<T>::vec;
 template <typename T>
 constexpr int64_t kLanes = Simd<T>::kLanes;
 
-// Vectors of kLanes<T> elements; a partial vector (the end of a row) has
-// `count` <= kLanes<T> elements and zeros in its other lanes. (Static members
-// of a class template: only instantiated inside the cloned entry points.)
-template <typename T>
+// Vectors of kBytes (32 unless a caller picks its ISA's width, see exp_rows);
+// a partial vector (the end of a row) has `count` <= kL elements and zeros in
+// its other lanes. (Static members of a class template: only instantiated
+// inside the cloned or ISA-specific entry points.)
+template <typename T, int kBytes = 32>
 struct V {
-  __attribute__((always_inline)) static vec<T> all(T v) { return vec<T>{} + v; }
-  __attribute__((always_inline)) static vec<T> load(const T* p, int64_t count) {
-    vec<T> v = {};
-    if (count == kLanes<T>) {
+  typedef T vt __attribute__((vector_size(kBytes)));
+  static constexpr int64_t kL = kBytes / sizeof(T);
+  __attribute__((always_inline)) static vt all(T v) { return vt{} + v; }
+  __attribute__((always_inline)) static vt load(const T* p, int64_t count) {
+    vt v = {};
+    if (count == kL) {
       std::memcpy(&v, p, sizeof(v));  // a plain vector load
     } else {
       std::memcpy(&v, p, count * sizeof(T));
     }
     return v;
   }
-  __attribute__((always_inline)) static void store(T* p, const vec<T>& v, int64_t count) {
-    if (count == kLanes<T>) {
+  __attribute__((always_inline)) static void store(T* p, const vt& v, int64_t count) {
+    if (count == kL) {
       std::memcpy(p, &v, sizeof(v));
     } else {
       std::memcpy(p, &v, count * sizeof(T));
@@ -69,13 +73,17 @@ struct V {
   // scale * x rounded on its own, never fused into an FMA with what follows:
   // the forward's softmax and the backward's exp(scale * x - lse) then see the
   // same logit (with K = 1 the backward's weight is exactly 1, as the forward's).
-  __attribute__((always_inline)) static vec<T> scaled(T scale, const vec<T>& x) {
+  __attribute__((always_inline)) static vt scaled(T scale, const vt& x) {
     return FASTCTX_NO_FMA_FUSION(scale * x);
   }
-  __attribute__((always_inline)) static T sum(const vec<T>& v) {
-    T s = 0;
-    for (int64_t j = 0; j < kLanes<T>; ++j) s += v[j];
-    return s;
+  // The lanes' sum as a tree of halves (a fixed order, in log2(kL) vector adds).
+  __attribute__((always_inline)) static T sum(const vt& v) {
+    T s[kL];
+    std::memcpy(s, &v, sizeof(v));
+    for (int64_t half = kL / 2; half >= 1; half /= 2) {
+      for (int64_t j = 0; j < half; ++j) s[j] += s[j + half];
+    }
+    return s[0];
   }
 };
 
@@ -90,55 +98,56 @@ struct V {
 // smallest subnormal gives 0. -inf gives 0 and NaN stays NaN (the clamp's
 // comparison is false for NaN, and 2^n multiplies, so it cannot turn a NaN's
 // bits into a number).
-template <typename T>
-__attribute__((always_inline)) inline void exp_inplace(vec<T>& v) {
+template <typename T, int kBytes = 32>
+__attribute__((always_inline)) inline void exp_inplace(typename V<T, kBytes>::vt& v) {
+  using vec_t = typename V<T, kBytes>::vt;
   if constexpr (sizeof(T) == sizeof(float)) {
-    const vec<T> x = v;
-    typedef int32_t ivec __attribute__((vector_size(32)));
-    const vec<T> lo = V<T>::all(-103.972084f);  // log(FLT_TRUE_MIN / 2): exp rounds to 0 below
-    const vec<T> magic = V<T>::all(12582912.0f);  // 1.5 * 2^23: t + magic rounds t to an integer
-    const vec<T> xc = x < lo ? lo : x;
-    const vec<T> t = xc * 1.44269504088896341f + magic;
-    const vec<T> n = t - magic;
-    vec<T> r = xc - n * 0.693359375f;
+    const vec_t x = v;
+    typedef int32_t ivec __attribute__((vector_size(kBytes)));
+    const vec_t lo = V<T, kBytes>::all(-103.972084f);  // log(FLT_TRUE_MIN / 2): exp rounds to 0 below
+    const vec_t magic = V<T, kBytes>::all(12582912.0f);  // 1.5 * 2^23: t + magic rounds t to an integer
+    const vec_t xc = x < lo ? lo : x;
+    const vec_t t = xc * 1.44269504088896341f + magic;
+    const vec_t n = t - magic;
+    vec_t r = xc - n * 0.693359375f;
     r = r - n * -2.12194440e-4f;
-    vec<T> p = V<T>::all(1.9875691500e-4f);
+    vec_t p = V<T, kBytes>::all(1.9875691500e-4f);
     p = p * r + 1.3981999507e-3f;
     p = p * r + 8.3334519073e-3f;
     p = p * r + 4.1665795894e-2f;
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
-    vec<T> y = p * (r * r) + r + 1.0f;
+    vec_t y = p * (r * r) + r + 1.0f;
     const ivec n_int = (ivec)t - (ivec)magic;  // n in [-150, 127]
     const ivec half = n_int >> 1;
-    y = y * (vec<T>)((half + 127) << 23);          // 2^(n/2), exact
-    y = y * (vec<T>)((n_int - half + 127) << 23);  // 2^(n - n/2): one rounding
-    v = x < lo ? vec<T>{} : y;
+    y = y * (vec_t)((half + 127) << 23);          // 2^(n/2), exact
+    y = y * (vec_t)((n_int - half + 127) << 23);  // 2^(n - n/2): one rounding
+    v = x < lo ? vec_t{} : y;
   } else {
-    const vec<T> x = v;
-    typedef int64_t ivec __attribute__((vector_size(32)));
-    const vec<T> lo = V<T>::all(-745.13321910194122);  // log(DBL_TRUE_MIN / 2): exp rounds to 0 below
-    const vec<T> magic = V<T>::all(6755399441055744.0);  // 1.5 * 2^52
-    const vec<T> xc = x < lo ? lo : x;
-    const vec<T> t = xc * 1.4426950408889634074 + magic;
-    const vec<T> n = t - magic;
-    vec<T> r = xc - n * 6.93145751953125e-1;
+    const vec_t x = v;
+    typedef int64_t ivec __attribute__((vector_size(kBytes)));
+    const vec_t lo = V<T, kBytes>::all(-745.13321910194122);  // log(DBL_TRUE_MIN / 2): exp rounds to 0 below
+    const vec_t magic = V<T, kBytes>::all(6755399441055744.0);  // 1.5 * 2^52
+    const vec_t xc = x < lo ? lo : x;
+    const vec_t t = xc * 1.4426950408889634074 + magic;
+    const vec_t n = t - magic;
+    vec_t r = xc - n * 6.93145751953125e-1;
     r = r - n * 1.42860682030941723212e-6;
-    const vec<T> rr = r * r;
-    vec<T> px = V<T>::all(1.26177193074810590878e-4);
+    const vec_t rr = r * r;
+    vec_t px = V<T, kBytes>::all(1.26177193074810590878e-4);
     px = px * rr + 3.02994407707441961300e-2;
     px = (px * rr + 9.99999999999999999910e-1) * r;
-    vec<T> qx = V<T>::all(3.00198505138664455042e-6);
+    vec_t qx = V<T, kBytes>::all(3.00198505138664455042e-6);
     qx = qx * rr + 2.52448340349684104192e-3;
     qx = qx * rr + 2.27265548208155028766e-1;
     qx = qx * rr + 2.00000000000000000009e0;
-    vec<T> y = px / (qx - px);
+    vec_t y = px / (qx - px);
     y = y + y + 1.0;
     const ivec n_int = (ivec)t - (ivec)magic;  // n in [-1075, 128]
     const ivec half = n_int >> 1;
-    y = y * (vec<T>)((half + 1023) << 52);          // 2^(n/2), exact
-    y = y * (vec<T>)((n_int - half + 1023) << 52);  // 2^(n - n/2): one rounding
-    v = x < lo ? vec<T>{} : y;
+    y = y * (vec_t)((half + 1023) << 52);          // 2^(n/2), exact
+    y = y * (vec_t)((n_int - half + 1023) << 52);  // 2^(n - n/2): one rounding
+    v = x < lo ? vec_t{} : y;
   }
 }
 
@@ -192,39 +201,50 @@ __attribute__((always_inline)) inline void exp_columns_body(T* a, int64_t lda, c
 }
 
 // w[k, i] = exp(scale * s[k, i] - shift[k]); rowsum[k] += sum_i w[k, i] when rowsum is given.
-template <typename T>
+template <typename T, int kBytes = 32>
 __attribute__((always_inline)) inline void exp_rows_body(T* w, int64_t ldw, const T* s,
                                                          int64_t lds, int64_t K, int64_t n,
                                                          T scale, const T* shift, T* rowsum) {
-  constexpr int64_t L = kLanes<T>;
+  using W = V<T, kBytes>;
+  constexpr int64_t L = W::kL;
   for (int64_t k = 0; k < K; ++k) {
-    const vec<T> sh = V<T>::all(shift[k]);
-    vec<T> acc = {};
-    for (int64_t i = 0; i < n; i += L) {
-      const int64_t cnt = n - i < L ? n - i : L;
-      vec<T> e = V<T>::scaled(scale, V<T>::load(s + k * lds + i, cnt)) - sh;
-      exp_inplace<T>(e);
-      V<T>::store(w + k * ldw + i, e, cnt);
-      for (int64_t j = cnt; j < L; ++j) e[j] = 0;  // unused lanes of a partial vector
+    const typename W::vt sh = W::all(shift[k]);
+    typename W::vt acc = {};
+    int64_t i = 0;
+    for (; i + L <= n; i += L) {  // whole vectors
+      typename W::vt e = W::scaled(scale, W::load(s + k * lds + i, L)) - sh;
+      exp_inplace<T, kBytes>(e);
+      W::store(w + k * ldw + i, e, L);
       acc += e;
     }
-    if (rowsum != nullptr) rowsum[k] += V<T>::sum(acc);
+    if (i < n) {  // the row's partial vector
+      const int64_t cnt = n - i;
+      typename W::vt e = W::scaled(scale, W::load(s + k * lds + i, cnt)) - sh;
+      exp_inplace<T, kBytes>(e);
+      W::store(w + k * ldw + i, e, cnt);
+      for (int64_t j = cnt; j < L; ++j) e[j] = 0;  // unused lanes
+      acc += e;
+    }
+    if (rowsum != nullptr) rowsum[k] += W::sum(acc);
   }
 }
 
 // m[k] = max(m[k], max_i scale * s[k, i]), ignoring NaN.
-template <typename T>
+template <typename T, int kBytes = 32>
 __attribute__((always_inline)) inline void row_max_body(const T* s, int64_t lds, int64_t K,
                                                         int64_t n, T scale, T* m) {
-  constexpr int64_t L = kLanes<T>;
+  using W = V<T, kBytes>;
+  constexpr int64_t L = W::kL;
   for (int64_t k = 0; k < K; ++k) {
-    vec<T> mv = V<T>::all(m[k]);
-    for (int64_t i = 0; i < n; i += L) {
-      const int64_t cnt = n - i < L ? n - i : L;
-      vec<T> v = V<T>::scaled(scale, V<T>::load(s + k * lds + i, cnt));
-      if (cnt < L) {  // unused lanes must not raise the maximum
-        for (int64_t j = cnt; j < L; ++j) v[j] = -static_cast<T>(INFINITY);
-      }
+    typename W::vt mv = W::all(m[k]);
+    int64_t i = 0;
+    for (; i + L <= n; i += L) {  // whole vectors
+      const typename W::vt v = W::scaled(scale, W::load(s + k * lds + i, L));
+      mv = v > mv ? v : mv;
+    }
+    if (i < n) {  // the row's partial vector; unused lanes must not raise the maximum
+      typename W::vt v = W::scaled(scale, W::load(s + k * lds + i, n - i));
+      for (int64_t j = n - i; j < L; ++j) v[j] = -static_cast<T>(INFINITY);
       mv = v > mv ? v : mv;
     }
     T r = m[k];
@@ -295,15 +315,6 @@ __attribute__((always_inline)) inline void softmax_grad_rows_body(
                                                      int64_t lds, int64_t K, int64_t n,        \
                                                      T scale, const T* shift) {                \
     softmax_detail::exp_columns_body(a, lda, s, lds, K, n, scale, shift);                      \
-  }                                                                                            \
-  FASTCTX_SIMD_CLONES static inline void exp_rows(T* w, int64_t ldw, const T* s, int64_t lds,  \
-                                                  int64_t K, int64_t n, T scale,               \
-                                                  const T* shift, T* rowsum) {                 \
-    softmax_detail::exp_rows_body(w, ldw, s, lds, K, n, scale, shift, rowsum);                 \
-  }                                                                                            \
-  FASTCTX_SIMD_CLONES static inline void row_max(const T* s, int64_t lds, int64_t K,           \
-                                                 int64_t n, T scale, T* m) {                   \
-    softmax_detail::row_max_body(s, lds, K, n, scale, m);                                      \
   }                                                                                            \
   FASTCTX_SIMD_CLONES static inline void add_row_sums(const T* a, int64_t lda, int64_t K,      \
                                                       int64_t n, T* sums) {                    \
@@ -491,6 +502,63 @@ inline void tile_gemm(int64_t R, int64_t Kin, int64_t n, const T* coef, int64_t 
   }
 #else
   gemm_detail::gemm_body<T, 32, 12, 3>(R, Kin, n, coef, rs, ks, x, ldx, out, ldo, accumulate);
+#endif
+}
+
+// ---------------------------------------------------------------------------
+// exp_rows and row_max: at the vector width of the machine (16 fp32 lanes on
+// AVX-512, as tile_gemm), because attention-sized rows spend as long in exp
+// as in their products. Lane-wise results are the same at every width; a row
+// sum's order of additions follows the width.
+
+namespace softmax_detail {
+#ifdef FASTCTX_TILE_GEMM_ISAS
+#define FASTCTX_ROW_VARIANTS(T, ISA, TARGET, BYTES)                                               \
+  TARGET static void exp_rows_##ISA(T* w, int64_t ldw, const T* s, int64_t lds, int64_t K,       \
+                                    int64_t n, T scale, const T* shift, T* rowsum) {              \
+    exp_rows_body<T, BYTES>(w, ldw, s, lds, K, n, scale, shift, rowsum);                          \
+  }                                                                                               \
+  TARGET static void row_max_##ISA(const T* s, int64_t lds, int64_t K, int64_t n, T scale,       \
+                                   T* m) {                                                        \
+    row_max_body<T, BYTES>(s, lds, K, n, scale, m);                                               \
+  }
+FASTCTX_ROW_VARIANTS(float, v4, __attribute__((target("arch=x86-64-v4"))), 64)
+FASTCTX_ROW_VARIANTS(double, v4, __attribute__((target("arch=x86-64-v4"))), 64)
+FASTCTX_ROW_VARIANTS(float, v3, __attribute__((target("arch=x86-64-v3"))), 32)
+FASTCTX_ROW_VARIANTS(double, v3, __attribute__((target("arch=x86-64-v3"))), 32)
+FASTCTX_ROW_VARIANTS(float, base, , 32)
+FASTCTX_ROW_VARIANTS(double, base, , 32)
+#undef FASTCTX_ROW_VARIANTS
+#endif
+}  // namespace softmax_detail
+
+// w[k, i] = exp(scale * s[k, i] - shift[k]) for k < K, i < n (rows lds / ldw
+// apart; w may be s); rowsum[k] += sum_i w[k, i] when rowsum is given.
+template <typename T>
+inline void exp_rows(T* w, int64_t ldw, const T* s, int64_t lds, int64_t K, int64_t n, T scale,
+                     const T* shift, T* rowsum) {
+#ifdef FASTCTX_TILE_GEMM_ISAS
+  switch (gemm_detail::isa_level()) {
+    case 2: return softmax_detail::exp_rows_v4(w, ldw, s, lds, K, n, scale, shift, rowsum);
+    case 1: return softmax_detail::exp_rows_v3(w, ldw, s, lds, K, n, scale, shift, rowsum);
+    default: return softmax_detail::exp_rows_base(w, ldw, s, lds, K, n, scale, shift, rowsum);
+  }
+#else
+  softmax_detail::exp_rows_body<T>(w, ldw, s, lds, K, n, scale, shift, rowsum);
+#endif
+}
+
+// m[k] = max(m[k], max_{i < n} scale * s[k, i]) for k < K, ignoring NaN.
+template <typename T>
+inline void row_max(const T* s, int64_t lds, int64_t K, int64_t n, T scale, T* m) {
+#ifdef FASTCTX_TILE_GEMM_ISAS
+  switch (gemm_detail::isa_level()) {
+    case 2: return softmax_detail::row_max_v4(s, lds, K, n, scale, m);
+    case 1: return softmax_detail::row_max_v3(s, lds, K, n, scale, m);
+    default: return softmax_detail::row_max_base(s, lds, K, n, scale, m);
+  }
+#else
+  softmax_detail::row_max_body<T>(s, lds, K, n, scale, m);
 #endif
 }
 

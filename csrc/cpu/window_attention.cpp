@@ -206,6 +206,39 @@ struct WindowTokens {
   }
 };
 
+// Prefetches elements [offset, offset + count) of the window's token rows of
+// `base` (rows `stride` apart), for a window computed next: a window's rows are
+// short runs far apart, which the hardware prefetchers do not follow.
+template <typename T>
+void prefetch_tokens(const WindowTokens<T>& win, const T* base, int64_t stride, int64_t offset,
+                     int64_t count) {
+  constexpr int64_t kLine = 64 / sizeof(T);
+  for (const int64_t row : win.row) {
+    if (row < 0) continue;
+    const T* first = base + row * stride + offset;
+    for (int64_t i = 0; i < count; i += kLine) __builtin_prefetch(first + i, 0, 3);
+    __builtin_prefetch(first + count - 1, 0, 3);  // the last line of an unaligned run
+  }
+}
+
+// The tokens of window w in `win`: swapped in from `next` when it was built
+// ahead, else built. Then `next` is built for window w + 1 if it is below
+// `end` (and returned true), so its rows can be prefetched.
+template <typename T>
+bool advance_window(const Problem<T>& p, int64_t w, int64_t end, WindowTokens<T>& win,
+                    WindowTokens<T>& next, int64_t& next_window) {
+  if (next_window == w) {
+    std::swap(win, next);
+  } else {
+    win.build(p, w);
+  }
+  next_window = -1;
+  if (w + 1 >= end) return false;
+  next.build(p, w + 1);
+  next_window = w + 1;
+  return true;
+}
+
 // The d channels of part `part` (0 q, 1 k, 2 v) of head h of token t: its row
 // of qkv, pad_qkv's slice for a padded token, or nullptr (zeros).
 template <typename T>
@@ -233,21 +266,32 @@ void gather_rows(T* dst, int64_t ld, const Problem<T>& p, const WindowTokens<T>&
   }
 }
 
-// dst[j, c] = part's channel j of token t0 + c (transposed: tokens along rows).
+// dst[j, c] = part's channel j of token t0 + c (transposed: tokens along rows),
+// through rows [n x d]: the token rows are copied whole (independent loads the
+// core overlaps), then transposed inside L1.
 template <typename T>
 void gather_cols(T* dst, int64_t ld, const Problem<T>& p, const WindowTokens<T>& win, int part,
-                 int64_t h, int64_t t0, int64_t n) {
-  for (int64_t c = 0; c < n; ++c) {
-    const T* src = token_channels(p, win, t0 + c, part, h);
-    for (int64_t j = 0; j < p.d; ++j) dst[j * ld + c] = src != nullptr ? src[j] : T(0);
-  }
+                 int64_t h, int64_t t0, int64_t n, T* rows) {
+  gather_rows(rows, p.d, p, win, part, h, t0, n, T(1));
+  cpu::transpose_rows(dst, ld, rows, p.d, n, p.d);
+}
+
+// Score columns computed per key block: nk rounded up to whole vectors of the
+// widest ISA (16 fp32), within the buffers' row stride. The columns past nk
+// are set to -inf, so the softmax passes run on whole vectors and give them
+// weight exactly 0; products over keys still stop at nk.
+template <typename T>
+int64_t padded_keys(const Problem<T>& p, int64_t nk) {
+  return std::min(round_up(nk, 16), p.ldk);
 }
 
 // S [nq x nk] = (Qs K^T + bias) + mask for queries q0.. and keys k0.. of head h.
 template <typename T>
 void scores(const Problem<T>& p, const WindowTokens<T>& win, int64_t h, const T* qs, const T* kt,
             int64_t q0, int64_t nq, int64_t k0, int64_t nk, T* s) {
-  tile_gemm<T>(nq, p.d, nk, qs, p.d, 1, kt, p.ldk, s, p.ldk, false);
+  // Whatever kt holds past nk (zeros, or an earlier key block's keys), those scores become -inf below.
+  const int64_t nkp = padded_keys(p, nk);
+  tile_gemm<T>(nq, p.d, nkp, qs, p.d, 1, kt, p.ldk, s, p.ldk, false);
   if (p.bias != nullptr) {
     add_rows(s, p.ldk, p.bias + (h * p.N + q0) * p.N + k0, p.N, nq, nk);
   } else if (p.table_col != nullptr) {
@@ -261,6 +305,11 @@ void scores(const Problem<T>& p, const WindowTokens<T>& win, int64_t h, const T*
   if (win.masked) {
     add_mask(s, p.ldk, win.label.data() + q0, win.label.data() + k0, win.key_mask.data() + k0, nq,
              nk);
+  }
+  if (nkp > nk) {
+    for (int64_t r = 0; r < nq; ++r) {
+      std::fill(s + r * p.ldk + nk, s + r * p.ldk + nkp, -std::numeric_limits<T>::infinity());
+    }
   }
 }
 
@@ -276,14 +325,15 @@ struct OnlineSoftmax {
   // one; o [nq x d] (+)= exp(s - shift) v after rescaling o to the new shift.
   void step(const Problem<T>& p, T* s, int64_t nq, int64_t nk, bool first, const T* v, T* o) {
     if (first) std::fill(m.begin(), m.begin() + nq, -std::numeric_limits<T>::infinity());
-    cpu::row_max(s, p.ldk, nq, nk, T(1), m.data());
+    const int64_t nkp = padded_keys(p, nk);  // s's -inf padding (see scores)
+    cpu::row_max(s, p.ldk, nq, nkp, T(1), m.data());
     for (int64_t r = 0; r < nq; ++r) {
       const T next = softmax_shift(m[r]);
       factor[r] = first ? T(0) : softmax_merge_factor(shift[r], l[r], next);
       shift[r] = next;
       block_sum[r] = 0;
     }
-    cpu::exp_rows(s, p.ldk, s, p.ldk, nq, nk, T(1), shift.data(), block_sum.data());
+    cpu::exp_rows(s, p.ldk, s, p.ldk, nq, nkp, T(1), shift.data(), block_sum.data());
     for (int64_t r = 0; r < nq; ++r) l[r] = first ? block_sum[r] : l[r] * factor[r] + block_sum[r];
     if (o == nullptr) return;
     if (!first) scale_rows(o, p.d, factor.data(), nq, p.d);
@@ -402,19 +452,23 @@ void forward(const Problem<T>& p, T* out) {
   const int64_t N = p.N, d = p.d, bq = p.bq, bk = p.bk;
   at::parallel_for(0, p.windows * p.heads, cpu::task_grain(4 * N * d), [&](int64_t begin,
                                                                            int64_t end) {
-    std::vector<T> qs(bq * d), kt(d * p.ldk), v(bk * d), s(bq * p.ldk), o(bq * d);
-    WindowTokens<T> win(N);
+    std::vector<T> qs(bq * d), kt(d * p.ldk), k(bk * d), v(bk * d), s(bq * p.ldk), o(bq * d);
+    WindowTokens<T> win(N), next(N);
     OnlineSoftmax<T> softmax(bq);
-    int64_t built = -1;
+    int64_t built = -1, next_window = -1;
+    const int64_t end_window = (end - 1) / p.heads + 1;
     for (int64_t u = begin; u < end; ++u) {
-      // Heads innermost: a window's token rows stay in cache across its heads.
+      // Heads innermost: a window's token rows stay in cache across its heads,
+      // while the next window's rows are fetched.
       const int64_t w = u / p.heads, h = u % p.heads;
       if (w != built) {
-        win.build(p, w);
+        if (advance_window(p, w, end_window, win, next, next_window)) {
+          prefetch_tokens(next, p.qkv, 3 * p.C, 0, 3 * p.C);
+        }
         built = w;
       }
       if (p.one_key_block()) {
-        gather_cols(kt.data(), p.ldk, p, win, 1, h, 0, N);
+        gather_cols(kt.data(), p.ldk, p, win, 1, h, 0, N, k.data());
         gather_rows(v.data(), d, p, win, 2, h, 0, N, T(1));
       }
       for (int64_t q0 = 0; q0 < N; q0 += bq) {
@@ -423,7 +477,7 @@ void forward(const Problem<T>& p, T* out) {
         for (int64_t k0 = 0; k0 < N; k0 += bk) {
           const int64_t nk = std::min(bk, N - k0);
           if (!p.one_key_block()) {
-            gather_cols(kt.data(), p.ldk, p, win, 1, h, k0, nk);
+            gather_cols(kt.data(), p.ldk, p, win, 1, h, k0, nk, k.data());
             gather_rows(v.data(), d, p, win, 2, h, k0, nk, T(1));
           }
           scores(p, win, h, qs.data(), kt.data(), q0, nq, k0, nk, s.data());
@@ -488,14 +542,10 @@ void window_backward(const Problem<T>& p, const WindowTokens<T>& win, int64_t h,
   const bool dense_table = !x.table_acc.empty();
   std::fill(x.dk.begin(), x.dk.end(), T(0));
   std::fill(x.dv.begin(), x.dv.end(), T(0));
-  auto gather_keys = [&](int64_t k0, int64_t nk, bool for_pass1) {
-    gather_cols(x.kt.data(), ldk, p, win, 1, h, k0, nk);
-    if (for_pass1) {
-      gather_rows(x.v.data(), d, p, win, 2, h, k0, nk, T(1));
-    } else {
-      gather_rows(x.k.data(), d, p, win, 1, h, k0, nk, T(1));
-      gather_cols(x.vt.data(), ldk, p, win, 2, h, k0, nk);
-    }
+  // K and V of keys k0.., as rows (x.k, x.v) and transposed (x.kt, x.vt).
+  auto gather_keys = [&](int64_t k0, int64_t nk) {
+    gather_cols(x.kt.data(), ldk, p, win, 1, h, k0, nk, x.k.data());
+    gather_cols(x.vt.data(), ldk, p, win, 2, h, k0, nk, x.v.data());
   };
   // dS [nq x nk] in x.dp and P in x.s: dQ (+)= dS K, dK += dS^T Qs, dV += P^T dO, d(table) += dS.
   auto accumulate = [&](int64_t q0, int64_t nq, int64_t k0, int64_t nk) {
@@ -513,7 +563,7 @@ void window_backward(const Problem<T>& p, const WindowTokens<T>& win, int64_t h,
     }
   };
 
-  if (p.one_key_block()) gather_keys(0, N, false);
+  if (p.one_key_block()) gather_keys(0, N);
   for (int64_t q0 = 0; q0 < N; q0 += bq) {
     const int64_t nq = std::min(bq, N - q0);
     gather_rows(x.qs.data(), d, p, win, 0, h, q0, nq, p.scale);
@@ -531,7 +581,9 @@ void window_backward(const Problem<T>& p, const WindowTokens<T>& win, int64_t h,
       x.softmax.step(p, x.s.data(), nq, N, true, nullptr, nullptr);
       for (int64_t r = 0; r < nq; ++r) x.inv_l[r] = T(1) / x.softmax.l[r];
       scale_rows(x.s.data(), ldk, x.inv_l.data(), nq, N);  // P
-      tile_gemm<T>(nq, d, N, x.dout.data(), d, 1, x.vt.data(), ldk, x.dp.data(), ldk, false);
+      // dP on whole vectors; its columns past N are never read.
+      tile_gemm<T>(nq, d, padded_keys(p, N), x.dout.data(), d, 1, x.vt.data(), ldk, x.dp.data(),
+                   ldk, false);
       softmax_grad(x.dp.data(), ldk, x.s.data(), ldk, nq, N, x.D.data());
       accumulate(q0, nq, 0, N);
     } else {
@@ -539,7 +591,7 @@ void window_backward(const Problem<T>& p, const WindowTokens<T>& win, int64_t h,
       // lse = shift + log l.
       for (int64_t k0 = 0; k0 < N; k0 += bk) {
         const int64_t nk = std::min(bk, N - k0);
-        gather_keys(k0, nk, true);
+        gather_keys(k0, nk);
         scores(p, win, h, x.qs.data(), x.kt.data(), q0, nq, k0, nk, x.s.data());
         x.softmax.step(p, x.s.data(), nq, nk, k0 == 0, x.v.data(), x.dq.data());
       }
@@ -552,11 +604,12 @@ void window_backward(const Problem<T>& p, const WindowTokens<T>& win, int64_t h,
       // Pass 2: P = exp(S - lse), dS = P (dO V^T - D), per key block.
       for (int64_t k0 = 0; k0 < N; k0 += bk) {
         const int64_t nk = std::min(bk, N - k0);
-        gather_keys(k0, nk, false);
+        gather_keys(k0, nk);
         scores(p, win, h, x.qs.data(), x.kt.data(), q0, nq, k0, nk, x.s.data());
-        cpu::exp_rows(x.s.data(), ldk, x.s.data(), ldk, nq, nk, T(1), x.lse.data(),
+        const int64_t nkp = padded_keys(p, nk);  // whole vectors; columns past nk are not read
+        cpu::exp_rows(x.s.data(), ldk, x.s.data(), ldk, nq, nkp, T(1), x.lse.data(),
                       static_cast<T*>(nullptr));
-        tile_gemm<T>(nq, d, nk, x.dout.data(), d, 1, x.vt.data(), ldk, x.dp.data(), ldk, false);
+        tile_gemm<T>(nq, d, nkp, x.dout.data(), d, 1, x.vt.data(), ldk, x.dp.data(), ldk, false);
         cpu::softmax_grad_rows(x.dp.data(), ldk, x.s.data(), ldk, x.dp.data(), ldk, x.D.data(), nq,
                                nk, T(1));
         accumulate(q0, nq, k0, nk);
@@ -597,7 +650,7 @@ void backward(const Problem<T>& p, const BackwardOut<T>& g, const cpu::ChunkPlan
   const bool dense_table = p.bias != nullptr;
   at::parallel_for(0, plan.chunks, 1, [&](int64_t c_begin, int64_t c_end) {
     BackwardScratch<T> x(p, dense_table);
-    WindowTokens<T> win(N);
+    WindowTokens<T> win(N), next(N);
     for (int64_t chunk = c_begin; chunk < c_end; ++chunk) {
       // Heads innermost, as in the forward.
       const int64_t run = chunk / p.heads, h = chunk % p.heads;
@@ -608,8 +661,14 @@ void backward(const Problem<T>& p, const BackwardOut<T>& g, const cpu::ChunkPlan
       if (table_part != nullptr) std::fill(table_part, table_part + p.entries, T(0));
       if (pad_part != nullptr) std::fill(pad_part, pad_part + 3 * d, T(0));
       if (dense_table) std::fill(x.table_acc.begin(), x.table_acc.end(), T(0));
+      int64_t next_window = -1;
       for (int64_t w = w0; w < w1; ++w) {
-        win.build(p, w);
+        if (advance_window(p, w, w1, win, next, next_window)) {  // head h's channels of window w + 1
+          for (int part = 0; part < 3; ++part) {
+            prefetch_tokens(next, p.qkv, 3 * p.C, part * p.C + h * d, d);
+          }
+          prefetch_tokens(next, g.grad, p.C, h * d, d);
+        }
         window_backward(p, win, h, g, x, table_part, pad_part);
       }
       if (dense_table) {
