@@ -648,6 +648,12 @@ template <typename T>
 void backward(const Problem<T>& p, const BackwardOut<T>& g, const cpu::ChunkPlan& plan) {
   const int64_t N = p.N, d = p.d;
   const bool dense_table = p.bias != nullptr;
+  // The table row of every (query, key) pair, for folding a chunk's dS sum
+  // into its table column (index arithmetic once per call, not per chunk).
+  std::vector<int64_t> table_index(dense_table ? N * N : 0);
+  for (int64_t t = 0; dense_table && t < N; ++t) {
+    for (int64_t u = 0; u < N; ++u) table_index[t * N + u] = window_table_index(t, u, p.g.Wh, p.g.Ww);
+  }
   at::parallel_for(0, plan.chunks, 1, [&](int64_t c_begin, int64_t c_end) {
     BackwardScratch<T> x(p, dense_table);
     WindowTokens<T> win(N), next(N);
@@ -672,11 +678,7 @@ void backward(const Problem<T>& p, const BackwardOut<T>& g, const cpu::ChunkPlan
         window_backward(p, win, h, g, x, table_part, pad_part);
       }
       if (dense_table) {
-        for (int64_t t = 0; t < N; ++t) {
-          for (int64_t u = 0; u < N; ++u) {
-            table_part[window_table_index(t, u, p.g.Wh, p.g.Ww)] += x.table_acc[t * N + u];
-          }
-        }
+        for (int64_t i = 0; i < N * N; ++i) table_part[table_index[i]] += x.table_acc[i];
       }
     }
   });
