@@ -76,14 +76,18 @@ struct V {
   __attribute__((always_inline)) static vt scaled(T scale, const vt& x) {
     return FASTCTX_NO_FMA_FUSION(scale * x);
   }
-  // The lanes' sum as a tree of halves (a fixed order, in log2(kL) vector adds).
+  // The lanes' sum as a tree of halves (a fixed order, log2(kL) adds of
+  // shrinking vectors, kept in registers).
   __attribute__((always_inline)) static T sum(const vt& v) {
-    T s[kL];
-    std::memcpy(s, &v, sizeof(v));
-    for (int64_t half = kL / 2; half >= 1; half /= 2) {
-      for (int64_t j = 0; j < half; ++j) s[j] += s[j + half];
+    if constexpr (kL <= 2) {
+      return kL == 2 ? v[0] + v[1] : v[0];
+    } else {
+      typedef T half_t __attribute__((vector_size(kBytes / 2)));
+      half_t lo, hi;
+      std::memcpy(&lo, &v, sizeof(lo));
+      std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
+      return V<T, kBytes / 2>::sum(lo + hi);
     }
-    return s[0];
   }
 };
 

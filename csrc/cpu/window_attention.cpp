@@ -176,6 +176,7 @@ struct Problem {
   const T* pad;        // [3C] or nullptr (padded keys excluded)
   const T* bias;       // [heads, N, N] expanded bias, or nullptr
   const T* table_col;  // [heads, entries]: the table's columns (large windows), or nullptr
+  const int64_t* table_index;  // [N, N]: each (query, key) pair's table row, with bias
   WindowGeometry g;
   int64_t heads, d, C, N, windows, entries;
   T scale;
@@ -402,12 +403,13 @@ Shape check_inputs(const at::Tensor& qkv, const std::optional<at::Tensor>& bias_
 }
 
 // The Problem of a call, with the bias expanded (small windows) or the
-// table's columns (large ones) in `storage`.
+// table's columns (large ones) in `storage`, and the pairs' table rows in
+// `index_storage`.
 template <typename T>
 Problem<T> make_problem(const Shape& s, const at::Tensor& qkv,
                         const std::optional<at::Tensor>& bias_table,
                         const std::optional<at::Tensor>& pad_qkv, double scale,
-                        at::Tensor& storage) {
+                        at::Tensor& storage, at::Tensor& index_storage) {
   Problem<T> p{};
   p.qkv = qkv.const_data_ptr<T>();
   p.pad = pad_qkv.has_value() ? pad_qkv->const_data_ptr<T>() : nullptr;
@@ -426,17 +428,20 @@ Problem<T> make_problem(const Shape& s, const at::Tensor& qkv,
   const T* table = bias_table->const_data_ptr<T>();
   const int64_t N = s.N, heads = s.heads;
   if (heads * N * N <= kMaxDenseBias) {
+    index_storage = at::empty({N, N}, qkv.options().dtype(at::kLong));
+    int64_t* index = index_storage.mutable_data_ptr<int64_t>();
+    for (int64_t t = 0; t < N; ++t) {
+      for (int64_t u = 0; u < N; ++u) index[t * N + u] = window_table_index(t, u, s.g.Wh, s.g.Ww);
+    }
     storage = at::empty({heads, N, N}, qkv.options());
     T* bias = storage.mutable_data_ptr<T>();
-    at::parallel_for(0, heads * N, cpu::task_grain(N), [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t h = i / N, t = i % N;
-        for (int64_t u = 0; u < N; ++u) {
-          bias[i * N + u] = table[window_table_index(t, u, s.g.Wh, s.g.Ww) * heads + h];
-        }
+    at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t h = begin; h < end; ++h) {
+        for (int64_t i = 0; i < N * N; ++i) bias[h * N * N + i] = table[index[i] * heads + h];
       }
     });
     p.bias = bias;
+    p.table_index = index;
   } else {
     storage = bias_table->t().contiguous();  // [heads, entries]
     p.table_col = storage.const_data_ptr<T>();
@@ -503,8 +508,9 @@ at::Tensor window_attention_fwd(const at::Tensor& qkv, const std::optional<at::T
   auto out = cpu::empty_output({s.B, s.g.H, s.g.W, s.C}, qkv.options());
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "window_attention_fwd", [&] {
-    at::Tensor storage;
-    const Problem<scalar_t> p = make_problem<scalar_t>(s, qkv, bias_table, pad_qkv, scale, storage);
+    at::Tensor storage, index_storage;
+    const Problem<scalar_t> p =
+        make_problem<scalar_t>(s, qkv, bias_table, pad_qkv, scale, storage, index_storage);
     forward(p, out.mutable_data_ptr<scalar_t>());
   });
   return out;
@@ -648,12 +654,6 @@ template <typename T>
 void backward(const Problem<T>& p, const BackwardOut<T>& g, const cpu::ChunkPlan& plan) {
   const int64_t N = p.N, d = p.d;
   const bool dense_table = p.bias != nullptr;
-  // The table row of every (query, key) pair, for folding a chunk's dS sum
-  // into its table column (index arithmetic once per call, not per chunk).
-  std::vector<int64_t> table_index(dense_table ? N * N : 0);
-  for (int64_t t = 0; dense_table && t < N; ++t) {
-    for (int64_t u = 0; u < N; ++u) table_index[t * N + u] = window_table_index(t, u, p.g.Wh, p.g.Ww);
-  }
   at::parallel_for(0, plan.chunks, 1, [&](int64_t c_begin, int64_t c_end) {
     BackwardScratch<T> x(p, dense_table);
     WindowTokens<T> win(N), next(N);
@@ -678,7 +678,7 @@ void backward(const Problem<T>& p, const BackwardOut<T>& g, const cpu::ChunkPlan
         window_backward(p, win, h, g, x, table_part, pad_part);
       }
       if (dense_table) {
-        for (int64_t i = 0; i < N * N; ++i) table_part[table_index[i]] += x.table_acc[i];
+        for (int64_t i = 0; i < N * N; ++i) table_part[p.table_index[i]] += x.table_acc[i];
       }
     }
   });
@@ -700,8 +700,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_bwd(
   if (qkv.numel() == 0) return {grad_qkv, grad_table, grad_pad};
   AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "window_attention_bwd", [&] {
     using T = scalar_t;
-    at::Tensor storage;
-    const Problem<T> p = make_problem<T>(s, qkv, bias_table, pad_qkv, scale, storage);
+    at::Tensor storage, index_storage;
+    const Problem<T> p = make_problem<T>(s, qkv, bias_table, pad_qkv, scale, storage, index_storage);
     // Runs of windows; chunk = run * heads + head.
     const cpu::ChunkPlan windows = cpu::plan_chunks(s.heads, p.windows);
     cpu::ChunkPlan plan = windows;
