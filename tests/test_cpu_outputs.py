@@ -6,6 +6,8 @@ each large output MADV_HUGEPAGE before writing it; these tests check that the ad
 kernel's memory map (values are checked by tests/ops).
 """
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,7 +64,23 @@ def test_large_gradient_is_advised_huge_pages():
 
 
 def test_input_memory_is_not_advised():
-    # The advice is for the kernels' own outputs: an input of the same size keeps the allocator's pages.
-    feats = torch.randn(2, 512, 64, 128)
-    flags, _ = _vma_flags(_interior(feats))
-    assert "hg" not in flags
+    # The advice is for the kernels' own outputs: the kernel leaves its inputs' pages alone. Checked in a
+    # fresh process: in a long-lived one glibc may hand an input heap pages that an earlier, freed output
+    # was advised on, and the advice stays with those pages.
+    script = f"""
+import re, sys, torch, fastctx
+from fastctx import ops
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_cpu_outputs import _interior, _vma_flags
+feats = torch.randn(2, 512, 64, 128, requires_grad=True)
+probs = torch.randn(2, 19, 64, 128, requires_grad=True)
+with fastctx.use_backend("cpu"):
+    ops.class_gather(feats, probs, "ocr").sum().backward()
+print("input", " ".join(_vma_flags(_interior(feats))[0]))
+print("grad", " ".join(_vma_flags(_interior(feats.grad))[0]))
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    flags = dict(line.split(" ", 1) for line in run.stdout.strip().splitlines())
+    assert "hg" in flags["grad"].split(), f"the output was not advised (VmFlags {flags['grad']})"
+    assert "hg" not in flags["input"].split(), f"the input's pages were advised (VmFlags {flags['input']})"
