@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ops", default=",".join(ALL_OPS),
                         help="comma-separated ops and heads, or 'none' (default: all)")
     parser.add_argument("--providers", help="comma-separated providers (default: every one that runs here)")
-    parser.add_argument("--mode", default=",".join(MODES), help="fwd, fwdbwd or both (default: both)")
+    parser.add_argument("--mode", default=",".join(MODES), help="fwd, fwdbwd, or both (fwd,fwdbwd; the default)")
     parser.add_argument("--memory", action="store_true", help="measure peak memory (a fresh process per provider)")
     parser.add_argument("--models", nargs="?", const=",".join(DEFAULT_MODELS), default=None, metavar="NAMES",
                         help=f"also time whole models (default names: {','.join(DEFAULT_MODELS)})")
@@ -107,10 +107,10 @@ def _resolve(args) -> dict:
     for op in ops:
         if op not in ALL_OPS:
             raise ValueError(f"--ops: unknown op {op!r}; expected some of {', '.join(ALL_OPS)} or 'none'")
-    modes = _csv_list(args.mode)
+    modes = list(MODES) if args.mode.strip().lower() == "both" else _csv_list(args.mode)
     for mode in modes:
         if mode not in MODES:
-            raise ValueError(f"--mode: unknown mode {mode!r}; expected fwd, fwdbwd or both")
+            raise ValueError(f"--mode: unknown mode {mode!r}; expected fwd, fwdbwd, or both (fwd,fwdbwd)")
     providers = None
     if args.providers:
         providers = _csv_list(args.providers)
