@@ -18,6 +18,7 @@
 
 #ifdef __SSE2__
 #include <emmintrin.h>
+#include <xmmintrin.h>
 #endif
 
 namespace fastctx {
@@ -58,6 +59,45 @@ inline ChunkPlan plan_chunks(int64_t rows, int64_t tiles_per_row, int64_t min_ti
   p.chunks = rows * p.chunks_per_row;
   return p;
 }
+
+// ---------------------------------------------------------------------------
+// Subnormal flushing
+//
+// On x86 an arithmetic instruction that reads or produces a subnormal number
+// takes a microcode assist of a hundred cycles or more. Attention over Swin's
+// shifted windows makes them by design: a -100 masked logit's fp32 weight is
+// ~1e-44, and every product with it is subnormal or underflows. A kernel that
+// can show such values never matter to its result (the caller's check) sets
+// flush-to-zero and denormals-are-zero for the current thread while this
+// object lives; the thread's previous mode is restored on destruction.
+class FlushSubnormals {
+ public:
+  FlushSubnormals() {
+#ifdef __SSE2__
+    saved_ = current_ = _mm_getcsr();
+#endif
+  }
+  ~FlushSubnormals() { set(false); }
+  FlushSubnormals(const FlushSubnormals&) = delete;
+  FlushSubnormals& operator=(const FlushSubnormals&) = delete;
+
+  // on: FTZ and DAZ set; off: the mode the thread had on construction.
+  void set(bool on) {
+#ifdef __SSE2__
+    constexpr unsigned kFtzDaz = 0x8040;  // MXCSR bits 15 (flush to zero) and 6 (denormals are zero)
+    const unsigned want = on ? saved_ | kFtzDaz : saved_;
+    if (want != current_) {
+      _mm_setcsr(want);
+      current_ = want;
+    }
+#else
+    (void)on;
+#endif
+  }
+
+ private:
+  unsigned saved_ = 0, current_ = 0;
+};
 
 // ---------------------------------------------------------------------------
 // SIMD

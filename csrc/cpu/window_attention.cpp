@@ -147,7 +147,17 @@ __attribute__((always_inline)) inline void softmax_grad_body(T* dp, int64_t lddp
   }
 }
 
+// Whether every |x[i]| <= kTameBound (false for NaN and inf): see window_is_tame.
+constexpr double kTameBound = 1099511627776.0;  // 2^40
+template <typename T>
+__attribute__((always_inline)) inline bool all_tame_body(const T* x, int64_t n) {
+  int wild = 0;
+  for (int64_t i = 0; i < n; ++i) wild |= !(std::fabs(x[i]) <= static_cast<T>(kTameBound));
+  return wild == 0;
+}
+
 #define FASTCTX_WINDOW_ROW_KERNELS(T)                                                             \
+  FASTCTX_SIMD_CLONES bool all_tame(const T* x, int64_t n) { return all_tame_body(x, n); }       \
   FASTCTX_SIMD_CLONES void add_rows(T* s, int64_t lds, const T* b, int64_t ldb, int64_t rows,    \
                                     int64_t n) {                                                 \
     add_rows_body(s, lds, b, ldb, rows, n);                                                      \
@@ -248,6 +258,39 @@ const T* token_channels(const Problem<T>& p, const WindowTokens<T>& win, int64_t
   const int64_t offset = part * p.C + h * p.d;
   if (win.row[t] >= 0) return p.qkv + win.row[t] * 3 * p.C + offset;
   return p.pad != nullptr ? p.pad + offset : nullptr;
+}
+
+// Whether the window's subnormal numbers can be flushed to zero (FTZ + DAZ,
+// cpu::FlushSubnormals) without changing what the eager maths gives beyond
+// far-below-rounding amounts. Subnormals arise as softmax weights: a -100
+// masked pair's fp32 weight is ~1e-44, and the weights multiply v, dO and
+// dP - D. Flushed, a weight w becomes 0, which differs from eager where w
+// times an infinite factor is +-inf but 0 * inf is NaN. If every q, k, v of
+// the window's heads [h0, h0 + nh) (pad_qkv's for padded tokens) and every
+// dO of those heads (when grad is given) is within +-2^40, every such factor
+// is finite (|dP|, |D| <= d 2^80), so the flush only drops terms below 2^-126
+// times a finite factor. Windows that fail the check run in the thread's own
+// mode.
+template <typename T>
+bool window_is_tame(const Problem<T>& p, const WindowTokens<T>& win, int64_t h0, int64_t nh,
+                    const T* grad) {
+  const int64_t n = nh * p.d;
+  auto parts_tame = [&](const T* channels) {
+    for (int part = 0; part < 3; ++part) {
+      if (!all_tame(channels + part * p.C + h0 * p.d, n)) return false;
+    }
+    return true;
+  };
+  bool padded = false;
+  for (const int64_t row : win.row) {
+    if (row < 0) {
+      padded = true;
+    } else if (!parts_tame(p.qkv + row * 3 * p.C) ||
+               (grad != nullptr && !all_tame(grad + row * p.C + h0 * p.d, n))) {
+      return false;
+    }
+  }
+  return !padded || p.pad == nullptr || parts_tame(p.pad);
 }
 
 // dst[r, j] = mult * part's channel j of token t0 + r, rows ld apart.
@@ -460,6 +503,7 @@ void forward(const Problem<T>& p, T* out) {
     std::vector<T> qs(bq * d), kt(d * p.ldk), k(bk * d), v(bk * d), s(bq * p.ldk), o(bq * d);
     WindowTokens<T> win(N), next(N);
     OnlineSoftmax<T> softmax(bq);
+    cpu::FlushSubnormals flush;
     int64_t built = -1, next_window = -1;
     const int64_t end_window = (end - 1) / p.heads + 1;
     for (int64_t u = begin; u < end; ++u) {
@@ -471,6 +515,7 @@ void forward(const Problem<T>& p, T* out) {
           prefetch_tokens(next, p.qkv, 3 * p.C, 0, 3 * p.C);
         }
         built = w;
+        flush.set(window_is_tame(p, win, 0, p.heads, static_cast<const T*>(nullptr)));
       }
       if (p.one_key_block()) {
         gather_cols(kt.data(), p.ldk, p, win, 1, h, 0, N, k.data());
@@ -657,6 +702,7 @@ void backward(const Problem<T>& p, const BackwardOut<T>& g, const cpu::ChunkPlan
   at::parallel_for(0, plan.chunks, 1, [&](int64_t c_begin, int64_t c_end) {
     BackwardScratch<T> x(p, dense_table);
     WindowTokens<T> win(N), next(N);
+    cpu::FlushSubnormals flush;
     for (int64_t chunk = c_begin; chunk < c_end; ++chunk) {
       // Heads innermost, as in the forward.
       const int64_t run = chunk / p.heads, h = chunk % p.heads;
@@ -675,6 +721,7 @@ void backward(const Problem<T>& p, const BackwardOut<T>& g, const cpu::ChunkPlan
           }
           prefetch_tokens(next, g.grad, p.C, h * d, d);
         }
+        flush.set(window_is_tame(p, win, h, 1, g.grad));
         window_backward(p, win, h, g, x, table_part, pad_part);
       }
       if (dense_table) {
