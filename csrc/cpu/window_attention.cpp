@@ -218,36 +218,63 @@ struct WindowTokens {
 };
 
 // Prefetches elements [offset, offset + count) of the window's token rows of
-// `base` (rows `stride` apart), for a window computed next: a window's rows are
+// `base` (rows `stride` apart), for writing if kWrite: a window's rows are
 // short runs far apart, which the hardware prefetchers do not follow.
-template <typename T>
+template <int kWrite, typename T>
 void prefetch_tokens(const WindowTokens<T>& win, const T* base, int64_t stride, int64_t offset,
                      int64_t count) {
   constexpr int64_t kLine = 64 / sizeof(T);
   for (const int64_t row : win.row) {
     if (row < 0) continue;
     const T* first = base + row * stride + offset;
-    for (int64_t i = 0; i < count; i += kLine) __builtin_prefetch(first + i, 0, 3);
-    __builtin_prefetch(first + count - 1, 0, 3);  // the last line of an unaligned run
+    for (int64_t i = 0; i < count; i += kLine) __builtin_prefetch(first + i, kWrite, 3);
+    __builtin_prefetch(first + count - 1, kWrite, 3);  // the last line of an unaligned run
   }
 }
 
-// The tokens of window w in `win`: swapped in from `next` when it was built
-// ahead, else built. Then `next` is built for window w + 1 if it is below
-// `end` (and returned true), so its rows can be prefetched.
+// The token tables of the window being computed (`now`) and of one built
+// ahead (`ahead`) so that its rows can be prefetched while `now` is computed.
 template <typename T>
-bool advance_window(const Problem<T>& p, int64_t w, int64_t end, WindowTokens<T>& win,
-                    WindowTokens<T>& next, int64_t& next_window) {
-  if (next_window == w) {
-    std::swap(win, next);
-  } else {
-    win.build(p, w);
+struct WindowCursor {
+  WindowTokens<T> now, ahead;
+  int64_t now_window = -1, ahead_window = -1;
+  explicit WindowCursor(int64_t N) : now(N), ahead(N) {}
+
+  // Makes `now` window w's (taking `ahead` if it was built for w); whether it changed.
+  bool move_to(const Problem<T>& p, int64_t w) {
+    if (w == now_window) return false;
+    if (w == ahead_window) {
+      std::swap(now, ahead);
+      ahead_window = now_window;
+    } else {
+      now.build(p, w);
+    }
+    now_window = w;
+    return true;
   }
-  next_window = -1;
-  if (w + 1 >= end) return false;
-  next.build(p, w + 1);
-  next_window = w + 1;
-  return true;
+  // Window w's tokens, for a prefetch: `now`, or `ahead` built for w.
+  const WindowTokens<T>& peek(const Problem<T>& p, int64_t w) {
+    if (w == now_window) return now;
+    if (w != ahead_window) {
+      ahead.build(p, w);
+      ahead_window = w;
+    }
+    return ahead;
+  }
+};
+
+// Prefetches what one head's unit of work reads and writes: head h's q, k and
+// v of the window's tokens, and of `grad` (read) and `out` (written) its
+// head slices ([rows, C] tensors), when given.
+template <typename T>
+void prefetch_head(const Problem<T>& p, const WindowTokens<T>& win, int64_t h, const T* grad,
+                   const T* out, const T* grad_qkv) {
+  for (int part = 0; part < 3; ++part) {
+    prefetch_tokens<0>(win, p.qkv, 3 * p.C, part * p.C + h * p.d, p.d);
+    if (grad_qkv != nullptr) prefetch_tokens<1>(win, grad_qkv, 3 * p.C, part * p.C + h * p.d, p.d);
+  }
+  if (grad != nullptr) prefetch_tokens<0>(win, grad, p.C, h * p.d, p.d);
+  if (out != nullptr) prefetch_tokens<1>(win, out, p.C, h * p.d, p.d);
 }
 
 // The d channels of part `part` (0 q, 1 k, 2 v) of head h of token t: its row
@@ -501,21 +528,20 @@ void forward(const Problem<T>& p, T* out) {
   at::parallel_for(0, p.windows * p.heads, cpu::task_grain(4 * N * d), [&](int64_t begin,
                                                                            int64_t end) {
     std::vector<T> qs(bq * d), kt(d * p.ldk), k(bk * d), v(bk * d), s(bq * p.ldk), o(bq * d);
-    WindowTokens<T> win(N), next(N);
+    WindowCursor<T> cursor(N);
+    const WindowTokens<T>& win = cursor.now;
     OnlineSoftmax<T> softmax(bq);
     cpu::FlushSubnormals flush;
-    int64_t built = -1, next_window = -1;
-    const int64_t end_window = (end - 1) / p.heads + 1;
     for (int64_t u = begin; u < end; ++u) {
-      // Heads innermost: a window's token rows stay in cache across its heads,
-      // while the next window's rows are fetched.
+      // Heads innermost: a window's token rows stay in cache across its heads.
       const int64_t w = u / p.heads, h = u % p.heads;
-      if (w != built) {
-        if (advance_window(p, w, end_window, win, next, next_window)) {
-          prefetch_tokens(next, p.qkv, 3 * p.C, 0, 3 * p.C);
-        }
-        built = w;
+      if (cursor.move_to(p, w)) {
         flush.set(window_is_tame(p, win, 0, p.heads, static_cast<const T*>(nullptr)));
+      }
+      if (u + 1 < end) {  // the next unit's rows, fetched while this one computes
+        const int64_t nw = (u + 1) / p.heads, nh = (u + 1) % p.heads;
+        prefetch_head(p, cursor.peek(p, nw), nh, static_cast<const T*>(nullptr), out,
+                      static_cast<const T*>(nullptr));
       }
       if (p.one_key_block()) {
         gather_cols(kt.data(), p.ldk, p, win, 1, h, 0, N, k.data());
@@ -701,26 +727,32 @@ void backward(const Problem<T>& p, const BackwardOut<T>& g, const cpu::ChunkPlan
   const bool dense_table = p.bias != nullptr;
   at::parallel_for(0, plan.chunks, 1, [&](int64_t c_begin, int64_t c_end) {
     BackwardScratch<T> x(p, dense_table);
-    WindowTokens<T> win(N), next(N);
+    WindowCursor<T> cursor(N);
     cpu::FlushSubnormals flush;
+    // Chunk c's head and first window.
+    auto head_of = [&](int64_t c) { return c % p.heads; };
+    auto first_window = [&](int64_t c) { return c / p.heads * plan.tiles_per_chunk; };
     for (int64_t chunk = c_begin; chunk < c_end; ++chunk) {
       // Heads innermost, as in the forward.
-      const int64_t run = chunk / p.heads, h = chunk % p.heads;
-      const int64_t w0 = run * plan.tiles_per_chunk;
+      const int64_t h = head_of(chunk), w0 = first_window(chunk);
       const int64_t w1 = std::min(w0 + plan.tiles_per_chunk, p.windows);
       T* table_part = g.table_part != nullptr ? g.table_part + chunk * p.entries : nullptr;
       T* pad_part = g.pad_part != nullptr ? g.pad_part + chunk * 3 * d : nullptr;
       if (table_part != nullptr) std::fill(table_part, table_part + p.entries, T(0));
       if (pad_part != nullptr) std::fill(pad_part, pad_part + 3 * d, T(0));
       if (dense_table) std::fill(x.table_acc.begin(), x.table_acc.end(), T(0));
-      int64_t next_window = -1;
       for (int64_t w = w0; w < w1; ++w) {
-        if (advance_window(p, w, w1, win, next, next_window)) {  // head h's channels of window w + 1
-          for (int part = 0; part < 3; ++part) {
-            prefetch_tokens(next, p.qkv, 3 * p.C, part * p.C + h * d, d);
-          }
-          prefetch_tokens(next, g.grad, p.C, h * d, d);
+        cursor.move_to(p, w);
+        // The next unit's rows, fetched while this one computes: window w + 1
+        // of this chunk, or the next chunk's first window (another head).
+        if (w + 1 < w1) {
+          prefetch_head(p, cursor.peek(p, w + 1), h, g.grad, static_cast<const T*>(nullptr),
+                        g.grad_qkv);
+        } else if (chunk + 1 < c_end) {
+          prefetch_head(p, cursor.peek(p, first_window(chunk + 1)), head_of(chunk + 1), g.grad,
+                        static_cast<const T*>(nullptr), g.grad_qkv);
         }
+        const WindowTokens<T>& win = cursor.now;
         flush.set(window_is_tame(p, win, h, 1, g.grad));
         window_backward(p, win, h, g, x, table_part, pad_part);
       }

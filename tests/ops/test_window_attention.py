@@ -278,6 +278,50 @@ def test_cpu_masked_pair_keeps_its_subnormal_weight():
         assert_close(actual[finite], expected[finite], torch.float32, f"result {i}")
 
 
+
+@pytest.mark.parametrize("value,flushed", [(2.0 ** 30, True), (2.0 ** 41, False)])
+def test_cpu_flushes_masked_weights_only_where_it_cannot_matter(value, flushed):
+    """Masked pairs' fp32 weights (~1e-44) are flushed to 0 (FTZ/DAZ: subnormal arithmetic takes microcode
+    assists) only in windows whose inputs are within 2^40. With every v 0 but one in another region of the
+    window, the masked query's output is that weight times v: eager's ~1e-35 for v = 2^30, which the flushed
+    kernel makes exactly 0; for v = 2^41 the window keeps subnormals and the kernel matches eager."""
+    require("cpu")
+    qkv, table, _ = window_inputs(1, 6, 8, 8, 2, (2, 4), dtype=torch.float32)
+    qkv, table = qkv * 0.1, table * 0.1
+    qkv[..., 16:] = 0  # every v
+    qkv[0, 5, 6, 2 * 8 + 1] = value  # v of head 0 at token (5, 6): another region than (0, 0) once shifted
+    outs = []
+    for backend in ("cpu", "reference"):
+        with fastctx.use_backend(backend):
+            outs.append(ops.window_attention(qkv, 2, (2, 4), table, (1, 2), None))
+    actual, expected = (out[0, 0, 0, 1].item() for out in outs)
+    assert 0 < expected < 1e-30, expected
+    if flushed:
+        assert actual == 0.0
+    else:
+        assert actual == pytest.approx(expected, rel=1e-5)
+    assert_close(outs[0], outs[1], torch.float32, "output")
+
+
+def test_cpu_kernels_restore_the_threads_subnormal_mode():
+    """The flush is set per thread inside the kernels and undone on return, both ways."""
+    require("cpu")
+    qkv, table, pad = window_inputs(1, 6, 8, 8, 2, (2, 4), dtype=torch.float32)
+    tiny = torch.tensor([1e-39])  # subnormal in fp32
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # the kernels run on the calling thread
+    try:
+        for flush in (False, True):
+            torch.set_flush_denormal(flush)
+            leaf = qkv.clone().requires_grad_()
+            with fastctx.use_backend("cpu"):
+                out = ops.window_attention(leaf, 2, (2, 4), table, (1, 2), None, pad)
+                out.backward(torch.ones_like(out))
+            assert ((tiny * 1.0).item() == 0.0) == flush, f"set_flush_denormal({flush}) not kept"
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(previous)
+
 def test_cpu_gradcheck_float64():
     """The cpu backward through the op, in full (the second order is the reference's, checked above)."""
     require("cpu", torch.float64)
