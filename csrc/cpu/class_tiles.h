@@ -25,17 +25,6 @@
 #include "common/class_context.h"
 #include "cpu/parallel.h"
 
-// A value that is not fused into an FMA with the expression using it (GCC
-// contracts a * b + c across statements).
-#if defined(__has_builtin)
-#if __has_builtin(__builtin_assoc_barrier)
-#define FASTCTX_NO_FMA_FUSION(x) __builtin_assoc_barrier(x)
-#endif
-#endif
-#ifndef FASTCTX_NO_FMA_FUSION
-#define FASTCTX_NO_FMA_FUSION(x) (x)
-#endif
-
 namespace fastctx {
 namespace cpu {
 namespace softmax_detail {
@@ -73,8 +62,15 @@ struct V {
   // scale * x rounded on its own, never fused into an FMA with what follows:
   // the forward's softmax and the backward's exp(scale * x - lse) then see the
   // same logit (with K = 1 the backward's weight is exactly 1, as the forward's).
+  // The empty asm that holds the product in memory is the barrier: GCC's
+  // __builtin_assoc_barrier rebuilds a vector lane by lane (some twenty
+  // shuffles per vector). scale = 1 (the window kernels) needs neither; the
+  // test is loop-invariant, and GCC unswitches the callers' loops on it.
   __attribute__((always_inline)) static vt scaled(T scale, const vt& x) {
-    return FASTCTX_NO_FMA_FUSION(scale * x);
+    if (scale == T(1)) return x;
+    vt product = scale * x;
+    asm("" : "+m"(product));
+    return product;
   }
   // The lanes' sum as a tree of halves (a fixed order, log2(kL) adds of
   // shrinking vectors, kept in registers).
@@ -87,6 +83,19 @@ struct V {
       std::memcpy(&lo, &v, sizeof(lo));
       std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
       return V<T, kBytes / 2>::sum(lo + hi);
+    }
+  }
+  // The lanes' maximum, as a tree of halves; NaN lanes are ignored unless
+  // every lane is NaN (the callers' lanes never are).
+  __attribute__((always_inline)) static T max(const vt& v) {
+    if constexpr (kL <= 2) {
+      return kL == 2 && v[1] > v[0] ? v[1] : v[0];
+    } else {
+      typedef T half_t __attribute__((vector_size(kBytes / 2)));
+      half_t lo, hi;
+      std::memcpy(&lo, &v, sizeof(lo));
+      std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
+      return V<T, kBytes / 2>::max(hi > lo ? hi : lo);
     }
   }
 };
@@ -251,9 +260,7 @@ __attribute__((always_inline)) inline void row_max_body(const T* s, int64_t lds,
       for (int64_t j = n - i; j < L; ++j) v[j] = -static_cast<T>(INFINITY);
       mv = v > mv ? v : mv;
     }
-    T r = m[k];
-    for (int64_t j = 0; j < L; ++j) r = mv[j] > r ? mv[j] : r;
-    m[k] = r;
+    m[k] = W::max(mv);  // every lane started at m[k] and only ever grew
   }
 }
 

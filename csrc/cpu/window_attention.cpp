@@ -147,7 +147,19 @@ __attribute__((always_inline)) inline void softmax_grad_body(T* dp, int64_t lddp
   }
 }
 
-// Whether every |x[i]| <= kTameBound (false for NaN and inf): see window_is_tame.
+// Subnormal numbers and when they may be flushed to zero (FTZ + DAZ,
+// cpu::FlushSubnormals). They arise as softmax weights: a -100 masked pair's
+// fp32 weight is ~1e-44, and the weights multiply v, dO and dP - D. Flushed, a
+// weight w becomes 0, which differs from eager where w times an infinite
+// factor is +-inf but 0 * inf is NaN. If the q (scaled), k and v a query block
+// is computed from and its dO are all within +-2^40, every such factor is
+// finite (|dP|, |D| <= d 2^80), so the flush only drops terms below 2^-126
+// times a finite factor: such blocks run flushed, the others in the thread's
+// own mode. The check runs on the gathered q, k, v and dO buffers, so windows
+// of more than one key block (over 256 tokens; their K and V are gathered a
+// block at a time) keep the thread's mode.
+//
+// Whether every |x[i]| <= kTameBound (false for NaN and inf).
 constexpr double kTameBound = 1099511627776.0;  // 2^40
 template <typename T>
 __attribute__((always_inline)) inline bool all_tame_body(const T* x, int64_t n) {
@@ -285,39 +297,6 @@ const T* token_channels(const Problem<T>& p, const WindowTokens<T>& win, int64_t
   const int64_t offset = part * p.C + h * p.d;
   if (win.row[t] >= 0) return p.qkv + win.row[t] * 3 * p.C + offset;
   return p.pad != nullptr ? p.pad + offset : nullptr;
-}
-
-// Whether the window's subnormal numbers can be flushed to zero (FTZ + DAZ,
-// cpu::FlushSubnormals) without changing what the eager maths gives beyond
-// far-below-rounding amounts. Subnormals arise as softmax weights: a -100
-// masked pair's fp32 weight is ~1e-44, and the weights multiply v, dO and
-// dP - D. Flushed, a weight w becomes 0, which differs from eager where w
-// times an infinite factor is +-inf but 0 * inf is NaN. If every q, k, v of
-// the window's heads [h0, h0 + nh) (pad_qkv's for padded tokens) and every
-// dO of those heads (when grad is given) is within +-2^40, every such factor
-// is finite (|dP|, |D| <= d 2^80), so the flush only drops terms below 2^-126
-// times a finite factor. Windows that fail the check run in the thread's own
-// mode.
-template <typename T>
-bool window_is_tame(const Problem<T>& p, const WindowTokens<T>& win, int64_t h0, int64_t nh,
-                    const T* grad) {
-  const int64_t n = nh * p.d;
-  auto parts_tame = [&](const T* channels) {
-    for (int part = 0; part < 3; ++part) {
-      if (!all_tame(channels + part * p.C + h0 * p.d, n)) return false;
-    }
-    return true;
-  };
-  bool padded = false;
-  for (const int64_t row : win.row) {
-    if (row < 0) {
-      padded = true;
-    } else if (!parts_tame(p.qkv + row * 3 * p.C) ||
-               (grad != nullptr && !all_tame(grad + row * p.C + h0 * p.d, n))) {
-      return false;
-    }
-  }
-  return !padded || p.pad == nullptr || parts_tame(p.pad);
 }
 
 // dst[r, j] = mult * part's channel j of token t0 + r, rows ld apart.
@@ -535,21 +514,22 @@ void forward(const Problem<T>& p, T* out) {
     for (int64_t u = begin; u < end; ++u) {
       // Heads innermost: a window's token rows stay in cache across its heads.
       const int64_t w = u / p.heads, h = u % p.heads;
-      if (cursor.move_to(p, w)) {
-        flush.set(window_is_tame(p, win, 0, p.heads, static_cast<const T*>(nullptr)));
-      }
+      cursor.move_to(p, w);
       if (u + 1 < end) {  // the next unit's rows, fetched while this one computes
         const int64_t nw = (u + 1) / p.heads, nh = (u + 1) % p.heads;
         prefetch_head(p, cursor.peek(p, nw), nh, static_cast<const T*>(nullptr), out,
                       static_cast<const T*>(nullptr));
       }
+      bool kv_tame = false;  // see kTameBound
       if (p.one_key_block()) {
         gather_cols(kt.data(), p.ldk, p, win, 1, h, 0, N, k.data());
         gather_rows(v.data(), d, p, win, 2, h, 0, N, T(1));
+        kv_tame = all_tame(k.data(), N * d) && all_tame(v.data(), N * d);
       }
       for (int64_t q0 = 0; q0 < N; q0 += bq) {
         const int64_t nq = std::min(bq, N - q0);
         gather_rows(qs.data(), d, p, win, 0, h, q0, nq, p.scale);
+        flush.set(kv_tame && all_tame(qs.data(), nq * d));
         for (int64_t k0 = 0; k0 < N; k0 += bk) {
           const int64_t nk = std::min(bk, N - k0);
           if (!p.one_key_block()) {
@@ -611,10 +591,12 @@ struct BackwardOut {
 
 // Gradients of one head of one window; table gradient into x.table_acc
 // (dense) or table_part (the chunk's column of the table), pad_qkv's into
-// pad_part (the chunk's q, k, v slices of head h).
+// pad_part (the chunk's q, k, v slices of head h). Each query block runs with
+// subnormals flushed when its inputs allow it (see kTameBound).
 template <typename T>
 void window_backward(const Problem<T>& p, const WindowTokens<T>& win, int64_t h,
-                     const BackwardOut<T>& g, BackwardScratch<T>& x, T* table_part, T* pad_part) {
+                     const BackwardOut<T>& g, BackwardScratch<T>& x, T* table_part, T* pad_part,
+                     cpu::FlushSubnormals& flush) {
   const int64_t N = p.N, d = p.d, bq = p.bq, bk = p.bk, ldk = p.ldk;
   const bool dense_table = !x.table_acc.empty();
   std::fill(x.dk.begin(), x.dk.end(), T(0));
@@ -640,7 +622,11 @@ void window_backward(const Problem<T>& p, const WindowTokens<T>& win, int64_t h,
     }
   };
 
-  if (p.one_key_block()) gather_keys(0, N);
+  bool kv_tame = false;  // see kTameBound
+  if (p.one_key_block()) {
+    gather_keys(0, N);
+    kv_tame = all_tame(x.k.data(), N * d) && all_tame(x.v.data(), N * d);
+  }
   for (int64_t q0 = 0; q0 < N; q0 += bq) {
     const int64_t nq = std::min(bq, N - q0);
     gather_rows(x.qs.data(), d, p, win, 0, h, q0, nq, p.scale);
@@ -653,6 +639,7 @@ void window_backward(const Problem<T>& p, const WindowTokens<T>& win, int64_t h,
         std::fill(dst, dst + d, T(0));
       }
     }
+    flush.set(kv_tame && all_tame(x.qs.data(), nq * d) && all_tame(x.dout.data(), nq * d));
     if (p.one_key_block()) {
       scores(p, win, h, x.qs.data(), x.kt.data(), q0, nq, 0, N, x.s.data());
       x.softmax.step(p, x.s.data(), nq, N, true, nullptr, nullptr);
@@ -752,9 +739,7 @@ void backward(const Problem<T>& p, const BackwardOut<T>& g, const cpu::ChunkPlan
           prefetch_head(p, cursor.peek(p, first_window(chunk + 1)), head_of(chunk + 1), g.grad,
                         static_cast<const T*>(nullptr), g.grad_qkv);
         }
-        const WindowTokens<T>& win = cursor.now;
-        flush.set(window_is_tame(p, win, h, 1, g.grad));
-        window_backward(p, win, h, g, x, table_part, pad_part);
+        window_backward(p, cursor.now, h, g, x, table_part, pad_part, flush);
       }
       if (dense_table) {
         for (int64_t i = 0; i < N * N; ++i) table_part[p.table_index[i]] += x.table_acc[i];
