@@ -28,11 +28,13 @@
 //
 // grad_table and grad_pad are sums over windows. The backward cuts the windows
 // into runs (cpu/parallel.h plan_chunks: shapes only, never the thread count);
-// a chunk is one head of one run and owns a partial of the table column and of
-// pad_qkv's head slice; partials are summed in run order, so every result is
-// bit-identical for any thread count. Inside a chunk, dS of all its windows is
-// first summed into an [N x N] buffer (vector adds) and scattered to the
-// table's rows once.
+// each (run, head) owns a partial of the table column and of pad_qkv's head
+// slice; partials are summed in run order, so every result is bit-identical
+// for any thread count. A chunk is a run with a group of heads (all of them
+// unless windows are few, see BackwardPlan), heads innermost so a window's
+// rows are read whole once. Per (run, head), dS of all its windows is first
+// summed into an [N x N] buffer (vector adds) and scattered to the table's
+// rows once.
 //
 // Non-finite values propagate as in the eager maths: the softmax maxima ignore
 // NaN but a NaN reaches every sum it is part of; a padded query row (whose
@@ -275,18 +277,19 @@ struct WindowCursor {
   }
 };
 
-// Prefetches what one head's unit of work reads and writes: head h's q, k and
-// v of the window's tokens, and of `grad` (read) and `out` (written) its
-// head slices ([rows, C] tensors), when given.
+// Prefetches what heads [h0, h0 + nh) of a window read and write: their q, k
+// and v of the window's tokens, and of `grad` (read) and `out` (written) their
+// slices ([rows, C] tensors), when given.
 template <typename T>
-void prefetch_head(const Problem<T>& p, const WindowTokens<T>& win, int64_t h, const T* grad,
-                   const T* out, const T* grad_qkv) {
+void prefetch_heads(const Problem<T>& p, const WindowTokens<T>& win, int64_t h0, int64_t nh,
+                    const T* grad, const T* out, const T* grad_qkv) {
+  const int64_t offset = h0 * p.d, count = nh * p.d;
   for (int part = 0; part < 3; ++part) {
-    prefetch_tokens<0>(win, p.qkv, 3 * p.C, part * p.C + h * p.d, p.d);
-    if (grad_qkv != nullptr) prefetch_tokens<1>(win, grad_qkv, 3 * p.C, part * p.C + h * p.d, p.d);
+    prefetch_tokens<0>(win, p.qkv, 3 * p.C, part * p.C + offset, count);
+    if (grad_qkv != nullptr) prefetch_tokens<1>(win, grad_qkv, 3 * p.C, part * p.C + offset, count);
   }
-  if (grad != nullptr) prefetch_tokens<0>(win, grad, p.C, h * p.d, p.d);
-  if (out != nullptr) prefetch_tokens<1>(win, out, p.C, h * p.d, p.d);
+  if (grad != nullptr) prefetch_tokens<0>(win, grad, p.C, offset, count);
+  if (out != nullptr) prefetch_tokens<1>(win, out, p.C, offset, count);
 }
 
 // The d channels of part `part` (0 q, 1 k, 2 v) of head h of token t: its row
@@ -520,8 +523,8 @@ void forward(const Problem<T>& p, T* out) {
       if (cursor.move_to(p, w)) prefetch_tokens<0>(win, p.qkv, 3 * p.C, 0, 3 * p.C);
       if (u + 1 < end) {  // the next unit's rows, fetched while this one computes
         const int64_t nw = (u + 1) / p.heads, nh = (u + 1) % p.heads;
-        prefetch_head(p, cursor.peek(p, nw), nh, static_cast<const T*>(nullptr), out,
-                      static_cast<const T*>(nullptr));
+        prefetch_heads(p, cursor.peek(p, nw), nh, 1, static_cast<const T*>(nullptr), out,
+                       static_cast<const T*>(nullptr));
       }
       bool kv_tame = false;  // see kTameBound
       if (p.one_key_block()) {
@@ -577,10 +580,10 @@ template <typename T>
 struct BackwardScratch {
   std::vector<T> qs, dout, kt, k, v, vt, s, dp, dq, dk, dv, table_acc, lse, D, inv_l;
   OnlineSoftmax<T> softmax;
-  BackwardScratch(const Problem<T>& p, bool dense_table)
+  BackwardScratch(const Problem<T>& p, int64_t dense_table_heads)
       : qs(p.bq * p.d), dout(p.bq * p.d), kt(p.d * p.ldk), k(p.bk * p.d), v(p.bk * p.d),
         vt(p.d * p.ldk), s(p.bq * p.ldk), dp(p.bq * p.ldk), dq(p.bq * p.d), dk(p.N * p.d),
-        dv(p.N * p.d), table_acc(dense_table ? p.N * p.N : 0), lse(p.bq), D(p.bq),
+        dv(p.N * p.d), table_acc(dense_table_heads * p.N * p.N), lse(p.bq), D(p.bq),
         inv_l(p.bq), softmax(p.bq) {}
 };
 
@@ -592,16 +595,16 @@ struct BackwardOut {
   T* pad_part;     // [chunks, 3d] or nullptr
 };
 
-// Gradients of one head of one window; table gradient into x.table_acc
-// (dense) or table_part (the chunk's column of the table), pad_qkv's into
-// pad_part (the chunk's q, k, v slices of head h). Each query block runs with
+// Gradients of one head of one window; table gradient into table_acc
+// (dense: head h's [N, N] sums, or nullptr) or table_part (the run's column of
+// the table for head h), pad_qkv's into pad_part (the run's q, k, v slices of
+// head h). Each query block runs with
 // subnormals flushed when its inputs allow it (see kTameBound).
 template <typename T>
 void window_backward(const Problem<T>& p, const WindowTokens<T>& win, int64_t h,
-                     const BackwardOut<T>& g, BackwardScratch<T>& x, T* table_part, T* pad_part,
-                     cpu::FlushSubnormals& flush) {
+                     const BackwardOut<T>& g, BackwardScratch<T>& x, T* table_acc, T* table_part,
+                     T* pad_part, cpu::FlushSubnormals& flush) {
   const int64_t N = p.N, d = p.d, bq = p.bq, bk = p.bk, ldk = p.ldk;
-  const bool dense_table = !x.table_acc.empty();
   std::fill(x.dk.begin(), x.dk.end(), T(0));
   std::fill(x.dv.begin(), x.dv.end(), T(0));
   // K and V of keys k0.., as rows (x.k, x.v) and transposed (x.kt, x.vt).
@@ -614,8 +617,8 @@ void window_backward(const Problem<T>& p, const WindowTokens<T>& win, int64_t h,
     tile_gemm<T>(nq, nk, d, x.dp.data(), ldk, 1, x.k.data(), d, x.dq.data(), d, k0 > 0);
     tile_gemm<T>(nk, nq, d, x.dp.data(), 1, ldk, x.qs.data(), d, x.dk.data() + k0 * d, d, true);
     tile_gemm<T>(nk, nq, d, x.s.data(), 1, ldk, x.dout.data(), d, x.dv.data() + k0 * d, d, true);
-    if (dense_table) {
-      add_rows(x.table_acc.data() + q0 * N + k0, N, x.dp.data(), ldk, nq, nk);
+    if (table_acc != nullptr) {
+      add_rows(table_acc + q0 * N + k0, N, x.dp.data(), ldk, nq, nk);
     } else if (table_part != nullptr) {
       for (int64_t r = 0; r < nq; ++r) {
         for (int64_t c = 0; c < nk; ++c) {
@@ -711,41 +714,75 @@ void window_backward(const Problem<T>& p, const WindowTokens<T>& win, int64_t h,
   }
 }
 
+// The backward's work split, from the shapes only: runs of windows
+// (plan_chunks over the windows) x groups of heads, so that there are about
+// cpu::kTargetChunks chunks (heads are split only when windows are few). A
+// chunk computes its heads over its run's windows, window by window with heads
+// innermost, so a window's token rows are read whole once and stay in cache
+// across its heads. Each (run, head) owns one partial of the table column and
+// of pad_qkv's slices, summed over the run's windows in order: results do not
+// depend on the grouping or on the thread count.
+struct BackwardPlan {
+  int64_t windows_per_run, runs, heads_per_group, groups, chunks;
+  BackwardPlan(int64_t windows, int64_t heads) {
+    const cpu::ChunkPlan plan = cpu::plan_chunks(1, windows);
+    windows_per_run = plan.tiles_per_chunk;
+    runs = plan.chunks;
+    const int64_t wanted = std::clamp<int64_t>(cpu::kTargetChunks / runs, 1, heads);
+    heads_per_group = (heads + wanted - 1) / wanted;
+    groups = (heads + heads_per_group - 1) / heads_per_group;
+    chunks = runs * groups;
+  }
+};
+
 template <typename T>
-void backward(const Problem<T>& p, const BackwardOut<T>& g, const cpu::ChunkPlan& plan) {
-  const int64_t N = p.N, d = p.d;
+void backward(const Problem<T>& p, const BackwardOut<T>& g, const BackwardPlan& plan) {
+  const int64_t N = p.N, d = p.d, hg = plan.heads_per_group;
   const bool dense_table = p.bias != nullptr;
   at::parallel_for(0, plan.chunks, 1, [&](int64_t c_begin, int64_t c_end) {
-    BackwardScratch<T> x(p, dense_table);
+    BackwardScratch<T> x(p, dense_table ? hg : 0);
     WindowCursor<T> cursor(N);
     cpu::FlushSubnormals flush;
-    // Chunk c's head and first window.
-    auto head_of = [&](int64_t c) { return c % p.heads; };
-    auto first_window = [&](int64_t c) { return c / p.heads * plan.tiles_per_chunk; };
     for (int64_t chunk = c_begin; chunk < c_end; ++chunk) {
-      // Heads innermost, as in the forward.
-      const int64_t h = head_of(chunk), w0 = first_window(chunk);
-      const int64_t w1 = std::min(w0 + plan.tiles_per_chunk, p.windows);
-      T* table_part = g.table_part != nullptr ? g.table_part + chunk * p.entries : nullptr;
-      T* pad_part = g.pad_part != nullptr ? g.pad_part + chunk * 3 * d : nullptr;
-      if (table_part != nullptr) std::fill(table_part, table_part + p.entries, T(0));
-      if (pad_part != nullptr) std::fill(pad_part, pad_part + 3 * d, T(0));
-      if (dense_table) std::fill(x.table_acc.begin(), x.table_acc.end(), T(0));
+      const int64_t run = chunk / plan.groups, h0 = chunk % plan.groups * hg;
+      const int64_t h1 = std::min(h0 + hg, p.heads);
+      const int64_t w0 = run * plan.windows_per_run;
+      const int64_t w1 = std::min(w0 + plan.windows_per_run, p.windows);
+      // Head h's partials of this run.
+      auto table_part = [&](int64_t h) {
+        return g.table_part != nullptr ? g.table_part + (run * p.heads + h) * p.entries : nullptr;
+      };
+      auto pad_part = [&](int64_t h) {
+        return g.pad_part != nullptr ? g.pad_part + (run * p.heads + h) * 3 * d : nullptr;
+      };
+      for (int64_t h = h0; h < h1; ++h) {
+        if (g.table_part != nullptr) std::fill(table_part(h), table_part(h) + p.entries, T(0));
+        if (g.pad_part != nullptr) std::fill(pad_part(h), pad_part(h) + 3 * d, T(0));
+      }
+      std::fill(x.table_acc.begin(), x.table_acc.end(), T(0));
       for (int64_t w = w0; w < w1; ++w) {
         cursor.move_to(p, w);
-        // The next unit's rows, fetched while this one computes: window w + 1
-        // of this chunk, or the next chunk's first window (another head).
-        if (w + 1 < w1) {
-          prefetch_head(p, cursor.peek(p, w + 1), h, g.grad, static_cast<const T*>(nullptr),
-                        g.grad_qkv);
-        } else if (chunk + 1 < c_end) {
-          prefetch_head(p, cursor.peek(p, first_window(chunk + 1)), head_of(chunk + 1), g.grad,
-                        static_cast<const T*>(nullptr), g.grad_qkv);
+        for (int64_t h = h0; h < h1; ++h) {
+          // The next unit's rows, fetched while this one computes: the next
+          // head's slices of this window (in cache after the first head, as
+          // whole lines), or the next window's whole rows.
+          if (h + 1 < h1) {
+            prefetch_heads(p, cursor.now, h + 1, 1, g.grad, static_cast<const T*>(nullptr),
+                           g.grad_qkv);
+          } else if (w + 1 < w1) {
+            prefetch_heads(p, cursor.peek(p, w + 1), h0, h1 - h0, g.grad,
+                           static_cast<const T*>(nullptr), g.grad_qkv);
+          }
+          T* acc = dense_table ? x.table_acc.data() + (h - h0) * N * N : nullptr;
+          window_backward(p, cursor.now, h, g, x, acc, table_part(h), pad_part(h), flush);
         }
-        window_backward(p, cursor.now, h, g, x, table_part, pad_part, flush);
       }
       if (dense_table) {
-        for (int64_t i = 0; i < N * N; ++i) table_part[p.table_index[i]] += x.table_acc[i];
+        for (int64_t h = h0; h < h1; ++h) {
+          const T* acc = x.table_acc.data() + (h - h0) * N * N;
+          T* part = table_part(h);
+          for (int64_t i = 0; i < N * N; ++i) part[p.table_index[i]] += acc[i];
+        }
       }
     }
   });
@@ -769,21 +806,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_bwd(
     using T = scalar_t;
     at::Tensor storage, index_storage;
     const Problem<T> p = make_problem<T>(s, qkv, bias_table, pad_qkv, scale, storage, index_storage);
-    // Runs of windows; chunk = run * heads + head.
-    const cpu::ChunkPlan windows = cpu::plan_chunks(s.heads, p.windows);
-    cpu::ChunkPlan plan = windows;
-    plan.chunks = windows.chunks_per_row * s.heads;
-    auto table_part = bias_table.has_value() ? at::empty({plan.chunks, s.entries}, qkv.options())
+    // One partial per (run, head).
+    const BackwardPlan plan(p.windows, s.heads);
+    const int64_t partials = plan.runs * s.heads;
+    auto table_part = bias_table.has_value() ? at::empty({partials, s.entries}, qkv.options())
                                              : at::Tensor();
     auto pad_part =
-        pad_qkv.has_value() ? at::empty({plan.chunks, 3 * s.d}, qkv.options()) : at::Tensor();
+        pad_qkv.has_value() ? at::empty({partials, 3 * s.d}, qkv.options()) : at::Tensor();
     BackwardOut<T> g{grad.const_data_ptr<T>(), grad_qkv.mutable_data_ptr<T>(),
                      table_part.defined() ? table_part.mutable_data_ptr<T>() : nullptr,
                      pad_part.defined() ? pad_part.mutable_data_ptr<T>() : nullptr};
     backward(p, g, plan);
 
     // Fixed-order reductions of the partials: run 0, 1, ... for each head.
-    const int64_t runs = windows.chunks_per_row, d = s.d;
+    const int64_t runs = plan.runs, d = s.d;
     if (g.table_part != nullptr) {
       T* out = grad_table.mutable_data_ptr<T>();  // [entries, heads]
       for (int64_t run = 0; run < runs; ++run) {
