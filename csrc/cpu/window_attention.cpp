@@ -607,10 +607,16 @@ void window_backward(const Problem<T>& p, const WindowTokens<T>& win, int64_t h,
   const int64_t N = p.N, d = p.d, bq = p.bq, bk = p.bk, ldk = p.ldk;
   std::fill(x.dk.begin(), x.dk.end(), T(0));
   std::fill(x.dv.begin(), x.dv.end(), T(0));
-  // K and V of keys k0.., as rows (x.k, x.v) and transposed (x.kt, x.vt).
-  auto gather_keys = [&](int64_t k0, int64_t nk) {
+  // K and V of keys k0.., as rows (x.k, x.v) and K transposed (x.kt); V
+  // transposed too (x.vt) unless for_forward (the recomputed forward of pass 1
+  // needs V only as rows).
+  auto gather_keys = [&](int64_t k0, int64_t nk, bool for_forward = false) {
     gather_cols(x.kt.data(), ldk, p, win, 1, h, k0, nk, x.k.data());
-    gather_cols(x.vt.data(), ldk, p, win, 2, h, k0, nk, x.v.data());
+    if (for_forward) {
+      gather_rows(x.v.data(), d, p, win, 2, h, k0, nk, T(1));
+    } else {
+      gather_cols(x.vt.data(), ldk, p, win, 2, h, k0, nk, x.v.data());
+    }
   };
   // dS [nq x nk] in x.dp and P in x.s: dQ (+)= dS K, dK += dS^T Qs, dV += P^T dO, d(table) += dS.
   auto accumulate = [&](int64_t q0, int64_t nq, int64_t k0, int64_t nk) {
@@ -661,7 +667,7 @@ void window_backward(const Problem<T>& p, const WindowTokens<T>& win, int64_t h,
       // lse = shift + log l.
       for (int64_t k0 = 0; k0 < N; k0 += bk) {
         const int64_t nk = std::min(bk, N - k0);
-        gather_keys(k0, nk);
+        gather_keys(k0, nk, true);
         scores(p, win, h, x.qs.data(), x.kt.data(), q0, nq, k0, nk, x.s.data());
         x.softmax.step(p, x.s.data(), nq, nk, k0 == 0, x.v.data(), x.dq.data());
       }
