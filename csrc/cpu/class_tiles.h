@@ -8,9 +8,10 @@
 //    rows, softmaxes over classes down columns; both are vectorised across
 //    pixels. Compiled for AVX-512, AVX2+FMA and the baseline
 //    (FASTCTX_SIMD_CLONES, cpu/parallel.h); exp_rows and row_max, the hot
-//    ones, in ISA variants at the machine's vector width, as tile_gemm. A pixel's result does not depend
-//    on where it sits in a tile: a row's last, partial vector goes through the
-//    same vector code (partial loads and stores).
+//    ones, in ISA variants at the machine's vector width, as tile_gemm. A
+//    pixel's result does not depend on where it sits in a tile: a row's last,
+//    partial vector goes through the same vector code (partial loads and
+//    stores).
 //  * tile_gemm, the products of the kernels, all of one form: out = coef . x,
 //    a small coefficient matrix times a tile whose rows are vectors. BLAS
 //    packs both operands on every call, and MKL runs only its AVX2 code on
@@ -117,8 +118,10 @@ __attribute__((always_inline)) inline void exp_inplace(typename V<T, kBytes>::vt
   if constexpr (sizeof(T) == sizeof(float)) {
     const vec_t x = v;
     typedef int32_t ivec __attribute__((vector_size(kBytes)));
-    const vec_t lo = V<T, kBytes>::all(-103.972084f);  // log(FLT_TRUE_MIN / 2): exp rounds to 0 below
-    const vec_t magic = V<T, kBytes>::all(12582912.0f);  // 1.5 * 2^23: t + magic rounds t to an integer
+    // lo = log(FLT_TRUE_MIN / 2): exp rounds to 0 below; t + magic (1.5 * 2^23)
+    // rounds t to an integer.
+    const vec_t lo = V<T, kBytes>::all(-103.972084f);
+    const vec_t magic = V<T, kBytes>::all(12582912.0f);
     const vec_t xc = x < lo ? lo : x;
     const vec_t t = xc * 1.44269504088896341f + magic;
     const vec_t n = t - magic;
@@ -139,8 +142,9 @@ __attribute__((always_inline)) inline void exp_inplace(typename V<T, kBytes>::vt
   } else {
     const vec_t x = v;
     typedef int64_t ivec __attribute__((vector_size(kBytes)));
-    const vec_t lo = V<T, kBytes>::all(-745.13321910194122);  // log(DBL_TRUE_MIN / 2): exp rounds to 0 below
-    const vec_t magic = V<T, kBytes>::all(6755399441055744.0);  // 1.5 * 2^52
+    // lo = log(DBL_TRUE_MIN / 2): exp rounds to 0 below; magic = 1.5 * 2^52.
+    const vec_t lo = V<T, kBytes>::all(-745.13321910194122);
+    const vec_t magic = V<T, kBytes>::all(6755399441055744.0);
     const vec_t xc = x < lo ? lo : x;
     const vec_t t = xc * 1.4426950408889634074 + magic;
     const vec_t n = t - magic;
@@ -495,6 +499,20 @@ inline int isa_level() {
 
 }  // namespace gemm_detail
 
+// The body of a function with ISA variants NAME_v4, NAME_v3 and NAME_base:
+// returns the machine's variant called with the arguments, or PORTABLE (one
+// parenthesised callable) where the variants are not compiled.
+#ifdef FASTCTX_TILE_GEMM_ISAS
+#define FASTCTX_ISA_DISPATCH(NAME, PORTABLE, ...)        \
+  switch (::fastctx::cpu::gemm_detail::isa_level()) {    \
+    case 2: return NAME##_v4(__VA_ARGS__);               \
+    case 1: return NAME##_v3(__VA_ARGS__);               \
+    default: return NAME##_base(__VA_ARGS__);            \
+  }
+#else
+#define FASTCTX_ISA_DISPATCH(NAME, PORTABLE, ...) return PORTABLE(__VA_ARGS__);
+#endif
+
 // out[r, i] = (accumulate ? out[r, i] : 0) + sum_{k < Kin} coef[r*rs + k*ks] * x[k*ldx + i]
 // for r < R, i < n. The rows of x and out are vectors: n need not be a multiple
 // of the vector width (the last vector is partial), but a multiple of 16
@@ -505,15 +523,8 @@ template <typename T>
 inline void tile_gemm(int64_t R, int64_t Kin, int64_t n, const T* coef, int64_t rs, int64_t ks,
                       const T* x, int64_t ldx, T* out, int64_t ldo, bool accumulate) {
   if (R <= 0 || n <= 0) return;
-#ifdef FASTCTX_TILE_GEMM_ISAS
-  switch (gemm_detail::isa_level()) {
-    case 2: return gemm_detail::gemm_v4(R, Kin, n, coef, rs, ks, x, ldx, out, ldo, accumulate);
-    case 1: return gemm_detail::gemm_v3(R, Kin, n, coef, rs, ks, x, ldx, out, ldo, accumulate);
-    default: return gemm_detail::gemm_base(R, Kin, n, coef, rs, ks, x, ldx, out, ldo, accumulate);
-  }
-#else
-  gemm_detail::gemm_body<T, 32, 12, 3>(R, Kin, n, coef, rs, ks, x, ldx, out, ldo, accumulate);
-#endif
+  FASTCTX_ISA_DISPATCH(gemm_detail::gemm, (gemm_detail::gemm_body<T, 32, 12, 3>), R, Kin, n, coef,
+                       rs, ks, x, ldx, out, ldo, accumulate)
 }
 
 // ---------------------------------------------------------------------------
@@ -548,29 +559,15 @@ FASTCTX_ROW_VARIANTS(double, base, , 32)
 template <typename T>
 inline void exp_rows(T* w, int64_t ldw, const T* s, int64_t lds, int64_t K, int64_t n, T scale,
                      const T* shift, T* rowsum) {
-#ifdef FASTCTX_TILE_GEMM_ISAS
-  switch (gemm_detail::isa_level()) {
-    case 2: return softmax_detail::exp_rows_v4(w, ldw, s, lds, K, n, scale, shift, rowsum);
-    case 1: return softmax_detail::exp_rows_v3(w, ldw, s, lds, K, n, scale, shift, rowsum);
-    default: return softmax_detail::exp_rows_base(w, ldw, s, lds, K, n, scale, shift, rowsum);
-  }
-#else
-  softmax_detail::exp_rows_body<T>(w, ldw, s, lds, K, n, scale, shift, rowsum);
-#endif
+  FASTCTX_ISA_DISPATCH(softmax_detail::exp_rows, (softmax_detail::exp_rows_body<T>), w, ldw, s, lds,
+                       K, n, scale, shift, rowsum)
 }
 
 // m[k] = max(m[k], max_{i < n} scale * s[k, i]) for k < K, ignoring NaN.
 template <typename T>
 inline void row_max(const T* s, int64_t lds, int64_t K, int64_t n, T scale, T* m) {
-#ifdef FASTCTX_TILE_GEMM_ISAS
-  switch (gemm_detail::isa_level()) {
-    case 2: return softmax_detail::row_max_v4(s, lds, K, n, scale, m);
-    case 1: return softmax_detail::row_max_v3(s, lds, K, n, scale, m);
-    default: return softmax_detail::row_max_base(s, lds, K, n, scale, m);
-  }
-#else
-  softmax_detail::row_max_body<T>(s, lds, K, n, scale, m);
-#endif
+  FASTCTX_ISA_DISPATCH(softmax_detail::row_max, (softmax_detail::row_max_body<T>), s, lds, K, n,
+                       scale, m)
 }
 
 // ---------------------------------------------------------------------------

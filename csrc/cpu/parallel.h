@@ -84,7 +84,8 @@ class FlushSubnormals {
   // on: FTZ and DAZ set; off: the mode the thread had on construction.
   void set(bool on) {
 #ifdef __SSE2__
-    constexpr unsigned kFtzDaz = 0x8040;  // MXCSR bits 15 (flush to zero) and 6 (denormals are zero)
+    // MXCSR bits 15 (flush to zero) and 6 (denormals are zero).
+    constexpr unsigned kFtzDaz = 0x8040;
     const unsigned want = on ? saved_ | kFtzDaz : saved_;
     if (want != current_) {
       _mm_setcsr(want);

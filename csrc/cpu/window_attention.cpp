@@ -342,7 +342,8 @@ int64_t padded_keys(const Problem<T>& p, int64_t nk) {
 template <typename T>
 void scores(const Problem<T>& p, const WindowTokens<T>& win, int64_t h, const T* qs, const T* kt,
             int64_t q0, int64_t nq, int64_t k0, int64_t nk, T* s) {
-  // Whatever kt holds past nk (zeros, or an earlier key block's keys), those scores become -inf below.
+  // Whatever kt holds past nk (zeros, or an earlier key block's keys), those
+  // scores become -inf below.
   const int64_t nkp = padded_keys(p, nk);
   tile_gemm<T>(nq, p.d, nkp, qs, p.d, 1, kt, p.ldk, s, p.ldk, false);
   if (p.bias != nullptr) {
@@ -811,7 +812,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_bwd(
   AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "window_attention_bwd", [&] {
     using T = scalar_t;
     at::Tensor storage, index_storage;
-    const Problem<T> p = make_problem<T>(s, qkv, bias_table, pad_qkv, scale, storage, index_storage);
+    const Problem<T> p =
+        make_problem<T>(s, qkv, bias_table, pad_qkv, scale, storage, index_storage);
     // One partial per (run, head).
     const BackwardPlan plan(p.windows, s.heads);
     const int64_t partials = plan.runs * s.heads;
