@@ -518,10 +518,17 @@ void forward(const Problem<T>& p, T* out) {
     for (int64_t u = begin; u < end; ++u) {
       // Heads innermost: a window's token rows stay in cache across its heads.
       const int64_t w = u / p.heads, h = u % p.heads;
-      // A new window's whole token rows, as streams the core runs far ahead on:
-      // with many heads one head's slices are short runs on many pages, which
-      // from cold memory are fetched one latency at a time.
-      if (cursor.move_to(p, w)) prefetch_tokens<0>(win, p.qkv, 3 * p.C, 0, 3 * p.C);
+      // Whole token rows as streams the core runs far ahead on (one head's
+      // slices are short runs on many pages, fetched one latency at a time
+      // from cold memory): at a new window, the next window's, and this one's
+      // if it is the task's first.
+      const bool first = cursor.now_window < 0;
+      if (cursor.move_to(p, w)) {
+        if (first) prefetch_tokens<0>(win, p.qkv, 3 * p.C, 0, 3 * p.C);
+        if ((w + 1) * p.heads < end) {
+          prefetch_tokens<0>(cursor.peek(p, w + 1), p.qkv, 3 * p.C, 0, 3 * p.C);
+        }
+      }
       if (u + 1 < end) {  // the next unit's rows, fetched while this one computes
         const int64_t nw = (u + 1) / p.heads, nh = (u + 1) % p.heads;
         prefetch_heads(p, cursor.peek(p, nw), nh, 1, static_cast<const T*>(nullptr), out,
