@@ -36,6 +36,10 @@
 // summed into an [N x N] buffer (vector adds) and scattered to the table's
 // rows once.
 //
+// Swin's masked pairs make subnormal weights, and x86 arithmetic on them takes
+// microcode assists; query blocks whose inputs bound every factor such a weight
+// meets run with subnormals flushed (kTameBound, cpu::FlushSubnormals).
+//
 // Non-finite values propagate as in the eager maths: the softmax maxima ignore
 // NaN but a NaN reaches every sum it is part of; a padded query row (whose
 // output is cropped) still passes a NaN of its window to dK, dV, the table and
