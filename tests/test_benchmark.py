@@ -336,13 +336,13 @@ def test_main_rejects_bad_arguments(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-
 def test_mode_both_is_fwd_and_fwdbwd(capsys):
     """`--mode both` is what the help calls the default: both passes, in the table."""
     assert bench.main(["--device", "cpu", "--shapes", "tiny", "--ops", "window_attention", "--providers",
                        "fastctx-cpu", "--mode", "both", "--out", "", "--reps", "1", "--warmup", "1"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("window_attention")]
     assert {"fwd", "fwdbwd"} <= {word for row in rows for word in row}
+
 
 # --------------------------------------------------------------------------- GPU paths on a CPU machine
 

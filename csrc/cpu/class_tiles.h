@@ -79,10 +79,7 @@ struct V {
     if constexpr (kL <= 2) {
       return kL == 2 ? v[0] + v[1] : v[0];
     } else {
-      typedef T half_t __attribute__((vector_size(kBytes / 2)));
-      half_t lo, hi;
-      std::memcpy(&lo, &v, sizeof(lo));
-      std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
+      const auto [lo, hi] = halves(v);
       return V<T, kBytes / 2>::sum(lo + hi);
     }
   }
@@ -92,12 +89,19 @@ struct V {
     if constexpr (kL <= 2) {
       return kL == 2 && v[1] > v[0] ? v[1] : v[0];
     } else {
-      typedef T half_t __attribute__((vector_size(kBytes / 2)));
-      half_t lo, hi;
-      std::memcpy(&lo, &v, sizeof(lo));
-      std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
+      const auto [lo, hi] = halves(v);
       return V<T, kBytes / 2>::max(hi > lo ? hi : lo);
     }
+  }
+  // The low and high halves of v, as vectors of kBytes / 2.
+  __attribute__((always_inline)) static auto halves(const vt& v) {
+    typedef T half_t __attribute__((vector_size(kBytes / 2)));
+    struct {
+      half_t lo, hi;
+    } h;
+    std::memcpy(&h.lo, &v, sizeof(h.lo));
+    std::memcpy(&h.hi, reinterpret_cast<const char*>(&v) + sizeof(h.lo), sizeof(h.hi));
+    return h;
   }
 };
 

@@ -526,9 +526,8 @@ void forward(const Problem<T>& p, T* out) {
       // slices are short runs on many pages, fetched one latency at a time
       // from cold memory): at a new window, the next window's, and this one's
       // if it is the task's first.
-      const bool first = cursor.now_window < 0;
       if (cursor.move_to(p, w)) {
-        if (first) prefetch_tokens<0>(win, p.qkv, 3 * p.C, 0, 3 * p.C);
+        if (u == begin) prefetch_tokens<0>(win, p.qkv, 3 * p.C, 0, 3 * p.C);
         if ((w + 1) * p.heads < end) {
           prefetch_tokens<0>(cursor.peek(p, w + 1), p.qkv, 3 * p.C, 0, 3 * p.C);
         }
@@ -603,15 +602,15 @@ template <typename T>
 struct BackwardOut {
   const T* grad;   // [B*H*W, C]
   T* grad_qkv;     // [B*H*W, 3C]
-  T* table_part;   // [chunks, entries] or nullptr
-  T* pad_part;     // [chunks, 3d] or nullptr
+  T* table_part;   // [runs * heads, entries] or nullptr (BackwardPlan)
+  T* pad_part;     // [runs * heads, 3d] or nullptr
 };
 
 // Gradients of one head of one window; table gradient into table_acc
 // (dense: head h's [N, N] sums, or nullptr) or table_part (the run's column of
 // the table for head h), pad_qkv's into pad_part (the run's q, k, v slices of
-// head h). Each query block runs with
-// subnormals flushed when its inputs allow it (see kTameBound).
+// head h). Each query block runs with subnormals flushed when its inputs
+// allow it (see kTameBound).
 template <typename T>
 void window_backward(const Problem<T>& p, const WindowTokens<T>& win, int64_t h,
                      const BackwardOut<T>& g, BackwardScratch<T>& x, T* table_acc, T* table_part,

@@ -278,7 +278,6 @@ def test_cpu_masked_pair_keeps_its_subnormal_weight():
         assert_close(actual[finite], expected[finite], torch.float32, f"result {i}")
 
 
-
 @pytest.mark.parametrize("value,flushed", [(2.0 ** 30, True), (2.0 ** 41, False)])
 def test_cpu_flushes_masked_weights_only_where_it_cannot_matter(value, flushed):
     """Masked pairs' fp32 weights (~1e-44) are flushed to 0 (FTZ/DAZ: subnormal arithmetic takes microcode
@@ -321,6 +320,7 @@ def test_cpu_kernels_restore_the_threads_subnormal_mode():
     finally:
         torch.set_flush_denormal(False)
         torch.set_num_threads(previous)
+
 
 def test_cpu_gradcheck_float64():
     """The cpu backward through the op, in full (the second order is the reference's, checked above)."""
