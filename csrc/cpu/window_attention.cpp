@@ -482,14 +482,20 @@ Problem<T> make_problem(const Shape& s, const at::Tensor& qkv,
   p.bk = block_size(s.N, kMaxKeyBlock);
   p.ldk = round_up(p.bk, 16);
   if (!bias_table.has_value()) return p;
-  const T* table = bias_table->const_data_ptr<T>();
   const int64_t N = s.N, heads = s.heads;
   if (heads * N * N <= kMaxDenseBias) {
     index_storage = at::empty({N, N}, qkv.options().dtype(at::kLong));
     int64_t* index = index_storage.mutable_data_ptr<int64_t>();
+    // Key (uy, ux) of query t uses table row first(t) - uy (2Ww - 1) - ux: no
+    // division per pair (those divisions were most of a small call's time).
+    const int64_t Wh = s.g.Wh, Ww = s.g.Ww;
     for (int64_t t = 0; t < N; ++t) {
-      for (int64_t u = 0; u < N; ++u) index[t * N + u] = window_table_index(t, u, s.g.Wh, s.g.Ww);
+      const int64_t first = window_table_index(t, 0, Wh, Ww);
+      for (int64_t uy = 0; uy < Wh; ++uy) {
+        for (int64_t ux = 0; ux < Ww; ++ux) index[t * N + uy * Ww + ux] = first - uy * (2 * Ww - 1) - ux;
+      }
     }
+    const T* table = bias_table->const_data_ptr<T>();
     storage = at::empty({heads, N, N}, qkv.options());
     T* bias = storage.mutable_data_ptr<T>();
     at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
