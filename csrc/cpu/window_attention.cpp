@@ -623,7 +623,47 @@ struct BackwardOut {
   T* grad_qkv;     // [B*H*W, 3C]
   T* table_part;   // [runs * heads, entries] or nullptr (BackwardPlan)
   T* pad_part;     // [runs * heads, 3d] or nullptr
+  bool stream;     // grad_qkv through non-temporal stores (see store_head)
 };
+
+// grad_qkv outputs of at least this many bytes are written with non-temporal
+// stores: they outgrow the caches, this op never reads them back, and a
+// streaming store skips the read for ownership of every line (that read was a
+// third of the ULLMC backward's own time). Smaller ones stay in cache for the
+// Linear backward that reads them next.
+constexpr int64_t kStreamGradBytes = int64_t(16) << 20;
+
+// dst[j] = scale * src[j] for one head's d channels of a grad_qkv row;
+// non-temporal when `stream` and dst is 16-byte aligned (then the task ends
+// with store_fence()).
+template <typename T>
+inline void store_head(T* dst, const T* src, int64_t d, T scale, bool stream) {
+#ifdef __SSE2__
+  if (stream && reinterpret_cast<uintptr_t>(dst) % 16 == 0 && (d * sizeof(T)) % 16 == 0) {
+    if constexpr (std::is_same_v<T, float>) {
+      const __m128 k = _mm_set1_ps(scale);
+      for (int64_t j = 0; j < d; j += 4) _mm_stream_ps(dst + j, _mm_mul_ps(k, _mm_loadu_ps(src + j)));
+      return;
+    } else if constexpr (std::is_same_v<T, double>) {
+      const __m128d k = _mm_set1_pd(scale);
+      for (int64_t j = 0; j < d; j += 2) _mm_stream_pd(dst + j, _mm_mul_pd(k, _mm_loadu_pd(src + j)));
+      return;
+    }
+  }
+#endif
+  if (scale == T(1)) {
+    copy_head(dst, src, d);
+  } else {
+    for (int64_t j = 0; j < d; ++j) dst[j] = scale * src[j];
+  }
+}
+
+// Orders a task's non-temporal stores before the parallel region's join.
+inline void store_fence() {
+#ifdef __SSE2__
+  _mm_sfence();
+#endif
+}
 
 // Gradients of one head of one window; table gradient into table_acc
 // (dense: head h's [N, N] sums, or nullptr) or table_part (the run's column of
@@ -726,8 +766,7 @@ void window_backward(const Problem<T>& p, const WindowTokens<T>& win, int64_t h,
       const int64_t row = win.row[q0 + r];
       const T* src = x.dq.data() + r * d;
       if (row >= 0) {
-        T* dst = g.grad_qkv + row * 3 * p.C + h * d;
-        for (int64_t j = 0; j < d; ++j) dst[j] = p.scale * src[j];
+        store_head(g.grad_qkv + row * 3 * p.C + h * d, src, d, p.scale, g.stream);
       } else if (pad_part != nullptr) {
         for (int64_t j = 0; j < d; ++j) pad_part[j] += p.scale * src[j];
       }
@@ -739,8 +778,8 @@ void window_backward(const Problem<T>& p, const WindowTokens<T>& win, int64_t h,
     const T* dv = x.dv.data() + t * d;
     if (row >= 0) {
       T* dst = g.grad_qkv + row * 3 * p.C + p.C + h * d;
-      copy_head(dst, dk, d);
-      copy_head(dst + p.C, dv, d);
+      store_head(dst, dk, d, T(1), g.stream);
+      store_head(dst + p.C, dv, d, T(1), g.stream);
     } else if (pad_part != nullptr) {
       for (int64_t j = 0; j < d; ++j) {
         pad_part[d + j] += dk[j];
@@ -775,6 +814,8 @@ template <typename T>
 void backward(const Problem<T>& p, const BackwardOut<T>& g, const BackwardPlan& plan) {
   const int64_t N = p.N, d = p.d, hg = plan.heads_per_group;
   const bool dense_table = p.bias != nullptr;
+  // grad_qkv's lines are fetched ahead for writing unless streamed past the caches.
+  const T* written = g.stream ? nullptr : g.grad_qkv;
   at::parallel_for(0, plan.chunks, 1, [&](int64_t c_begin, int64_t c_end) {
     BackwardScratch<T> x(p, dense_table ? hg : 0);
     WindowCursor<T> cursor(N);
@@ -804,10 +845,10 @@ void backward(const Problem<T>& p, const BackwardOut<T>& g, const BackwardPlan& 
           // whole lines), or the next window's whole rows.
           if (h + 1 < h1) {
             prefetch_heads(p, cursor.now, h + 1, 1, g.grad, static_cast<const T*>(nullptr),
-                           g.grad_qkv);
+                           written);
           } else if (w + 1 < w1) {
             prefetch_heads(p, cursor.peek(p, w + 1), h0, h1 - h0, g.grad,
-                           static_cast<const T*>(nullptr), g.grad_qkv);
+                           static_cast<const T*>(nullptr), written);
           }
           T* acc = dense_table ? x.table_acc.data() + (h - h0) * N * N : nullptr;
           window_backward(p, cursor.now, h, g, x, acc, table_part(h), pad_part(h), flush);
@@ -821,6 +862,7 @@ void backward(const Problem<T>& p, const BackwardOut<T>& g, const BackwardPlan& 
         }
       }
     }
+    if (g.stream) store_fence();
   });
 }
 
@@ -852,7 +894,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_bwd(
         pad_qkv.has_value() ? at::empty({partials, 3 * s.d}, qkv.options()) : at::Tensor();
     BackwardOut<T> g{grad.const_data_ptr<T>(), grad_qkv.mutable_data_ptr<T>(),
                      table_part.defined() ? table_part.mutable_data_ptr<T>() : nullptr,
-                     pad_part.defined() ? pad_part.mutable_data_ptr<T>() : nullptr};
+                     pad_part.defined() ? pad_part.mutable_data_ptr<T>() : nullptr,
+                     grad_qkv.nbytes() >= static_cast<size_t>(kStreamGradBytes)};
     backward(p, g, plan);
 
     // Fixed-order reductions of the partials: run 0, 1, ... for each head.
