@@ -78,6 +78,17 @@ constexpr int64_t kMaxKeyBlock = 256;
 // elements (12x12 windows with 32 heads: 0.7M); larger windows look each
 // logit's bias up in the table.
 constexpr int64_t kMaxDenseBias = int64_t(1) << 20;
+
+// Outputs (out, grad_qkv) of at least this many bytes are written with
+// non-temporal stores: they outgrow the caches, the op never reads them back,
+// and a streaming store skips each line's read for ownership. Smaller ones stay
+// in cache for the Linear that reads them next.
+constexpr int64_t kStreamBytes = int64_t(16) << 20;
+
+bool streamed(const at::Tensor& output) {
+  return output.nbytes() >= static_cast<size_t>(kStreamBytes);
+}
+
 // mmseg's value for pairs of tokens from different shift regions.
 constexpr double kRegionMask = -100.0;
 
@@ -319,6 +330,42 @@ inline void copy_head(T* dst, const T* src, int64_t d) {
   }
 }
 
+// dst[j] = scale * src[j] for one head's d channels of an output row (out,
+// grad_qkv); non-temporal when `stream` and dst is 16-byte aligned (then the
+// task ends with store_fence()).
+template <typename T>
+inline void store_head(T* dst, const T* src, int64_t d, T scale, bool stream) {
+#ifdef __SSE2__
+  if (stream && reinterpret_cast<uintptr_t>(dst) % 16 == 0 && (d * sizeof(T)) % 16 == 0) {
+    if constexpr (std::is_same_v<T, float>) {
+      const __m128 k = _mm_set1_ps(scale);
+      for (int64_t j = 0; j < d; j += 4) {
+        _mm_stream_ps(dst + j, _mm_mul_ps(k, _mm_loadu_ps(src + j)));
+      }
+      return;
+    } else if constexpr (std::is_same_v<T, double>) {
+      const __m128d k = _mm_set1_pd(scale);
+      for (int64_t j = 0; j < d; j += 2) {
+        _mm_stream_pd(dst + j, _mm_mul_pd(k, _mm_loadu_pd(src + j)));
+      }
+      return;
+    }
+  }
+#endif
+  if (scale == T(1)) {
+    copy_head(dst, src, d);
+  } else {
+    for (int64_t j = 0; j < d; ++j) dst[j] = scale * src[j];
+  }
+}
+
+// Orders a task's non-temporal stores before the parallel region's join.
+inline void store_fence() {
+#ifdef __SSE2__
+  _mm_sfence();
+#endif
+}
+
 // dst[r, j] = mult * part's channel j of token t0 + r, rows ld apart.
 template <typename T>
 void gather_rows(T* dst, int64_t ld, const Problem<T>& p, const WindowTokens<T>& win, int part,
@@ -505,7 +552,8 @@ Problem<T> make_problem(const Shape& s, const at::Tensor& qkv,
     for (int64_t t = 0; t < N; ++t) {
       const int64_t first = window_table_index(t, 0, Wh, Ww);
       for (int64_t uy = 0; uy < Wh; ++uy) {
-        for (int64_t ux = 0; ux < Ww; ++ux) index[t * N + uy * Ww + ux] = first - uy * (2 * Ww - 1) - ux;
+        int64_t* run = index + t * N + uy * Ww;
+        for (int64_t ux = 0; ux < Ww; ++ux) run[ux] = first - uy * (2 * Ww - 1) - ux;
       }
     }
     const T* table = bias_table->const_data_ptr<T>();
@@ -529,7 +577,7 @@ Problem<T> make_problem(const Shape& s, const at::Tensor& qkv,
 // Forward
 
 template <typename T>
-void forward(const Problem<T>& p, T* out) {
+void forward(const Problem<T>& p, T* out, bool stream) {
   const int64_t N = p.N, d = p.d, bq = p.bq, bk = p.bk;
   at::parallel_for(0, p.windows * p.heads, cpu::task_grain(4 * N * d), [&](int64_t begin,
                                                                            int64_t end) {
@@ -553,8 +601,8 @@ void forward(const Problem<T>& p, T* out) {
       }
       if (u + 1 < end) {  // the next unit's rows, fetched while this one computes
         const int64_t nw = (u + 1) / p.heads, nh = (u + 1) % p.heads;
-        prefetch_heads(p, cursor.peek(p, nw), nh, 1, static_cast<const T*>(nullptr), out,
-                       static_cast<const T*>(nullptr));
+        prefetch_heads(p, cursor.peek(p, nw), nh, 1, static_cast<const T*>(nullptr),
+                       stream ? nullptr : out, static_cast<const T*>(nullptr));
       }
       bool kv_tame = false;  // see kTameBound
       if (p.one_key_block()) {
@@ -579,11 +627,11 @@ void forward(const Problem<T>& p, T* out) {
           const int64_t row = win.row[q0 + r];
           if (row < 0) continue;  // a padded token: cropped
           const T inv = T(1) / softmax.l[r];
-          T* dst = out + row * p.C + h * d;
-          for (int64_t j = 0; j < d; ++j) dst[j] = o[r * d + j] * inv;
+          store_head(out + row * p.C + h * d, o.data() + r * d, d, inv, stream);
         }
       }
     }
+    if (stream) store_fence();
   });
 }
 
@@ -598,7 +646,7 @@ at::Tensor window_attention_fwd(const at::Tensor& qkv, const std::optional<at::T
     at::Tensor storage, index_storage;
     const Problem<scalar_t> p =
         make_problem<scalar_t>(s, qkv, bias_table, pad_qkv, scale, storage, index_storage);
-    forward(p, out.mutable_data_ptr<scalar_t>());
+    forward(p, out.mutable_data_ptr<scalar_t>(), streamed(out));
   });
   return out;
 }
@@ -625,45 +673,6 @@ struct BackwardOut {
   T* pad_part;     // [runs * heads, 3d] or nullptr
   bool stream;     // grad_qkv through non-temporal stores (see store_head)
 };
-
-// grad_qkv outputs of at least this many bytes are written with non-temporal
-// stores: they outgrow the caches, this op never reads them back, and a
-// streaming store skips the read for ownership of every line (that read was a
-// third of the ULLMC backward's own time). Smaller ones stay in cache for the
-// Linear backward that reads them next.
-constexpr int64_t kStreamGradBytes = int64_t(16) << 20;
-
-// dst[j] = scale * src[j] for one head's d channels of a grad_qkv row;
-// non-temporal when `stream` and dst is 16-byte aligned (then the task ends
-// with store_fence()).
-template <typename T>
-inline void store_head(T* dst, const T* src, int64_t d, T scale, bool stream) {
-#ifdef __SSE2__
-  if (stream && reinterpret_cast<uintptr_t>(dst) % 16 == 0 && (d * sizeof(T)) % 16 == 0) {
-    if constexpr (std::is_same_v<T, float>) {
-      const __m128 k = _mm_set1_ps(scale);
-      for (int64_t j = 0; j < d; j += 4) _mm_stream_ps(dst + j, _mm_mul_ps(k, _mm_loadu_ps(src + j)));
-      return;
-    } else if constexpr (std::is_same_v<T, double>) {
-      const __m128d k = _mm_set1_pd(scale);
-      for (int64_t j = 0; j < d; j += 2) _mm_stream_pd(dst + j, _mm_mul_pd(k, _mm_loadu_pd(src + j)));
-      return;
-    }
-  }
-#endif
-  if (scale == T(1)) {
-    copy_head(dst, src, d);
-  } else {
-    for (int64_t j = 0; j < d; ++j) dst[j] = scale * src[j];
-  }
-}
-
-// Orders a task's non-temporal stores before the parallel region's join.
-inline void store_fence() {
-#ifdef __SSE2__
-  _mm_sfence();
-#endif
-}
 
 // Gradients of one head of one window; table gradient into table_acc
 // (dense: head h's [N, N] sums, or nullptr) or table_part (the run's column of
@@ -895,7 +904,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_bwd(
     BackwardOut<T> g{grad.const_data_ptr<T>(), grad_qkv.mutable_data_ptr<T>(),
                      table_part.defined() ? table_part.mutable_data_ptr<T>() : nullptr,
                      pad_part.defined() ? pad_part.mutable_data_ptr<T>() : nullptr,
-                     grad_qkv.nbytes() >= static_cast<size_t>(kStreamGradBytes)};
+                     streamed(grad_qkv)};
     backward(p, g, plan);
 
     // Fixed-order reductions of the partials: run 0, 1, ... for each head.
