@@ -40,6 +40,10 @@
 // microcode assists; query blocks whose inputs bound every factor such a weight
 // meets run with subnormals flushed (kTameBound, cpu::FlushSubnormals).
 //
+// Outputs past the caches (kStreamBytes) are written with non-temporal stores:
+// each line is written whole and never read back here, so its read for
+// ownership is saved.
+//
 // Non-finite values propagate as in the eager maths: the softmax maxima ignore
 // NaN but a NaN reaches every sum it is part of; a padded query row (whose
 // output is cropped) still passes a NaN of its window to dK, dV, the table and
