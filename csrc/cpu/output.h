@@ -12,9 +12,19 @@
 // THP_MEM_ALLOC_ENABLE=1. Only whole huge pages inside the tensor are advised,
 // so resident memory does not grow; memory reused from the heap, already
 // mapped, is unaffected.
+//
+// An output past the caches that a kernel writes whole and never reads back
+// can be written with non-temporal stores (streams_past_caches, stream_scaled,
+// stream_fence): a normal store first reads each line for ownership.
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <type_traits>
+
+#ifdef __SSE2__
+#include <emmintrin.h>
+#include <xmmintrin.h>
+#endif
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -49,6 +59,42 @@ inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& o
 // Contiguous, of t's sizes and options.
 inline at::Tensor empty_output_like(const at::Tensor& t) {
   return empty_output(t.sizes(), t.options());
+}
+
+// Outputs of at least this many bytes outgrow the caches; smaller ones stay in
+// cache for the op that reads them next.
+constexpr int64_t kStreamBytes = int64_t{16} << 20;
+
+inline bool streams_past_caches(const at::Tensor& output) {
+  return static_cast<int64_t>(output.nbytes()) >= kStreamBytes;
+}
+
+// dst[j] = scale * src[j], j < n, with non-temporal stores. Returns false, and
+// writes nothing, where it cannot (no SSE2, dst not 16-byte aligned, n not a
+// whole number of 16-byte vectors): the caller stores plainly. A task that
+// streamed ends with stream_fence().
+template <typename T>
+inline bool stream_scaled(T* dst, const T* src, int64_t n, T scale) {
+#ifdef __SSE2__
+  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0 || (n * sizeof(T)) % 16 != 0) return false;
+  if constexpr (std::is_same_v<T, float>) {
+    const __m128 k = _mm_set1_ps(scale);
+    for (int64_t j = 0; j < n; j += 4) _mm_stream_ps(dst + j, _mm_mul_ps(k, _mm_loadu_ps(src + j)));
+    return true;
+  } else if constexpr (std::is_same_v<T, double>) {
+    const __m128d k = _mm_set1_pd(scale);
+    for (int64_t j = 0; j < n; j += 2) _mm_stream_pd(dst + j, _mm_mul_pd(k, _mm_loadu_pd(src + j)));
+    return true;
+  }
+#endif
+  return false;
+}
+
+// Orders a task's non-temporal stores before the parallel region's join.
+inline void stream_fence() {
+#ifdef __SSE2__
+  _mm_sfence();
+#endif
 }
 
 }  // namespace cpu

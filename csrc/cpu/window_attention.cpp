@@ -40,7 +40,7 @@
 // microcode assists; query blocks whose inputs bound every factor such a weight
 // meets run with subnormals flushed (kTameBound, cpu::FlushSubnormals).
 //
-// Outputs past the caches (kStreamBytes) are written with non-temporal stores:
+// Outputs past the caches (cpu/output.h) are written with non-temporal stores:
 // each line is written whole and never read back here, so its read for
 // ownership is saved.
 //
@@ -82,16 +82,6 @@ constexpr int64_t kMaxKeyBlock = 256;
 // elements (12x12 windows with 32 heads: 0.7M); larger windows look each
 // logit's bias up in the table.
 constexpr int64_t kMaxDenseBias = int64_t(1) << 20;
-
-// Outputs (out, grad_qkv) of at least this many bytes are written with
-// non-temporal stores: they outgrow the caches, the op never reads them back,
-// and a streaming store skips each line's read for ownership. Smaller ones stay
-// in cache for the Linear that reads them next.
-constexpr int64_t kStreamBytes = int64_t(16) << 20;
-
-bool streamed(const at::Tensor& output) {
-  return output.nbytes() >= static_cast<size_t>(kStreamBytes);
-}
 
 // mmseg's value for pairs of tokens from different shift regions.
 constexpr double kRegionMask = -100.0;
@@ -321,11 +311,15 @@ const T* token_channels(const Problem<T>& p, const WindowTokens<T>& win, int64_t
   return p.pad != nullptr ? p.pad + offset : nullptr;
 }
 
-// One head's d channels. Common head sizes get a fixed-size copy the compiler
-// inlines as a few vector moves: a libc memcpy call per 128-byte row was 5% of
-// a Swin-T stage 4 forward.
+// dst[j] = scale * src[j] for one head's d channels. Unscaled common head
+// sizes get a fixed-size copy the compiler inlines as a few vector moves: a
+// libc memcpy call per 128-byte row was 5% of a Swin-T stage 4 forward.
 template <typename T>
-inline void copy_head(T* dst, const T* src, int64_t d) {
+inline void copy_head(T* dst, const T* src, int64_t d, T scale = T(1)) {
+  if (scale != T(1)) {
+    for (int64_t j = 0; j < d; ++j) dst[j] = scale * src[j];
+    return;
+  }
   switch (d * static_cast<int64_t>(sizeof(T))) {
     case 64: std::memcpy(dst, src, 64); break;
     case 128: std::memcpy(dst, src, 128); break;
@@ -334,40 +328,12 @@ inline void copy_head(T* dst, const T* src, int64_t d) {
   }
 }
 
-// dst[j] = scale * src[j] for one head's d channels of an output row (out,
-// grad_qkv); non-temporal when `stream` and dst is 16-byte aligned (then the
-// task ends with store_fence()).
+// copy_head into an output row (out, grad_qkv), non-temporal when `stream`
+// (cpu::streams_past_caches) and the slice allows it; a task that streamed
+// ends with cpu::stream_fence().
 template <typename T>
 inline void store_head(T* dst, const T* src, int64_t d, T scale, bool stream) {
-#ifdef __SSE2__
-  if (stream && reinterpret_cast<uintptr_t>(dst) % 16 == 0 && (d * sizeof(T)) % 16 == 0) {
-    if constexpr (std::is_same_v<T, float>) {
-      const __m128 k = _mm_set1_ps(scale);
-      for (int64_t j = 0; j < d; j += 4) {
-        _mm_stream_ps(dst + j, _mm_mul_ps(k, _mm_loadu_ps(src + j)));
-      }
-      return;
-    } else if constexpr (std::is_same_v<T, double>) {
-      const __m128d k = _mm_set1_pd(scale);
-      for (int64_t j = 0; j < d; j += 2) {
-        _mm_stream_pd(dst + j, _mm_mul_pd(k, _mm_loadu_pd(src + j)));
-      }
-      return;
-    }
-  }
-#endif
-  if (scale == T(1)) {
-    copy_head(dst, src, d);
-  } else {
-    for (int64_t j = 0; j < d; ++j) dst[j] = scale * src[j];
-  }
-}
-
-// Orders a task's non-temporal stores before the parallel region's join.
-inline void store_fence() {
-#ifdef __SSE2__
-  _mm_sfence();
-#endif
+  if (!(stream && cpu::stream_scaled(dst, src, d, scale))) copy_head(dst, src, d, scale);
 }
 
 // dst[r, j] = mult * part's channel j of token t0 + r, rows ld apart.
@@ -379,10 +345,8 @@ void gather_rows(T* dst, int64_t ld, const Problem<T>& p, const WindowTokens<T>&
     T* out = dst + r * ld;
     if (src == nullptr) {
       std::fill(out, out + p.d, T(0));
-    } else if (mult == T(1)) {
-      copy_head(out, src, p.d);
     } else {
-      for (int64_t j = 0; j < p.d; ++j) out[j] = mult * src[j];
+      copy_head(out, src, p.d, mult);
     }
   }
 }
@@ -635,7 +599,7 @@ void forward(const Problem<T>& p, T* out, bool stream) {
         }
       }
     }
-    if (stream) store_fence();
+    if (stream) cpu::stream_fence();
   });
 }
 
@@ -650,7 +614,7 @@ at::Tensor window_attention_fwd(const at::Tensor& qkv, const std::optional<at::T
     at::Tensor storage, index_storage;
     const Problem<scalar_t> p =
         make_problem<scalar_t>(s, qkv, bias_table, pad_qkv, scale, storage, index_storage);
-    forward(p, out.mutable_data_ptr<scalar_t>(), streamed(out));
+    forward(p, out.mutable_data_ptr<scalar_t>(), cpu::streams_past_caches(out));
   });
   return out;
 }
@@ -875,7 +839,7 @@ void backward(const Problem<T>& p, const BackwardOut<T>& g, const BackwardPlan& 
         }
       }
     }
-    if (g.stream) store_fence();
+    if (g.stream) cpu::stream_fence();
   });
 }
 
@@ -908,7 +872,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> window_attention_bwd(
     BackwardOut<T> g{grad.const_data_ptr<T>(), grad_qkv.mutable_data_ptr<T>(),
                      table_part.defined() ? table_part.mutable_data_ptr<T>() : nullptr,
                      pad_part.defined() ? pad_part.mutable_data_ptr<T>() : nullptr,
-                     streamed(grad_qkv)};
+                     cpu::streams_past_caches(grad_qkv)};
     backward(p, g, plan);
 
     // Fixed-order reductions of the partials: run 0, 1, ... for each head.

@@ -184,7 +184,7 @@ def test_cpu_matches_reference(batch, height, width, channels, heads, window, sh
                       msg=f"{dtype}")
 
 
-# Outputs (out, grad_qkv) of at least 16 MiB (kStreamBytes in csrc/cpu/window_attention.cpp) are written
+# Outputs (out, grad_qkv) of at least 16 MiB (kStreamBytes in csrc/cpu/output.h) are written
 # with non-temporal stores where a head's row slice is 16-byte aligned, and plainly where not (d = 33).
 @pytest.mark.parametrize("channels,heads,dtype", [(192, 6, torch.float32), (198, 6, torch.float32),
                                                   (96, 3, torch.float64)])
