@@ -21,10 +21,19 @@
 // __syncthreads() under a name (an enumerator of the kernel's header), so the
 // emulation tests can drop one barrier (-DFASTCTX_EMU_DROP_BARRIER=<name>) and
 // check that the result then goes wrong. A plain __syncthreads() otherwise.
+// The names are compared as strings, so a header shared by several ops
+// (common/partials.cuh) need not see the dropped barrier's enumerator.
 #if defined(FASTCTX_CUDA_EMU) && defined(FASTCTX_EMU_DROP_BARRIER)
-#define FASTCTX_SYNC(name)                                   \
-  do {                                                       \
-    if ((name) != (FASTCTX_EMU_DROP_BARRIER)) __syncthreads(); \
+#define FASTCTX_SYNC_NAME_(x) #x
+#define FASTCTX_SYNC_NAME(x) FASTCTX_SYNC_NAME_(x)
+constexpr bool fastctx_same_barrier(const char* a, const char* b) {
+  while (*a != 0 && *a == *b) ++a, ++b;
+  return *a == *b;
+}
+#define FASTCTX_SYNC(name)                                                                       \
+  do {                                                                                           \
+    static_assert(sizeof(name) > 0, "a barrier is named by an enumerator");                      \
+    if (!fastctx_same_barrier(#name, FASTCTX_SYNC_NAME(FASTCTX_EMU_DROP_BARRIER))) __syncthreads(); \
   } while (0)
 #else
 #define FASTCTX_SYNC(name) __syncthreads()

@@ -28,6 +28,7 @@
 
 #include "common/activation.h"
 #include "common/cuda_helpers.cuh"
+#include "common/partials.cuh"
 #include "cuda/gla_context_launch.h"
 
 namespace fastctx {
@@ -43,7 +44,6 @@ enum GlaBarrier : int {
   kSyncGlaWeightConsumed,
   kSyncGlaWeightStaged,
   kSyncGlaChunkConsumed,
-  kSyncGlaPartialRows,
 };
 
 // Shared-memory fragment access with the widest aligned vector the length allows
@@ -530,35 +530,6 @@ __global__ void __launch_bounds__(kThreads, gla_min_blocks<acc_t, 2>())
   const scalar_t* pooled_b = p.pooled + b * p.C * p.S_tot;
   for (int64_t t = t0; t < t1; ++t)
     bwd_tile<KJ>(p, S, o, xg, dzg, gxg, bias_b, pooled_b, part_w, part_p, part_b, t * kGlaBwdTile, t == t0, smem);
-}
-
-// out[o][i] = sum_j part[o][j][i] for j < J in a fixed order: 8 thread rows
-// take fixed j ranges of 32 adjacent columns (coalesced), then one row adds
-// the 8 results in order. With `transpose`, column i = r * cols + c of the
-// [rows][cols] inner block is written at c * rows + r.
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads) sum_partials_kernel(const acc_t* __restrict__ part,
-                                                                scalar_t* __restrict__ out, int64_t J,
-                                                                int64_t inner, int64_t rows, int64_t cols,
-                                                                bool transpose) {
-  __shared__ acc_t red[kWarps][33];
-  const int lx = threadIdx.x & 31, ly = threadIdx.x >> 5;
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * 32 + lx;
-  const int64_t o = blockIdx.y;
-  acc_t s = acc_t(0);
-  if (i < inner) {
-    const acc_t* src = part + o * J * inner + i;
-    const int64_t j1 = tile_split_begin(ly + 1, J, kWarps);
-    for (int64_t j = tile_split_begin(ly, J, kWarps); j < j1; ++j) s += src[j * inner];
-  }
-  red[ly][lx] = s;
-  FASTCTX_SYNC(kSyncGlaPartialRows);
-  if (ly == 0 && i < inner) {
-#pragma unroll
-    for (int y = 1; y < kWarps; ++y) s += red[y][lx];
-    const int64_t dst = transpose ? (i % cols) * rows + i / cols : i;
-    out[o * inner + dst] = static_cast<scalar_t>(s);
-  }
 }
 
 }  // namespace fastctx
