@@ -71,8 +71,11 @@ class Support:
 class FusedOp:
     """The backends of one public op and the rules for choosing among them."""
 
-    def __init__(self, name: str, *, cpu: Support, cuda: Support, triton: Support):
+    def __init__(self, name: str, *, cpu: Support, cuda: Support, triton: Support, home: str | None = None):
         self.name = name
+        # The op family whose files hold this op's kernels (kernels/<home>.py, csrc/*/<home>.*): an op that
+        # is another op plus an epilogue (upsample_add_layer_norm) lives with it and shares its code.
+        self.home = home or name
         self.support = {"cpu": cpu, "cuda": cuda, "triton": triton}
         self._warned: set[tuple[str, str]] = set()
         self._built: dict[tuple[str, str], str | None] = {}
@@ -107,7 +110,7 @@ class FusedOp:
         if backend in ("cpu", "cuda"):
             if not _has_kernel(f"fastctx::{self.name}_fwd", "CPU" if backend == "cpu" else "CUDA"):
                 return f"this build has no {backend} kernels for {self.name}"
-        elif importlib.util.find_spec(f"fastctx.kernels.{self.name}") is None:
+        elif importlib.util.find_spec(f"fastctx.kernels.{self.home}") is None:
             return f"this build has no Triton kernels for {self.name}"
         return None
 
@@ -182,7 +185,7 @@ class FusedOp:
         if backend in ("cpu", "cuda"):
             return torch.ops.fastctx  # C++ kernels, dispatched on the tensors' device
         if backend == "triton":
-            return importlib.import_module(f"fastctx.kernels.{self.name}")
+            return importlib.import_module(f"fastctx.kernels.{self.home}")
         raise ValueError(f"no fused kernels for backend {backend!r}")
 
     def table(self, device: torch.device) -> list[tuple[str, str, str]]:
@@ -252,6 +255,12 @@ def _no_autocast(device: torch.device):
     return torch.autocast(device.type if enabled else "cpu", enabled=False)
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the per-row statistics an op saves for its backward (a log-sum-exp, a mean, an rstd):
+    float32, float64 for float64 data (a 16-bit statistic would cost ~1% relative error)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def reference_forward(fn: Callable, tensors: Sequence[torch.Tensor], *args):
     """`fn(*tensors, *args)` in the tensors' dtype, outputs in contiguous layout (as the fake kernels say)."""
     with _no_autocast(tensors[0].device):
@@ -290,5 +299,5 @@ def reference_second_order(fn: Callable, grad: torch.Tensor, tensors: Sequence[t
     return pullback(cotangents)
 
 
-__all__ = ["AUTO", "FusedOp", "OPS", "Support", "amp_dtype", "compute_dtype", "reference_backward",
+__all__ = ["AUTO", "FusedOp", "OPS", "Support", "acc_dtype", "amp_dtype", "compute_dtype", "reference_backward",
            "reference_forward", "reference_second_order", "register"]

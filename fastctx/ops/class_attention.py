@@ -22,7 +22,7 @@ import torch
 from ..reference.class_attention import class_attention as _reference
 from ._class_tiles import cuda_support, triton_support
 from ._checks import check_same, check_tensor
-from ._dispatch import (FusedOp, Support, amp_dtype, compute_dtype, reference_forward, reference_second_order,
+from ._dispatch import (FusedOp, Support, acc_dtype, amp_dtype, compute_dtype, reference_forward, reference_second_order,
                         register)
 
 OP = register(FusedOp("class_attention", cpu=Support(), cuda=cuda_support(), triton=triton_support("class_attention")))
@@ -31,11 +31,6 @@ OP = register(FusedOp("class_attention", cpu=Support(), cuda=cuda_support(), tri
 def _facts(values: torch.Tensor, pixels_from: torch.Tensor, query: torch.Tensor | None) -> dict:
     return dict(B=values.shape[0], K=values.shape[1], Cv=values.shape[2], N=pixels_from.shape[2] * pixels_from.shape[3],
                 Cq=0 if query is None else query.shape[1])
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of the saved log-sum-exp: float32 (float64 for float64 data)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _lse(query, keys, logits, scale: float) -> torch.Tensor:

@@ -27,7 +27,7 @@ from ..reference.class_gather import MODES
 from ..reference.class_gather import class_gather as _reference
 from ._class_tiles import cuda_support, triton_support
 from ._checks import check_same, check_tensor
-from ._dispatch import (FusedOp, Support, amp_dtype, compute_dtype, reference_backward, reference_forward,
+from ._dispatch import (FusedOp, Support, acc_dtype, amp_dtype, compute_dtype, reference_backward, reference_forward,
                         reference_second_order, register)
 
 OP = register(FusedOp("class_gather", cpu=Support(), cuda=cuda_support(), triton=triton_support("class_gather")))
@@ -35,11 +35,6 @@ OP = register(FusedOp("class_gather", cpu=Support(), cuda=cuda_support(), triton
 
 def _facts(feats: torch.Tensor, probs: torch.Tensor) -> dict:
     return dict(B=feats.shape[0], C=feats.shape[1], K=probs.shape[1], N=feats.shape[2] * feats.shape[3])
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of the saved statistic: float32 (float64 for float64 data) -- a 16-bit lse would cost ~1%."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _statistic(feats: torch.Tensor, probs: torch.Tensor, mode: str, scale: float) -> torch.Tensor:
