@@ -81,4 +81,16 @@ TORCH_LIBRARY(fastctx, m) {
   // (grad_residual is grad itself).
   m.def("upsample_add_fwd(Tensor tokens, Tensor residual) -> Tensor");
   m.def("upsample_add_bwd(Tensor grad, int height, int width) -> Tensor");
+  // The same sum with the LayerNorm over C that follows it in IIWA (proj2's norm) and in ULLMC's
+  // cross-scale layer (norm2): out = residual + up(tokens), normed = LN(out) * weight + bias, and the
+  // per-pixel mean and rstd [B, H, W] (float32; float64 for float64 data) the backward reads.
+  // Backward: grad_sum = grad_out + LN's input gradient of grad_normed (grad_residual itself; grad_tokens
+  // is upsample_add_bwd of it); grad_weight, grad_bias [C] reduced in a fixed order when affine_grads,
+  // else empty tensors.
+  m.def(
+      "upsample_add_layer_norm_fwd(Tensor tokens, Tensor residual, Tensor? weight, Tensor? bias, float eps)"
+      " -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "upsample_add_layer_norm_bwd(Tensor grad_out, Tensor grad_normed, Tensor out, Tensor mean, Tensor rstd,"
+      " Tensor? weight, bool affine_grads) -> (Tensor, Tensor, Tensor)");
 }

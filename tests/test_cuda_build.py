@@ -20,14 +20,14 @@ from fastctx.info import _cuda_tool
 CUDA_BUILD_EXPECTED = bool(torch.version.cuda) and os.environ.get("FASTCTX_NO_CUDA", "0") != "1" \
     and os.environ.get("FASTCTX_NO_EXT", "0") != "1"
 OPS = ("pyramid_pool", "gla_context", "residual_relu", "encoding", "class_gather", "class_attention",
-       "window_attention", "window_pool", "upsample_add")
+       "window_attention", "window_pool", "upsample_add", "upsample_add_layer_norm")
 # The architectures setup.py builds when no GPU is there to ask (TORCH_CUDA_ARCH_LIST unset).
 EXPECTED_ARCHS = {"sm_75", "sm_80", "sm_90"}
 # Every __global__ template of csrc/cuda/*_kernel.cuh: each must be compiled for every architecture.
 KERNELS = (
     "residual_relu_fwd_kernel", "residual_relu_bwd_kernel", "channel_sum_kernel",
     "pyramid_pool_fwd_kernel", "pyramid_pool_bwd_kernel",
-    "gla_fwd_kernel", "gla_bwd_kernel", "sum_partials_kernel",
+    "gla_fwd_kernel", "gla_bwd_kernel", "sum_partials_kernel",  # sum_partials_kernel: common/partials.cuh
     "encoding_prep_kernel", "encoding_norms_kernel", "encoding_tile_kernel", "encoding_fixup_kernel",
     "encoding_fwd_reduce_kernel", "encoding_bwd_reduce_kernel",
     "class_gather_fwd_kernel", "class_gather_merge_kernel", "class_gather_prep_kernel", "class_gather_bwd_kernel",
@@ -35,6 +35,7 @@ KERNELS = (
     "window_attention_fwd_kernel", "window_attention_bwd_kernel", "window_attention_sum_kernel",
     "window_pool_fwd_kernel", "window_pool_bwd_kernel", "window_pool_pos_grad_kernel",
     "upsample_add_fwd_kernel", "upsample_add_bwd_kernel",
+    "upsample_add_layer_norm_fwd_kernel", "upsample_add_layer_norm_bwd_kernel",
 )
 
 

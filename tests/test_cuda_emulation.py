@@ -57,7 +57,25 @@ COVERAGE = {
     "window_pool": ["vec=1", "vec=0", "aligned=0", "lanes=256", r"rows=[1-9]\d", "window=4x8", "window=7x7",
                     "grid=1x", r"grid=\d+x1 ", "nan=[1-9]", "pool_div_mismatches=0", "f64", "bf16"],
     "upsample_add": ["vec=1", "vec=0", "aligned=0", "lanes=256", r"B=\d+ 1x\d+->", r"->1x\d+ ", r"->\d+x1 ",
-                     "downsampling", "nan=[1-9]", "f64", "bf16"],
+                     "downsampling", "nan=[1-9]", "f64", "bf16",
+                     # upsample_add_layer_norm: rows of one lane, of part of a warp, of several warps (shared-memory
+                     # row sums, several rows per block) and of the whole block, cached and re-read; several
+                     # backward steps per row; no weight / bias / affine_grads; the rerun on the other path.
+                     r"ln f32 .* lanes=1 rows=256 ", r"ln f32 .* lanes=8 rows=32 ",
+                     r"lanes=64 rows=4 chunks=\d cached=1", r"lanes=256 rows=1 chunks=\d cached=1",
+                     r"ln f32 .* cached=0", r"ln f64 .* cached=0", r"ln bf16 .* vec=1", r"ln bf16 .* vec=0",
+                     r"ln f64 .* vec=0", r"steps=[2-9]", "weight=0", "bias=0", "affine=0",
+                     r"rerun_vec=1 rerun_bits=0", r"rerun_vec=0 rerun_bits=0", r"out_bits=0 .* grad_weight=",
+                     r"bwd_lanes=256 bwd_rows=1 bwd_chunks=\d bwd_cached=1", r"ln f32 .* bwd_cached=0",
+                     r"bwd_lanes=128 bwd_rows=2 ", r"ln f32 .* normed=\S*\(nan=[1-9]",
+                     # rows far from zero (the shifted mean), cached and re-read; non-finite backward rows
+                     # (eager's algebra) with NaN and infinities expected, cached and re-read, vector and scalar.
+                     r"far from zero.* cached=1 ", r"far from zero.* cached=0 ",
+                     r"inject=1 fallback_rows=[1-9].* grad_sum=0\(nan=[1-9]\d*,mismatch=0\).* inf: grad_sum=[1-9]",
+                     r"inject=2 fallback_rows=1 .* inf: grad_sum=[1-9]\d* grad_weight=1 grad_bias=1",
+                     r"inject=4 fallback_rows=1 .* grad_weight=\S*\(nan=1,mismatch=0\)",
+                     r"vec=0 .* bwd_cached=1 .* inject=1 fallback_rows=[1-9]",
+                     r"bwd_cached=0 .* inject=6 fallback_rows=2 ", r"bwd_cached=0 .* inject=1 fallback_rows=[1-9]"],
 }
 
 

@@ -29,7 +29,8 @@ HEADS = {
                 lambda b, h, w: ([torch.randn(b, 8, h, w), torch.randn(b, 12, h, w)],)),
 }
 FUSED_OPS = {"fastctx.pyramid_pool.default", "fastctx.gla_context.default", "fastctx.residual_relu.default",
-             "fastctx.encoding.default", "fastctx.window_pool.default", "fastctx.upsample_add.default"}
+             "fastctx.encoding.default", "fastctx.window_pool.default", "fastctx.upsample_add.default",
+             "fastctx.upsample_add_layer_norm.default"}
 
 
 def _head(name):
@@ -176,6 +177,9 @@ def _op_cases():
         torch.randn(2, 4, 6, 3, dtype=torch.float64), torch.randn(2, 2, 3, dtype=torch.float64), [2, 3])
     yield torch.ops.fastctx.upsample_add.default, (
         torch.randn(2, 2, 3, 3, dtype=torch.float64), torch.randn(2, 5, 7, 3, dtype=torch.float64))
+    yield torch.ops.fastctx.upsample_add_layer_norm.default, (
+        torch.randn(2, 2, 3, 6, dtype=torch.float64), torch.randn(2, 5, 7, 6, dtype=torch.float64),
+        torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64), 1e-5)
 
 
 @pytest.mark.parametrize("backend", ["auto", "reference"])
@@ -194,10 +198,14 @@ def test_in_op_reference_matches_kernels():
         for backend in ("reference", "cpu"):
             leaves = [a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
             result = op(*leaves, backend)
-            out, *saved = result if isinstance(result, tuple) else (result,)  # residual_relu: + its mask
-            weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=out.dtype)
-            (out * weights).sum().backward()
-            results[backend] = [out.detach(), *saved] + [a.grad for a in leaves if isinstance(a, torch.Tensor)]
+            # + what an op saves for its backward (residual_relu's mask, the norm's mean and rstd)
+            outputs = result if isinstance(result, tuple) else (result,)
+            gen = torch.Generator().manual_seed(0)
+            loss = sum((o * torch.randn(o.shape, generator=gen, dtype=o.dtype)).sum()
+                       for o in outputs if o.requires_grad)  # every differentiable output
+            loss.backward()
+            results[backend] = [o.detach() for o in outputs] + [a.grad for a in leaves
+                                                                if isinstance(a, torch.Tensor)]
         for got, want in zip(results["reference"], results["cpu"], strict=True):
             if got.is_floating_point():
                 assert_close(got, want, torch.float64, str(op))

@@ -102,6 +102,10 @@ def _upsample_inputs(g):
     return {"tokens": torch.randn(2, 2, 3, 5, generator=g), "residual": torch.randn(2, 5, 7, 5, generator=g)}
 
 
+def _upsample_norm_inputs(g):
+    return {**_upsample_inputs(g), "weight": torch.randn(5, generator=g), "bias": torch.randn(5, generator=g)}
+
+
 CASES = {
     "pyramid_pool": Case(
         _pool_inputs,
@@ -154,6 +158,18 @@ CASES = {
             # on_tap: output (2, 3) lies on token column 1: its second column tap has weight 0; last_row: row 4
             # lies on the last token row, whose two row taps coincide (one of weight 0)
             "grad": {"element": (1, 2, 5, 3), "on_tap": (1, 2, 3, 3), "last_row": (1, 4, ALL, 3)},
+        },
+    ),
+    "upsample_add_layer_norm": Case(  # (out, normed) as one tensor [..., 2C]: both outputs, both gradients
+        _upsample_norm_inputs,
+        lambda *a: torch.cat(ops.upsample_add_layer_norm(*a), dim=-1),
+        lambda *a: torch.cat(reference.upsample_add_layer_norm(*a), dim=-1),
+        {
+            "tokens": {"element": (1, 1, 1, 3)},
+            "residual": {"element": (1, 2, 5, 3), "first_channel": (1, 2, 5, 0)},  # the kernels' shift x0
+            "weight": {"element": (3,)},
+            "bias": {"element": (3,)},
+            "grad": {"out": (1, 2, 5, 3), "normed": (1, 2, 5, 8), "normed_pixel": (1, 2, 5, slice(5, 10))},
         },
     ),
     "encoding": Case(  # x [B, D, H, W]: the channels-first kernels

@@ -19,6 +19,10 @@
 // tap products is NaN for an infinite gradient iff a touching tap of either
 // axis has weight 0, here as in eager's four-term scatter. Every sum has a fixed order: no atomics, results
 // independent of the thread count.
+//
+// upsample_add_layer_norm: the same forward with a LayerNorm over C of each pixel's stored sum, computed
+// while the row is in L1 (stats in SIMD lanes), plus its backward (grad_sum = grad_out + the norm's input
+// gradient; the affine gradients reduced per fixed block of pixels, then in block order).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -28,6 +32,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/parallel.h"
@@ -86,7 +92,7 @@ inline void add_taps(acc_t* dst, const src_t* src, int64_t n, const Taps<acc_t>&
   }
 }
 
-at::Tensor upsample_add_fwd(const at::Tensor& tokens, const at::Tensor& residual) {
+void check_pair(const at::Tensor& tokens, const at::Tensor& residual) {
   check_data(tokens, "tokens");
   check_data(residual, "residual");
   TORCH_CHECK(tokens.scalar_type() == residual.scalar_type(), "upsample_add: residual has dtype ",
@@ -94,44 +100,331 @@ at::Tensor upsample_add_fwd(const at::Tensor& tokens, const at::Tensor& residual
   TORCH_CHECK(tokens.size(0) == residual.size(0) && tokens.size(3) == residual.size(3),
               "upsample_add: tokens [B, h, w, C] and residual [B, H, W, C] must share B and C, got ",
               tokens.sizes(), " and ", residual.sizes());
+  TORCH_CHECK(tokens.size(1) >= 1 && tokens.size(2) >= 1, "upsample_add: tokens must have h, w >= 1, got ",
+              tokens.sizes());
+}
+
+// out = residual + bilinear(tokens), one output row (b, y) per step; after each pixel's C sums are stored,
+// pixel_done(p, sum_row) runs on them while they are in L1 (the LayerNorm epilogue; a no-op for the sum).
+template <typename scalar_t, typename PixelDone>
+void upsample_add_rows(const at::Tensor& tokens, const at::Tensor& residual, at::Tensor& out,
+                       PixelDone&& pixel_done) {
+  using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = residual.size(0), H = residual.size(1), W = residual.size(2), C = residual.size(3);
   const int64_t h = tokens.size(1), w = tokens.size(2);
-  TORCH_CHECK(h >= 1 && w >= 1, "upsample_add: tokens must have h, w >= 1, got ", tokens.sizes());
+  const Taps<acc_t> ty(h, H), tx(w, W);
+  const scalar_t* tp = tokens.const_data_ptr<scalar_t>();
+  const scalar_t* rp = residual.const_data_ptr<scalar_t>();
+  scalar_t* op = out.mutable_data_ptr<scalar_t>();
+  at::parallel_for(0, B * H, cpu::task_grain((W + w) * C), [&](int64_t r0, int64_t r1) {
+    std::vector<acc_t> blend(w * C);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / H, y = r % H;
+      const scalar_t* t0 = tp + (b * h + ty.i0[y]) * w * C;
+      const scalar_t* t1 = tp + (b * h + ty.i1[y]) * w * C;
+      const acc_t a0 = ty.l0[y], a1 = ty.l1[y];
+      for (int64_t k = 0; k < w * C; ++k) {
+        blend[k] = a0 * static_cast<acc_t>(t0[k]) + a1 * static_cast<acc_t>(t1[k]);
+      }
+      const scalar_t* res = rp + r * W * C;
+      scalar_t* dst = op + r * W * C;
+      for (int64_t x = 0; x < W; ++x) {
+        const acc_t* s0 = blend.data() + tx.i0[x] * C;
+        const acc_t* s1 = blend.data() + tx.i1[x] * C;
+        const acc_t b0 = tx.l0[x], b1 = tx.l1[x];
+        const scalar_t* rr = res + x * C;
+        scalar_t* d = dst + x * C;
+        for (int64_t c = 0; c < C; ++c) {
+          d[c] = static_cast<scalar_t>(static_cast<acc_t>(rr[c]) + (b0 * s0[c] + b1 * s1[c]));
+        }
+        pixel_done(r * W + x, static_cast<const scalar_t*>(d));
+      }
+    }
+  });
+}
+
+at::Tensor upsample_add_fwd(const at::Tensor& tokens, const at::Tensor& residual) {
+  check_pair(tokens, residual);
   auto out = cpu::empty_output_like(residual);
   if (out.numel() == 0) return out;
-
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, residual.scalar_type(), "upsample_add_fwd", [&] {
+    upsample_add_rows<scalar_t>(tokens, residual, out, [](int64_t, const scalar_t*) {});
+  });
+  return out;
+}
+
+void check_affine(const c10::optional<at::Tensor>& t, const char* name, const at::Tensor& like) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->device().is_cpu() && t->dim() == 1 && t->size(0) == like.size(3) && t->is_contiguous(),
+              "upsample_add_layer_norm (cpu): ", name, " must be a contiguous CPU tensor of shape [C] = [",
+              like.size(3), "], got ", t->sizes(), " on ", t->device());
+  TORCH_CHECK(t->scalar_type() == like.scalar_type(), "upsample_add_layer_norm: ", name, " has dtype ",
+              t->scalar_type(), ", expected the data's ", like.scalar_type());
+}
+
+// The LayerNorm row kernels, on rows in the accumulation type (float or double; bf16 rows are converted
+// first). Their sums over C run in Simd lanes (a fixed order: the same result on every call and thread):
+// a scalar float sum is one dependent add per channel, which the compiler may not reorder into vectors.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+// sum over c < n of the vectors term(c, acc) adds to acc at c, c + kLanes, ... (n a multiple of kLanes;
+// added in place: a vector returned by value trips GCC's ABI note on the baseline clone): four
+// accumulators, so the adds of one are not waiting on the last (a single chain runs at one add per
+// latency), summed in a fixed order.
+template <typename T, typename Term>
+__attribute__((always_inline)) inline T lane_sum(int64_t n, Term&& term) {
+  using S = cpu::Simd<T>;
+  using vec = typename S::vec;
+  constexpr int64_t L = S::kLanes;
+  vec a0 = {}, a1 = {}, a2 = {}, a3 = {};
+  int64_t c = 0;
+  for (; c + 4 * L <= n; c += 4 * L) {
+    term(c, a0);
+    term(c + L, a1);
+    term(c + 2 * L, a2);
+    term(c + 3 * L, a3);
+  }
+  for (; c < n; c += L) term(c, a0);
+  const vec v = (a0 + a1) + (a2 + a3);
+  T total = 0;
+  for (int j = 0; j < L; ++j) total += v[j];
+  return total;
+}
+
+// Mean and rstd of x[0, C): the mean as x0 + the mean of x - x0 (x0 = x[0]: the deviations are small,
+// so their sum keeps its digits where a plain fp32 sum of values far from zero rounds at every add), then
+// the sum of squares about it (E[x^2] - mean^2 would cancel).
+template <typename T>
+__attribute__((always_inline)) inline void row_moments_body(const T* x, int64_t C, T eps, T* mean, T* rstd) {
+  using S = cpu::Simd<T>;
+  using vec = typename S::vec;
+  const int64_t c_vec = C - C % S::kLanes;
+  const T x0 = x[0];
+  T shifted = lane_sum<T>(c_vec, [&](int64_t c, vec& acc) { acc += S::load(x + c) - x0; });
+  for (int64_t c = c_vec; c < C; ++c) shifted += x[c] - x0;
+  const T mu = x0 + shifted / static_cast<T>(C);
+  T squares = lane_sum<T>(c_vec, [&](int64_t c, vec& acc) {
+    const vec d = S::load(x + c) - mu;
+    acc += d * d;
+  });
+  for (int64_t c = c_vec; c < C; ++c) squares += (x[c] - mu) * (x[c] - mu);
+  *mean = mu;
+  *rstd = T(1) / std::sqrt(squares / static_cast<T>(C) + eps);
+}
+
+// y = (x - mean) rstd w + b.
+template <typename T>
+__attribute__((always_inline)) inline void normalize_row_body(const T* x, int64_t C, T mean, T rstd, const T* w,
+                                                              const T* b, T* y) {
+  for (int64_t c = 0; c < C; ++c) y[c] = (x[c] - mean) * rstd * w[c] + b[c];
+}
+
+// LayerNorm's input gradient of one row plus grad_out: with xhat = (x - mean) rstd and g = gn w,
+// dx = go + rstd (g - mean(g) - xhat mean(g xhat)). xhat and g go to scratch rows; when pw is given, the
+// affine gradients' partial sums gain gn xhat (pw) and gn (pb).
+template <typename T>
+__attribute__((always_inline)) inline void norm_input_grad_body(const T* x, const T* gn, const T* go, const T* w,
+                                                                int64_t C, T mean, T rstd, T* xhat, T* g, T* dx,
+                                                                T* pw, T* pb) {
+  using S = cpu::Simd<T>;
+  using vec = typename S::vec;
+  for (int64_t c = 0; c < C; ++c) {
+    xhat[c] = (x[c] - mean) * rstd;
+    g[c] = gn[c] * w[c];
+  }
+  const int64_t c_vec = C - C % S::kLanes;
+  T sum_g = lane_sum<T>(c_vec, [&](int64_t c, vec& acc) { acc += S::load(g + c); });
+  T sum_gx = lane_sum<T>(c_vec, [&](int64_t c, vec& acc) { acc += S::load(g + c) * S::load(xhat + c); });
+  for (int64_t c = c_vec; c < C; ++c) {
+    sum_g += g[c];
+    sum_gx += g[c] * xhat[c];
+  }
+  const T inv_c = T(1) / static_cast<T>(C);
+  if (std::isfinite(sum_g) && std::isfinite(sum_gx)) {
+    const T mean_g = sum_g * inv_c, mean_gx = sum_gx * inv_c;
+    for (int64_t c = 0; c < C; ++c) dx[c] = go[c] + rstd * (g[c] - mean_g - xhat[c] * mean_gx);
+  } else {
+    // An inf in the weight or grad_normed: eager's CPU kernel's algebra, so NaN and inf land where eager
+    // puts them (dx = rstd g + b x + c with its row sums of g x and g; it cancels for rows far from zero,
+    // which is why finite rows take the form above).
+    T ds = 0;
+    for (int64_t c = 0; c < C; ++c) ds += g[c] * x[c];
+    const T b = (sum_g * mean - ds) * rstd * rstd * rstd * inv_c;
+    const T shift = -b * mean - sum_g * rstd * inv_c;
+    for (int64_t c = 0; c < C; ++c) dx[c] = go[c] + (rstd * g[c] + b * x[c] + shift);
+  }
+  if (pw != nullptr) {
+    for (int64_t c = 0; c < C; ++c) {
+      pw[c] += gn[c] * xhat[c];
+      pb[c] += gn[c];
+    }
+  }
+}
+
+#define FASTCTX_NORM_ROW_KERNELS(T)                                                                   \
+  FASTCTX_SIMD_CLONES void row_moments(const T* x, int64_t C, T eps, T* mean, T* rstd) {              \
+    row_moments_body(x, C, eps, mean, rstd);                                                          \
+  }                                                                                                   \
+  FASTCTX_SIMD_CLONES void normalize_row(const T* x, int64_t C, T mean, T rstd, const T* w, const T* b, \
+                                         T* y) {                                                      \
+    normalize_row_body(x, C, mean, rstd, w, b, y);                                                    \
+  }                                                                                                   \
+  FASTCTX_SIMD_CLONES void norm_input_grad(const T* x, const T* gn, const T* go, const T* w, int64_t C, \
+                                           T mean, T rstd, T* xhat, T* g, T* dx, T* pw, T* pb) {      \
+    norm_input_grad_body(x, gn, go, w, C, mean, rstd, xhat, g, dx, pw, pb);                          \
+  }
+FASTCTX_NORM_ROW_KERNELS(float)
+FASTCTX_NORM_ROW_KERNELS(double)
+#undef FASTCTX_NORM_ROW_KERNELS
+
+// A row of C values as acc_t: the row itself when scalar_t is acc_t, else converted into buf.
+template <typename acc_t, typename scalar_t>
+inline const acc_t* as_acc(const scalar_t* row, int64_t C, acc_t* buf) {
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    return row;
+  } else {
+    for (int64_t c = 0; c < C; ++c) buf[c] = static_cast<acc_t>(row[c]);
+    return buf;
+  }
+}
+
+// weight or bias as C acc_t values (fill where absent: 1 for the weight, 0 for the bias).
+template <typename acc_t>
+std::vector<acc_t> affine_row(const c10::optional<at::Tensor>& t, int64_t C, acc_t fill) {
+  std::vector<acc_t> row(C, fill);
+  if (t.has_value()) {
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, t->scalar_type(), "affine_row", [&] {
+      const scalar_t* p = t->const_data_ptr<scalar_t>();
+      for (int64_t c = 0; c < C; ++c) row[c] = static_cast<acc_t>(p[c]);
+    });
+  }
+  return row;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> upsample_add_layer_norm_fwd(
+    const at::Tensor& tokens, const at::Tensor& residual, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, double eps) {
+  check_pair(tokens, residual);
+  check_affine(weight, "weight", residual);
+  check_affine(bias, "bias", residual);
+  TORCH_CHECK(residual.size(3) >= 1, "upsample_add_layer_norm: C must be >= 1, got ", residual.sizes());
+  const int64_t B = residual.size(0), H = residual.size(1), W = residual.size(2), C = residual.size(3);
+  const auto stats = residual.options().dtype(at::toOpMathType(residual.scalar_type()));
+  auto out = cpu::empty_output_like(residual);
+  auto normed = cpu::empty_output_like(residual);
+  auto mean = at::empty({B, H, W}, stats), rstd = at::empty({B, H, W}, stats);
+  if (out.numel() == 0) return {out, normed, mean, rstd};
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, residual.scalar_type(), "upsample_add_layer_norm_fwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Taps<acc_t> ty(h, H), tx(w, W);
-    const scalar_t* tp = tokens.const_data_ptr<scalar_t>();
-    const scalar_t* rp = residual.const_data_ptr<scalar_t>();
-    scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, B * H, cpu::task_grain((W + w) * C), [&](int64_t r0, int64_t r1) {
-      std::vector<acc_t> blend(w * C);
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t b = r / H, y = r % H;
-        const scalar_t* t0 = tp + (b * h + ty.i0[y]) * w * C;
-        const scalar_t* t1 = tp + (b * h + ty.i1[y]) * w * C;
-        const acc_t a0 = ty.l0[y], a1 = ty.l1[y];
-        for (int64_t k = 0; k < w * C; ++k) {
-          blend[k] = a0 * static_cast<acc_t>(t0[k]) + a1 * static_cast<acc_t>(t1[k]);
-        }
-        const scalar_t* res = rp + r * W * C;
-        scalar_t* dst = op + r * W * C;
-        for (int64_t x = 0; x < W; ++x) {
-          const acc_t* s0 = blend.data() + tx.i0[x] * C;
-          const acc_t* s1 = blend.data() + tx.i1[x] * C;
-          const acc_t b0 = tx.l0[x], b1 = tx.l1[x];
-          const scalar_t* rr = res + x * C;
-          scalar_t* d = dst + x * C;
-          for (int64_t c = 0; c < C; ++c) {
-            d[c] = static_cast<scalar_t>(static_cast<acc_t>(rr[c]) + (b0 * s0[c] + b1 * s1[c]));
+    const std::vector<acc_t> w = affine_row<acc_t>(weight, C, acc_t(1)), b = affine_row<acc_t>(bias, C, acc_t(0));
+    scalar_t* np = normed.mutable_data_ptr<scalar_t>();
+    acc_t* mp = mean.mutable_data_ptr<acc_t>();
+    acc_t* sp = rstd.mutable_data_ptr<acc_t>();
+    const acc_t epsilon = static_cast<acc_t>(eps);
+    // Scratch rows for bf16 data, one pair per thread (the epilogue runs inside upsample_add_rows' tasks).
+    constexpr bool kConvert = !std::is_same_v<acc_t, scalar_t>;
+    std::vector<acc_t> scratch(kConvert ? at::get_num_threads() * 2 * C : 0);
+    upsample_add_rows<scalar_t>(tokens, residual, out, [&](int64_t p, const scalar_t* row) {
+      acc_t* buf = kConvert ? scratch.data() + at::get_thread_num() * 2 * C : nullptr;
+      const acc_t* x = as_acc(row, C, buf);
+      row_moments(x, C, epsilon, mp + p, sp + p);
+      if constexpr (kConvert) {
+        normalize_row(x, C, mp[p], sp[p], w.data(), b.data(), buf + C);
+        for (int64_t c = 0; c < C; ++c) np[p * C + c] = static_cast<scalar_t>(buf[C + c]);
+      } else {
+        // scalar_t is acc_t here (the cast only makes the branch compile in the bf16 instantiation)
+        normalize_row(x, C, mp[p], sp[p], w.data(), b.data(), reinterpret_cast<acc_t*>(np + p * C));
+      }
+    });
+  });
+  return {out, normed, mean, rstd};
+}
+
+// Pixels per block of the affine gradients' partial sums: fixed, so the blocks and the order they are
+// summed in do not depend on the thread count.
+constexpr int64_t kAffinePixels = 128;
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> upsample_add_layer_norm_bwd(
+    const at::Tensor& grad_out, const at::Tensor& grad_normed, const at::Tensor& out, const at::Tensor& mean,
+    const at::Tensor& rstd, const c10::optional<at::Tensor>& weight, bool affine_grads) {
+  check_data(grad_out, "grad_out");
+  check_data(grad_normed, "grad_normed");
+  check_data(out, "out");
+  TORCH_CHECK(grad_out.sizes() == out.sizes() && grad_normed.sizes() == out.sizes(),
+              "upsample_add_layer_norm_bwd: grad_out ", grad_out.sizes(), " and grad_normed ", grad_normed.sizes(),
+              " must have out's shape ", out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == out.scalar_type() && grad_normed.scalar_type() == out.scalar_type(),
+              "upsample_add_layer_norm_bwd: the gradients must have out's dtype ", out.scalar_type());
+  check_affine(weight, "weight", out);
+  const int64_t B = out.size(0), H = out.size(1), W = out.size(2), C = out.size(3), P = B * H * W;
+  const auto stats = at::toOpMathType(out.scalar_type());
+  for (const at::Tensor* t : {&mean, &rstd}) {
+    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == stats &&
+                    t->sizes() == at::IntArrayRef({B, H, W}),
+                "upsample_add_layer_norm_bwd: mean and rstd must be contiguous ", stats, " [B, H, W] = [", B, ", ",
+                H, ", ", W, "], got ", t->scalar_type(), " ", t->sizes());
+  }
+  TORCH_CHECK(C >= 1, "upsample_add_layer_norm_bwd: C must be >= 1, got ", out.sizes());
+  auto grad_sum = cpu::empty_output_like(out);
+  auto grad_weight = at::empty({affine_grads ? C : 0}, out.options());
+  auto grad_bias = at::empty({affine_grads ? C : 0}, out.options());
+  if (P == 0) {
+    grad_weight.zero_();
+    grad_bias.zero_();
+    return {grad_sum, grad_weight, grad_bias};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, out.scalar_type(), "upsample_add_layer_norm_bwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* go = grad_out.const_data_ptr<scalar_t>();
+    const scalar_t* gn = grad_normed.const_data_ptr<scalar_t>();
+    const scalar_t* xp = out.const_data_ptr<scalar_t>();
+    const acc_t* mp = mean.const_data_ptr<acc_t>();
+    const acc_t* sp = rstd.const_data_ptr<acc_t>();
+    const std::vector<acc_t> w = affine_row<acc_t>(weight, C, acc_t(1));
+    scalar_t* gs = grad_sum.mutable_data_ptr<scalar_t>();
+    const int64_t blocks = (P + kAffinePixels - 1) / kAffinePixels;
+    // per block: sum of grad_normed * xhat (C), then sum of grad_normed (C)
+    std::vector<acc_t> partial(affine_grads ? blocks * 2 * C : 0);
+    constexpr bool kConvert = !std::is_same_v<acc_t, scalar_t>;
+    at::parallel_for(0, blocks, cpu::task_grain(kAffinePixels * 4 * C), [&](int64_t k0, int64_t k1) {
+      // xhat, g, and for bf16 data the rows of out, grad_normed, grad_out and grad_sum as acc_t
+      std::vector<acc_t> rows((kConvert ? 6 : 2) * C);
+      acc_t *xhat = rows.data(), *g = xhat + C, *buf = g + C;
+      for (int64_t k = k0; k < k1; ++k) {
+        acc_t* pw = affine_grads ? partial.data() + k * 2 * C : nullptr;
+        if (pw) std::fill(pw, pw + 2 * C, acc_t(0));
+        for (int64_t p = k * kAffinePixels; p < std::min(P, (k + 1) * kAffinePixels); ++p) {
+          const acc_t* x = as_acc(xp + p * C, C, buf);
+          const acc_t* dn = as_acc(gn + p * C, C, buf + C);
+          const acc_t* dout = as_acc(go + p * C, C, buf + 2 * C);
+          if constexpr (kConvert) {
+            norm_input_grad(x, dn, dout, w.data(), C, mp[p], sp[p], xhat, g, buf + 3 * C, pw, pw ? pw + C : nullptr);
+            for (int64_t c = 0; c < C; ++c) gs[p * C + c] = static_cast<scalar_t>(buf[3 * C + c]);
+          } else {
+            norm_input_grad(x, dn, dout, w.data(), C, mp[p], sp[p], xhat, g, reinterpret_cast<acc_t*>(gs + p * C), pw,
+                            pw ? pw + C : nullptr);  // scalar_t is acc_t here
           }
         }
       }
     });
+    if (affine_grads) {
+      scalar_t* dw = grad_weight.mutable_data_ptr<scalar_t>();
+      scalar_t* db = grad_bias.mutable_data_ptr<scalar_t>();
+      std::vector<acc_t> tw(C, acc_t(0)), tb(C, acc_t(0));
+      for (int64_t k = 0; k < blocks; ++k) {  // in block order
+        const acc_t* pw = partial.data() + k * 2 * C;
+        for (int64_t c = 0; c < C; ++c) {
+          tw[c] += pw[c];
+          tb[c] += pw[C + c];
+        }
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        dw[c] = static_cast<scalar_t>(tw[c]);
+        db[c] = static_cast<scalar_t>(tb[c]);
+      }
+    }
   });
-  return out;
+  return {grad_sum, grad_weight, grad_bias};
 }
 
 at::Tensor upsample_add_bwd(const at::Tensor& grad, int64_t height, int64_t width) {
@@ -175,4 +468,6 @@ at::Tensor upsample_add_bwd(const at::Tensor& grad, int64_t height, int64_t widt
 TORCH_LIBRARY_IMPL(fastctx, CPU, m) {
   m.impl("upsample_add_fwd", &fastctx::upsample_add_fwd);
   m.impl("upsample_add_bwd", &fastctx::upsample_add_bwd);
+  m.impl("upsample_add_layer_norm_fwd", &fastctx::upsample_add_layer_norm_fwd);
+  m.impl("upsample_add_layer_norm_bwd", &fastctx::upsample_add_layer_norm_bwd);
 }

@@ -1,4 +1,5 @@
-"""IIWA's upsample + residual: residual + bilinear upsample (align_corners=True) of a token grid, channels last.
+"""IIWA's upsample + residual: residual + bilinear upsample (align_corners=True) of a token grid, channels last,
+and the same sum with the LayerNorm that reads it (upsample_add_layer_norm).
 
 tokens [B, h, w, C], residual [B, H, W, C] -> out [B, H, W, C] =
 residual + F.interpolate(tokens, (H, W), bilinear, align_corners=True), with
@@ -17,6 +18,16 @@ kernels run in the promoted dtype of tokens and residual, the dtype of the
 eager `residual + up`. Mixed dtypes are accepted inside autocast (IIWA's
 attention output in the autocast dtype, its fp32 residual stream).
 
+upsample_add_layer_norm(tokens, residual, weight, bias, eps) -> (out, normed):
+out as above and normed = layer_norm(out) over C, in one pass (eager writes
+out, then reads it back for the norm). The statistics are the stored out's;
+the backward reads out, the saved per-pixel mean and rstd, and both incoming
+gradients once, writes grad_sum = grad_out + the norm's input gradient
+(grad_residual itself; grad_tokens = U^T grad_sum as above) and reduces
+d weight, d bias in a fixed order. Its own backward is the reference maths
+(LayerNorm's, from the saved sum). Lives in this op's files
+(FusedOp(home="upsample_add")): its kernels are the sum's plus an epilogue.
+
 Backends: reference (fastctx/reference/upsample_add.py), cpu (csrc/cpu/upsample_add.cpp),
 cuda (csrc/cuda/upsample_add.cu), triton (kernels/upsample_add.py). Contract: docs/kernels.md "upsample_add".
 """
@@ -26,8 +37,10 @@ import torch
 
 from ..reference.upsample_add import upsample
 from ..reference.upsample_add import upsample_add as _reference
+from ..reference.upsample_add import upsample_add_layer_norm as _reference_layer_norm
 from ._checks import check_same, check_tensor
-from ._dispatch import FusedOp, Support, amp_dtype, reference_forward, register
+from ._dispatch import (FusedOp, Support, acc_dtype, amp_dtype, reference_forward, reference_second_order,
+                        register)
 
 
 def _triton_limits(facts):
@@ -48,7 +61,7 @@ def _cuda_limits(facts):
 OP = register(FusedOp("upsample_add",
                       cpu=Support(dtypes={"cpu": (torch.float32, torch.float64, torch.bfloat16)}),
                       cuda=Support(limits=_cuda_limits, note="B*H*W, B*h*w < 2^31"),
-                      triton=Support(limits=_triton_limits, note="B*H*W < 2^31")))
+                      triton=Support(limits=_triton_limits, note="B*H*W <= 2^31 - 2048")))
 
 
 def _facts(tokens: torch.Tensor, residual: torch.Tensor) -> dict:
@@ -141,3 +154,183 @@ def upsample_add(tokens: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     if backend == "reference" and residual.shape[0] > 0:
         return _reference(tokens, residual)
     return _upsample_add(tokens.to(compute), residual.to(compute), backend)
+
+
+# ----------------------------------------------------------------------------- upsample_add_layer_norm
+
+def _triton_layer_norm_limits(facts):
+    from fastctx.kernels.upsample_add import layer_norm_limits
+
+    return layer_norm_limits(facts)
+
+
+LN_OP = register(FusedOp("upsample_add_layer_norm", home="upsample_add",
+                         cpu=Support(dtypes={"cpu": (torch.float32, torch.float64, torch.bfloat16)}),
+                         cuda=Support(limits=_cuda_limits, note="B*H*W, B*h*w < 2^31"),
+                         triton=Support(limits=_triton_layer_norm_limits, note="B*H*W <= 2^31 - 2048, C <= 8192")))
+
+
+def _stats_reference(tokens, residual, weight, bias, eps):
+    """(out, normed, mean, rstd) from the eager maths: the reference backend and empty calls."""
+    out = _reference(tokens, residual)
+    normed, mean, rstd = torch.native_layer_norm(out, [out.shape[-1]], weight, bias, eps)
+    stat = acc_dtype(out.dtype)
+    return out, normed, mean.to(stat).reshape(out.shape[:3]), rstd.to(stat).reshape(out.shape[:3])
+
+
+@torch.library.custom_op("fastctx::upsample_add_layer_norm", mutates_args=())
+def _upsample_add_layer_norm(tokens: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
+                             bias: torch.Tensor | None, eps: float,
+                             backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    backend = LN_OP.resolve(backend, residual.device, residual.dtype, _facts(tokens, residual))
+    if backend == "reference" or residual.numel() == 0:
+        return reference_forward(_stats_reference, [tokens, residual], weight, bias, eps)
+    return LN_OP.kernels(backend).upsample_add_layer_norm_fwd(
+        tokens.contiguous(), residual.contiguous(), *(None if t is None else t.contiguous() for t in (weight, bias)),
+        eps)
+
+
+@_upsample_add_layer_norm.register_fake
+def _(tokens, residual, weight, bias, eps, backend):
+    out = torch.empty_like(residual, memory_format=torch.contiguous_format)
+    stat = residual.new_empty(residual.shape[:3], dtype=acc_dtype(residual.dtype))
+    return out, torch.empty_like(out), stat, torch.empty_like(stat)
+
+
+def _norm_of(weight, bias, eps):
+    """layer_norm over C as a function of (x, *the present ones of weight, bias), for torch.func."""
+    def norm(x, *affine):
+        it = iter(affine)
+        w, b = (next(it) if t is not None else None for t in (weight, bias))
+        return torch.nn.functional.layer_norm(x, (x.shape[-1],), w, b, eps)
+
+    return norm
+
+
+@torch.library.custom_op("fastctx::upsample_add_layer_norm_backward", mutates_args=())
+def _upsample_add_layer_norm_backward(
+    grad_out: torch.Tensor, grad_normed: torch.Tensor, out: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+    weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, affine_grads: bool, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch, height, width, chans = out.shape
+    facts = dict(B=batch, h=1, w=1, H=height, W=width, C=chans)  # the norm's backward never reads the grid
+    backend = LN_OP.resolve(backend, out.device, out.dtype, facts)
+    empty = out.new_empty(0)
+    if backend == "reference" or out.numel() == 0:
+        with torch.autocast(out.device.type if out.device.type in ("cpu", "cuda") else "cpu", enabled=False):
+            present = [t for t in (out, weight, bias) if t is not None]
+            _, pullback = torch.func.vjp(_norm_of(weight, bias, eps), *present)
+            grads = iter(pullback(grad_normed.contiguous()))
+        grad_sum = (grad_out + next(grads)).contiguous()
+        d_weight, d_bias = (next(grads).contiguous() if t is not None else None for t in (weight, bias))
+    else:
+        grad_sum, d_weight, d_bias = LN_OP.kernels(backend).upsample_add_layer_norm_bwd(
+            grad_out.contiguous(), grad_normed.contiguous(), out.contiguous(), mean.contiguous(), rstd.contiguous(),
+            None if weight is None else weight.contiguous(), affine_grads)
+    # [C] where asked for and the parameter exists, else empty (the fake kernel's shapes; two tensors: outputs
+    # may not alias)
+    return (grad_sum, d_weight if affine_grads and weight is not None else empty,
+            d_bias if affine_grads and bias is not None else out.new_empty(0))
+
+
+@_upsample_add_layer_norm_backward.register_fake
+def _(grad_out, grad_normed, out, mean, rstd, weight, bias, eps, affine_grads, backend):
+    chans = out.shape[-1]
+    return (torch.empty_like(out, memory_format=torch.contiguous_format),
+            out.new_empty(chans if affine_grads and weight is not None else 0),
+            out.new_empty(chans if affine_grads and bias is not None else 0))
+
+
+def _setup_layer_norm_context(ctx, inputs, output):
+    tokens, residual, weight, bias, eps, backend = inputs
+    out, normed, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(out, mean, rstd, weight, bias)
+    ctx.grid, ctx.eps, ctx.backend = tuple(tokens.shape[1:3]), eps, backend
+
+
+def _layer_norm_backward(ctx, grad_out, grad_normed, _grad_mean, _grad_rstd):
+    out, mean, rstd, weight, bias = ctx.saved_tensors
+    affine_grads = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
+    grad_sum, d_weight, d_bias = _upsample_add_layer_norm_backward(
+        grad_out, grad_normed, out, mean, rstd, weight, bias, ctx.eps, affine_grads, ctx.backend)
+    grad_tokens = _upsample_add_backward(grad_sum, *ctx.grid, ctx.backend) if ctx.needs_input_grad[0] else None
+    return (grad_tokens, grad_sum, d_weight if ctx.needs_input_grad[2] else None,
+            d_bias if ctx.needs_input_grad[3] else None, None, None)
+
+
+_upsample_add_layer_norm.register_autograd(_layer_norm_backward, setup_context=_setup_layer_norm_context)
+
+
+def _setup_layer_norm_backward_context(ctx, inputs, output):
+    grad_out, grad_normed, out, mean, rstd, weight, bias, eps, affine_grads, backend = inputs
+    ctx.save_for_backward(grad_normed, out, weight, bias)
+    ctx.eps = eps
+
+
+def _layer_norm_double_backward(ctx, gg_sum, gg_weight, gg_bias):
+    # grad_sum = grad_out + the vjp of layer_norm at out: its derivative is the reference maths', with the
+    # statistics recomputed from out (mean and rstd are functions of out, not inputs of their own).
+    grad_normed, out, weight, bias = ctx.saved_tensors
+    pairs = [(out, gg_sum), (weight, gg_weight), (bias, gg_bias)]
+    present = [t for t, _ in pairs if t is not None]
+    grad_grads = [None if gg is None or gg.numel() == 0 else gg for t, gg in pairs if t is not None]
+    d_grad_normed, *d_present = reference_second_order(_norm_of(weight, bias, ctx.eps), grad_normed, present,
+                                                       grad_grads)
+    it = iter(d_present)
+    d_out, d_weight, d_bias = (next(it) if t is not None else None for t, _ in pairs)
+    return gg_sum, d_grad_normed, d_out, None, None, d_weight, d_bias, None, None, None
+
+
+_upsample_add_layer_norm_backward.register_autograd(_layer_norm_double_backward,
+                                                    setup_context=_setup_layer_norm_backward_context)
+
+
+def upsample_add_layer_norm(tokens: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None = None,
+                            bias: torch.Tensor | None = None, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, normed): out = upsample_add(tokens, residual), normed = layer_norm(out) over C, in one pass.
+
+    IIWA's `x = shortcut + interpolate(xg); x = x + proj2(x)` computes proj2's LayerNorm from that sum;
+    this op writes the sum and its normalisation together instead of reading the sum back.
+
+    Args:
+        tokens: [B, h, w, C]; residual: [B, H, W, C] (channels last), as upsample_add.
+        weight, bias: the LayerNorm's affine parameters [C] (None: 1 and 0), in the data's dtype.
+        eps: the LayerNorm's eps.
+    Returns (out, normed), both [B, H, W, C]. Differentiable (twice) w.r.t. tokens, residual, weight and bias.
+    Inside autocast, or when weight / bias have another dtype than the data, it computes eager's
+    `out = upsample_add(...)` then `F.layer_norm(out, ...)`, with their dtype rules (autocast's for
+    layer_norm on the device).
+    """
+    check_tensor(tokens, "tokens", 4, "of shape [B, h, w, C] (channels last)")
+    check_tensor(residual, "residual", 4, "of shape [B, H, W, C] (channels last)")
+    chans = residual.shape[3]
+    if chans < 1:
+        raise ValueError(f"upsample_add_layer_norm normalises over C, which must be >= 1, got residual "
+                         f"{tuple(residual.shape)}")
+    affine = {name: t for name, t in (("weight", weight), ("bias", bias)) if t is not None}
+    for name, t in affine.items():
+        check_tensor(t, name, 1, f"of shape [C] = [{chans}]")
+        if t.shape[0] != chans:
+            raise ValueError(f"{name} must be of shape [C] = [{chans}], got {tuple(t.shape)}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+    if tokens.shape[0] != residual.shape[0] or tokens.shape[3] != chans:
+        raise ValueError(f"tokens [B, h, w, C] and residual [B, H, W, C] must have the same B and C, got "
+                         f"{tuple(tokens.shape)} and {tuple(residual.shape)}")
+    if min(tokens.shape[1:3]) < 1 or min(residual.shape[1:3]) < 1:
+        raise ValueError(f"tokens and residual must have height and width >= 1, got {tuple(tokens.shape)} and "
+                         f"{tuple(residual.shape)}")
+    amp = amp_dtype(residual) or amp_dtype(tokens)
+    check_same({"tokens": tokens, "residual": residual}, same_dtype=amp is None)
+    check_same({"residual": residual, **affine}, same_dtype=False)
+    compute = torch.promote_types(tokens.dtype, residual.dtype)
+    if amp is not None or any(t.dtype != compute for t in affine.values()):
+        # eager's dtype rules (autocast runs layer_norm in float32; mixed affine dtypes are its call)
+        out = upsample_add(tokens, residual)
+        return out, torch.nn.functional.layer_norm(out, (chans,), weight, bias, eps)
+    backend = LN_OP.wrapper_backend(residual.device, compute, _facts(tokens, residual))
+    if backend == "reference" and residual.shape[0] > 0:
+        return _reference_layer_norm(tokens, residual, weight, bias, float(eps))
+    out, normed, _, _ = _upsample_add_layer_norm(tokens, residual, weight, bias, float(eps), backend)
+    return out, normed

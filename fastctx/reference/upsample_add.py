@@ -1,7 +1,9 @@
 """Reference of upsample_add: IIWA's `x = shortcut + interpolate(tokens)` after the inter-window attention.
 
 Bilinear upsampling with align_corners=True, as the released ULLMC code calls
-F.interpolate, from the channels-last token grid to the residual's size.
+F.interpolate, from the channels-last token grid to the residual's size; and
+upsample_add_layer_norm, the same sum with the LayerNorm that reads it next
+(IIWA's proj2 norm, ULLMC's cross-scale norm2).
 """
 from __future__ import annotations
 
@@ -26,3 +28,11 @@ def upsample_add(tokens: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"upsample_add expects tokens [B, h, w, C] and residual [B, H, W, C], got "
                          f"{tuple(tokens.shape)} and {tuple(residual.shape)}")
     return residual + upsample(tokens, residual.shape[1:3])
+
+
+def upsample_add_layer_norm(tokens: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None = None,
+                            bias: torch.Tensor | None = None, eps: float = 1e-5):
+    """(out, LayerNorm over C of out): out = upsample_add(tokens, residual), as IIWA's
+    `x = shortcut + interpolate(xg); x + proj2(x)` computes proj2's norm from the stored sum."""
+    out = upsample_add(tokens, residual)
+    return out, F.layer_norm(out, (out.shape[-1],), weight, bias, eps)
