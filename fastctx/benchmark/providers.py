@@ -39,7 +39,7 @@ from fastctx.reference.apc_head import acm_forward
 from .shapes import ShapeSet
 
 OPS = ("pyramid_pool", "gla_context", "residual_relu", "encoding", "class_gather", "class_attention",
-       "window_attention", "window_pool", "upsample_add")
+       "window_attention", "window_pool", "upsample_add", "upsample_add_layer_norm")
 HEADS = ("acm", "apc_head", "enc_module", "enc_head", "ocr_head", "acf_head", "iiwa_block", "swin_block")
 ALL_OPS = OPS + HEADS
 MODES = ("fwd", "fwdbwd")
@@ -55,7 +55,7 @@ OPS_OF = {op: (op,) for op in OPS} | {
     "acm": ("pyramid_pool", "gla_context", "residual_relu"), "apc_head": ("pyramid_pool", "gla_context", "residual_relu"),
     "enc_module": ("encoding",), "enc_head": ("encoding",), "ocr_head": ("class_gather", "class_attention"),
     "acf_head": ("class_gather", "class_attention"),
-    "iiwa_block": ("window_attention", "window_pool", "upsample_add"),
+    "iiwa_block": ("window_attention", "window_pool", "upsample_add_layer_norm"),
     "swin_block": ("window_attention",),
 }
 
@@ -291,7 +291,7 @@ def case_shapes(op: str, shapes: ShapeSet) -> list[CaseShape]:
                                              class_channels=shapes.class_channels,
                                              attention_channels=shapes.attention_channels)))
         return out
-    if op in ("window_pool", "upsample_add"):  # IIWA's inter-window path on its padded map (no shifted windows)
+    if op in ("window_pool", "upsample_add", "upsample_add_layer_norm"):  # IIWA's inter-window path on its padded map (no shifted windows)
         for h, w, c, heads, wh, ww, shift in shapes.window_cases:
             if shift:
                 continue
@@ -569,6 +569,17 @@ def _build_upsample_add(p, device, dtype, gen):
     return [tokens, residual], None, [(b, hp, wp, c)], forms
 
 
+def _build_upsample_add_layer_norm(p, device, dtype, gen):
+    """IIWA's sum + proj2's LayerNorm; eager: upsample_add then F.layer_norm of the sum."""
+    b, hp, wp, c, wh, ww = (p[k] for k in ("batch", "height", "width", "channels", "wh", "ww"))
+    tokens, residual, weight, bias = _to(device, dtype, _randn(gen, b, hp // wh, wp // ww, c),
+                                         _randn(gen, b, hp, wp, c), 1 + _randn(gen, c) / 4, _randn(gen, c) / 4)
+    args = (tokens, residual, weight, bias)
+    forms = {"eager": (reference.upsample_add_layer_norm, args), "fused": (ops.upsample_add_layer_norm, args),
+             "set_fused": _no_flag}
+    return [tokens, residual, weight, bias], None, [(b, hp, wp, c), (b, hp, wp, c)], forms
+
+
 def _build_ocr_head(p, device, dtype, gen):
     b, cin, c, k, h, w = p["batch"], p["in_channels"], p["class_channels"], p["num_classes"], p["height"], p["width"]
     head = OCRHead(p["attention_channels"], in_channels=cin, channels=c, num_classes=k)
@@ -617,6 +628,7 @@ _BUILDERS = {
     "window_attention": _build_window_attention,
     "window_pool": _build_window_pool,
     "upsample_add": _build_upsample_add,
+    "upsample_add_layer_norm": _build_upsample_add_layer_norm,
     "ocr_head": _build_ocr_head,
     "acf_head": _build_acf_head,
     "iiwa_block": _build_iiwa_block,

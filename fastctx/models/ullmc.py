@@ -41,7 +41,7 @@ from .. import ops
 from ..nn import IIWA
 from ..nn.conv_module import UNSET, ConvModule, resolve_layer_args
 from ..nn.decode_head import DecodeHead
-from ..nn.iiwa import Mlp
+from ..nn.iiwa import Mlp, fusable_layer_norm
 from ..nn.window_msa import DropPath, trunc_normal_
 from ..reference.window_attention import _pair, sine_position_encoding, upsample_add
 from ..reference.window_attention import window_attention as eager_window_attention
@@ -211,8 +211,12 @@ class CrossScaleIIWA(nn.Module):
         tokens = _nhwc(F.adaptive_avg_pool2d(_nchw(x), grid))
         tokens = tokens + sine_position_encoding(*grid, self.dim, device=x.device).to(x.dtype)
         glob = _attention(self.qkv2(tokens), self.num_heads, grid, None, self.fused)
-        add = ops.upsample_add if self.fused else upsample_add
-        x = self.norm2(add(self.proj_drop(self.proj2(glob)), x))
+        glob = self.proj_drop(self.proj2(glob))
+        norm = fusable_layer_norm(self.norm2, self.dim) if self.fused else None
+        if norm is not None:  # the sum and norm2 of it in one pass
+            x = ops.upsample_add_layer_norm(glob, x, *norm)[1]
+        else:
+            x = self.norm2((ops.upsample_add if self.fused else upsample_add)(glob, x))
         return self.norm3(x + self.drop_path(self.mlp(x)))
 
     def extra_repr(self) -> str:

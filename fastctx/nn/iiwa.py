@@ -24,7 +24,9 @@ released, because the inter-window path averages the padded tokens' outputs
 too: the op's outputs exist only for the tokens it is given. Window pooling
 and the positional encoding run as `fastctx.ops.window_pool` (the encoding,
 parameter-free, is cached per grid size and device, outside the state_dict),
-the upsample + residual as `fastctx.ops.upsample_add`; `fused=False` runs
+the upsample + residual with proj2's LayerNorm of the sum as
+`fastctx.ops.upsample_add_layer_norm` (one pass writes the sum and its
+normalisation; proj2's Linear then reads the latter); `fused=False` runs
 their eager forms (`fastctx.reference.window_attention`). Active attention dropout (training with
 attn_drop > 0; the released default is 0.1) or a mask runs the eager maths
 for the intra-window attention; the inter-window attention has no dropout.
@@ -51,6 +53,14 @@ from ..reference.window_attention import (
 from .window_msa import DropPath, trunc_normal_
 
 __all__ = ["IIWA", "Mlp", "PositionEmbeddingSine"]
+
+
+def fusable_layer_norm(norm: nn.Module, channels: int) -> tuple | None:
+    """(weight, bias, eps) of `norm` when it is a LayerNorm over the last dimension of size `channels` (the
+    norm `ops.upsample_add_layer_norm` fuses), else None (another norm class runs as a module)."""
+    if type(norm) is nn.LayerNorm and tuple(norm.normalized_shape) == (channels,):
+        return norm.weight, norm.bias, norm.eps
+    return None
 
 
 class PositionEmbeddingSine(nn.Module):
@@ -180,13 +190,19 @@ class IIWA(nn.Module):
         grid = (hp // wh, wp // ww)
         if self.fused:  # pooling + encoding in one op, attention, upsample + residual in one op
             tokens = ops.window_pool(x, self.window_size, self._sine_grid(*grid, channels, x.device))
-            x = ops.upsample_add(self._inter_window_attention(tokens), x)
+            norm = fusable_layer_norm(self.proj2[0], channels) if len(self.proj2) == 2 else None
+            if norm is not None:  # the sum and proj2's LayerNorm of it in one pass
+                x, normed = ops.upsample_add_layer_norm(self._inter_window_attention(tokens), x, *norm)
+                x = x + self.proj_drop2(self.proj2[1](normed))
+            else:
+                x = ops.upsample_add(self._inter_window_attention(tokens), x)
+                x = x + self.proj_drop2(self.proj2(x))
         else:
             tokens = window_pool(x, self.window_size)  # [B, Hg, Wg, C]
             pos = self.pose_encoding.grid(*grid, channels, x.device)
             tokens = tokens + pos.to(tokens.dtype)  # released: float32 encoding, promoted to x's dtype
             x = upsample_add(self._inter_window_attention(tokens), x)
-        x = x + self.proj_drop2(self.proj2(x))
+            x = x + self.proj_drop2(self.proj2(x))
 
         if pad_r > 0 or pad_b > 0:
             x = x[:, :height, :width, :].contiguous()
