@@ -109,3 +109,25 @@ def enc_inputs(batch, channels, h, w, num_codes, dtype=torch.float32, device="cp
     # makes grad_scale pure rounding noise in any fp32 implementation.
     scale = (-torch.rand(num_codes, generator=g, dtype=torch.float64) * 0.5 - 0.05) * min(1.0, 64 / channels)
     return [t.to(dtype=dtype, device=device) for t in (x, codewords, scale)]
+
+
+def op_cases():
+    """(name, args without the backend) of a small float64 call of every public op, `torch.ops.fastctx.<name>`."""
+    gen = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    yield "pyramid_pool", (r(2, 3, 7, 5), [1, 2, 3])
+    yield "gla_context", (r(2, 6, 5, 4), r(5, 3), r(2, 5), r(2, 3, 5), [1, 4])
+    y = r(2, 3, 4, 5)
+    yield "residual_relu", (y, r(*y.shape), torch.rand(3, generator=gen, dtype=torch.float64) + 0.5, r(3), True)
+    yield "encoding", (r(2, 6, 20), r(4, 6), -torch.rand(4, generator=gen, dtype=torch.float64), True)
+    yield "class_gather", (r(2, 6, 4, 5), r(2, 3, 4, 5), "ocr", 1.5)
+    yield "class_gather", (r(2, 6, 4, 5), r(2, 3, 4, 5), "paper", 1.0)
+    yield "class_attention", (r(2, 4, 3, 5), r(2, 3, 4), r(2, 3, 6), None, 0.5)
+    yield "class_attention", (None, None, r(2, 3, 6), r(2, 3, 3, 5), 1.0)
+    yield "window_attention", (r(2, 5, 7, 12), 2, [2, 4], r(21, 2), [1, 2], 0.5, r(12))
+    yield "window_pool", (r(2, 4, 6, 3), r(2, 2, 3), [2, 3])
+    yield "upsample_add", (r(2, 2, 3, 3), r(2, 5, 7, 3))
+    yield "upsample_add_layer_norm", (r(2, 2, 3, 6), r(2, 5, 7, 6), r(6), r(6), 1e-5)

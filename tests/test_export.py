@@ -19,6 +19,7 @@ from fastctx import ops
 from fastctx.models import build_model
 from fastctx.nn import APCHead, EncHead
 from conftest import require_backend
+from op_testing import op_cases
 from test_apc_head import _randomise
 from tolerances import assert_close
 
@@ -159,41 +160,19 @@ def test_export_model(name, tmp_path):
 
 # ----------------------------------------------------------------------------- the ops' own backend resolution
 
-def _op_cases():
-    x = torch.randn(2, 3, 7, 5, dtype=torch.float64)
-    yield torch.ops.fastctx.pyramid_pool.default, (x, [1, 2, 3])
-    sizes = [1, 4]
-    gx = torch.randn(2, 6, 5, 4, dtype=torch.float64)
-    yield torch.ops.fastctx.gla_context.default, (
-        gx, torch.randn(5, 3, dtype=torch.float64), torch.randn(2, 5, dtype=torch.float64),
-        torch.randn(2, 3, 5, dtype=torch.float64), sizes)
-    y = torch.randn(2, 3, 4, 5, dtype=torch.float64)
-    yield torch.ops.fastctx.residual_relu.default, (
-        y, torch.randn_like(y), torch.rand(3, dtype=torch.float64) + 0.5, torch.randn(3, dtype=torch.float64), True)
-    yield torch.ops.fastctx.encoding.default, (
-        torch.randn(2, 6, 20, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64),
-        -torch.rand(4, dtype=torch.float64), True)
-    yield torch.ops.fastctx.window_pool.default, (
-        torch.randn(2, 4, 6, 3, dtype=torch.float64), torch.randn(2, 2, 3, dtype=torch.float64), [2, 3])
-    yield torch.ops.fastctx.upsample_add.default, (
-        torch.randn(2, 2, 3, 3, dtype=torch.float64), torch.randn(2, 5, 7, 3, dtype=torch.float64))
-    yield torch.ops.fastctx.upsample_add_layer_norm.default, (
-        torch.randn(2, 2, 3, 6, dtype=torch.float64), torch.randn(2, 5, 7, 6, dtype=torch.float64),
-        torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64), 1e-5)
-
-
 @pytest.mark.parametrize("backend", ["auto", "reference"])
 def test_opcheck_in_op_resolution(backend):
     """"auto" and the in-op reference path (what a program loaded without kernels runs) pass opcheck."""
-    for op, args in _op_cases():
+    for name, args in op_cases():
         args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in args)
-        torch.library.opcheck(op, (*args, backend))
+        torch.library.opcheck(getattr(torch.ops.fastctx, name).default, (*args, backend))
 
 
 def test_in_op_reference_matches_kernels():
     """Forward and backward of each op with backend="reference" inside the op == the C++ kernels."""
     require_backend("cpu", dtype=torch.float64)
-    for op, args in _op_cases():
+    for name, args in op_cases():
+        op = getattr(torch.ops.fastctx, name).default
         results = {}
         for backend in ("reference", "cpu"):
             leaves = [a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]

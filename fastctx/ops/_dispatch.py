@@ -32,6 +32,7 @@ float dtypes are accepted inside autocast, as eager PyTorch accepts them there.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib
@@ -228,6 +229,104 @@ def register(op: FusedOp) -> FusedOp:
     return op
 
 
+# ----------------------------------------------------------------------------- custom ops
+
+# Tensor types a call may pass to an op's implementation directly (nn.Parameter is a plain tensor to the
+# dispatcher); subclasses (FakeTensor, FunctionalTensor, DTensor, ...) go through the dispatcher.
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+_DIRECT_DEVICES = ("cpu", "cuda")
+# Argument types that are never tensors: checked by identity, as isinstance against torch.Tensor costs a
+# metaclass call per argument.
+_NON_TENSORS = frozenset((int, float, bool, str, list, tuple, type(None)))
+
+
+_direct_calls = True  # False inside `dispatcher_calls()`
+
+
+@contextlib.contextmanager
+def dispatcher_calls():
+    """Every op call inside the block goes through the dispatcher: A/B measurements of the direct path."""
+    global _direct_calls
+    previous, _direct_calls = _direct_calls, False
+    try:
+        yield
+    finally:
+        _direct_calls = previous
+
+
+def _direct_call(args) -> bool:
+    """Whether an eager call may run an op's implementation without the dispatcher.
+
+    Only plain tensors on CPU/CUDA, outside torch.compile, torch function and dispatch modes (export,
+    FakeTensorMode, FlopCounterMode, ...) and functorch transforms: everywhere else the custom op runs,
+    with its fake kernel and its registered autograd.
+    """
+    if torch.compiler.is_compiling() or not _direct_calls:
+        return False
+    if (torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack() > 0
+            or torch._C._are_functorch_transforms_active()):
+        return False
+    for arg in args:
+        kind = type(arg)
+        if kind in _PLAIN_TENSORS:
+            if arg.device.type not in _DIRECT_DEVICES:
+                return False
+        elif kind not in _NON_TENSORS and isinstance(arg, torch.Tensor):
+            return False
+    return True
+
+
+CUSTOM_OPS: dict[str, "CustomOp"] = {}  # "fastctx::<name>" -> its CustomOp
+
+
+class CustomOp:
+    """A `torch.library.custom_op` whose plain eager calls skip the custom-op machinery.
+
+    The op (schema, fake kernel, autograd formula) is what torch.compile, torch.export, opcheck and
+    tensor subclasses see. A plain eager call (see `_direct_call`) runs the same implementation
+    directly, under a `torch.autograd.Function` with the same setup_context and backward when an
+    input requires grad. Same kernels, same bits, same gradients, but without the Python layers
+    `custom_op` adds to every call, which cost about 0.1 ms per forward + backward: as much as a
+    small op's kernels (pytorch/pytorch#139500).
+    """
+
+    def __init__(self, qualname: str, impl: Callable):
+        self.qualname = qualname
+        self.impl = impl
+        self.op = torch.library.custom_op(qualname, mutates_args=())(impl)
+        self._function: type[torch.autograd.Function] | None = None
+        CUSTOM_OPS[qualname] = self
+
+    def register_fake(self, fn: Callable) -> Callable:
+        return self.op.register_fake(fn)
+
+    def register_autograd(self, backward: Callable, *, setup_context: Callable) -> None:
+        self.op.register_autograd(backward, setup_context=setup_context)
+        impl = self.impl
+
+        def forward(ctx, *inputs):
+            output = impl(*inputs)
+            setup_context(ctx, inputs, output)
+            return output
+
+        # Named per op: the graph shows e.g. fastctx_window_attentionBackward.
+        self._function = type(self.qualname.replace("::", "_"), (torch.autograd.Function,),
+                              {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+    def __call__(self, *args):
+        if not _direct_call(args):
+            return self.op(*args)
+        if self._function is not None and torch.is_grad_enabled() and any(
+                type(arg) in _PLAIN_TENSORS and arg.requires_grad for arg in args):
+            return self._function.apply(*args)
+        return self.impl(*args)
+
+
+def custom_op(qualname: str) -> Callable[[Callable], CustomOp]:
+    """Decorator: `torch.library.custom_op(qualname, mutates_args=())` with a direct eager path (CustomOp)."""
+    return lambda impl: CustomOp(qualname, impl)
+
+
 # ----------------------------------------------------------------------------- autocast
 
 def amp_dtype(x: torch.Tensor) -> torch.dtype | None:
@@ -299,5 +398,6 @@ def reference_second_order(fn: Callable, grad: torch.Tensor, tensors: Sequence[t
     return pullback(cotangents)
 
 
-__all__ = ["AUTO", "FusedOp", "OPS", "Support", "acc_dtype", "amp_dtype", "compute_dtype", "reference_backward",
-           "reference_forward", "reference_second_order", "register"]
+__all__ = ["AUTO", "CUSTOM_OPS", "CustomOp", "FusedOp", "OPS", "Support", "acc_dtype", "amp_dtype", "compute_dtype",
+           "custom_op", "dispatcher_calls", "reference_backward", "reference_forward", "reference_second_order",
+           "register"]

@@ -22,8 +22,8 @@ import torch
 from ..reference.class_attention import class_attention as _reference
 from ._class_tiles import cuda_support, triton_support
 from ._checks import check_same, check_tensor
-from ._dispatch import (FusedOp, Support, acc_dtype, amp_dtype, compute_dtype, reference_forward, reference_second_order,
-                        register)
+from ._dispatch import (FusedOp, Support, acc_dtype, amp_dtype, compute_dtype, custom_op, reference_forward,
+                        reference_second_order, register)
 
 OP = register(FusedOp("class_attention", cpu=Support(), cuda=cuda_support(), triton=triton_support("class_attention")))
 
@@ -47,7 +47,7 @@ def _empty(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(0) if t is None else torch.zeros_like(t, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("fastctx::class_attention", mutates_args=())
+@custom_op("fastctx::class_attention")
 def _class_attention(query: torch.Tensor | None, keys: torch.Tensor | None, values: torch.Tensor,
                      logits: torch.Tensor | None, scale: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     source = query if query is not None else logits
@@ -80,7 +80,7 @@ def _(query, keys, values, logits, scale, backend):
             values.new_empty(batch, height * width, dtype=acc_dtype(values.dtype)))
 
 
-@torch.library.custom_op("fastctx::class_attention_backward", mutates_args=())
+@custom_op("fastctx::class_attention_backward")
 def _class_attention_backward(
     grad: torch.Tensor, query: torch.Tensor | None, keys: torch.Tensor | None, values: torch.Tensor,
     logits: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor, scale: float, backend: str,

@@ -27,8 +27,8 @@ from ..reference.class_gather import MODES
 from ..reference.class_gather import class_gather as _reference
 from ._class_tiles import cuda_support, triton_support
 from ._checks import check_same, check_tensor
-from ._dispatch import (FusedOp, Support, acc_dtype, amp_dtype, compute_dtype, reference_backward, reference_forward,
-                        reference_second_order, register)
+from ._dispatch import (FusedOp, Support, acc_dtype, amp_dtype, compute_dtype, custom_op, reference_backward,
+                        reference_forward, reference_second_order, register)
 
 OP = register(FusedOp("class_gather", cpu=Support(), cuda=cuda_support(), triton=triton_support("class_gather")))
 
@@ -45,7 +45,7 @@ def _statistic(feats: torch.Tensor, probs: torch.Tensor, mode: str, scale: float
     return torch.softmax(logits, dim=1).sum(dim=2)
 
 
-@torch.library.custom_op("fastctx::class_gather", mutates_args=())
+@custom_op("fastctx::class_gather")
 def _class_gather(feats: torch.Tensor, probs: torch.Tensor, mode: str, scale: float,
                   backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     backend = OP.resolve(backend, feats.device, feats.dtype, _facts(feats, probs))
@@ -65,7 +65,7 @@ def _(feats, probs, mode, scale, backend):
             probs.new_empty(batch, num_classes, dtype=acc_dtype(probs.dtype)))
 
 
-@torch.library.custom_op("fastctx::class_gather_backward", mutates_args=())
+@custom_op("fastctx::class_gather_backward")
 def _class_gather_backward(grad: torch.Tensor, feats: torch.Tensor, probs: torch.Tensor, centres: torch.Tensor,
                            stat: torch.Tensor, mode: str, scale: float,
                            backend: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,7 +15,7 @@ import torch
 from ..reference.encoding import encoding as _reference
 from ..reference.encoding import encoding_two_gemm as _reference_two_gemm
 from ._checks import check_same, check_tensor
-from ._dispatch import (FusedOp, Support, amp_dtype, compute_dtype, reference_backward, reference_forward,
+from ._dispatch import (FusedOp, Support, amp_dtype, compute_dtype, custom_op, reference_backward, reference_forward,
                         reference_second_order, register)
 
 # The CUDA kernels hold the codebook in one register/shared-memory tile.
@@ -62,7 +62,7 @@ def _two_gemm_pixels(x, codewords, scale, channels_first: bool):
     return _reference_two_gemm(x.transpose(1, 2) if channels_first else x, codewords, scale)
 
 
-@torch.library.custom_op("fastctx::encoding", mutates_args=())
+@custom_op("fastctx::encoding")
 def _encoding(x: torch.Tensor, codewords: torch.Tensor, scale: torch.Tensor, channels_first: bool,
               backend: str) -> torch.Tensor:
     backend = OP.resolve(backend, x.device, x.dtype, _facts(x, codewords, channels_first))
@@ -83,7 +83,7 @@ def _(x, codewords, scale, channels_first, backend):
     return x.new_empty(x.shape[0], codewords.shape[0], codewords.shape[1])
 
 
-@torch.library.custom_op("fastctx::encoding_backward", mutates_args=())
+@custom_op("fastctx::encoding_backward")
 def _encoding_backward(grad: torch.Tensor, x: torch.Tensor, codewords: torch.Tensor, scale: torch.Tensor,
                        channels_first: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     backend = OP.resolve(backend, x.device, x.dtype, _facts(x, codewords, channels_first))

@@ -16,7 +16,7 @@ import torch
 
 from ..reference.gla_context import gla_context as _reference
 from ._checks import check_int_list, check_same, check_tensor
-from ._dispatch import (FusedOp, Support, amp_dtype, compute_dtype, reference_backward, reference_forward,
+from ._dispatch import (FusedOp, Support, amp_dtype, compute_dtype, custom_op, reference_backward, reference_forward,
                         reference_second_order, register)
 
 # What the CUDA kernels hold: the group table lives in kernel parameters, a group's
@@ -56,7 +56,7 @@ def _facts(x: torch.Tensor, group_sizes) -> dict:
     return dict(B=x.shape[0], C=x.shape[1], N=x.shape[2] * x.shape[3], G=len(group_sizes), S_max=max(group_sizes))
 
 
-@torch.library.custom_op("fastctx::gla_context", mutates_args=())
+@custom_op("fastctx::gla_context")
 def _gla_context(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pooled: torch.Tensor,
     group_sizes: list[int], backend: str,
@@ -76,7 +76,7 @@ def _(x, weight, bias, pooled, group_sizes, backend):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("fastctx::gla_context_backward", mutates_args=())
+@custom_op("fastctx::gla_context_backward")
 def _gla_context_backward(
     grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     pooled: torch.Tensor, group_sizes: list[int], backend: str,

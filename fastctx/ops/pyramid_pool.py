@@ -9,7 +9,7 @@ import torch
 
 from ..reference.pyramid_pool import pyramid_pool as _reference
 from ._checks import check_pool_scales, check_tensor
-from ._dispatch import (FusedOp, Support, amp_dtype, compute_dtype, reference_backward, reference_forward,
+from ._dispatch import (FusedOp, Support, amp_dtype, compute_dtype, custom_op, reference_backward, reference_forward,
                         register)
 
 
@@ -31,7 +31,7 @@ def _facts(x: torch.Tensor, scales) -> dict:
     return dict(B=x.shape[0], C=x.shape[1], N=x.shape[2] * x.shape[3], S=sum(s * s for s in scales))
 
 
-@torch.library.custom_op("fastctx::pyramid_pool", mutates_args=())
+@custom_op("fastctx::pyramid_pool")
 def _pyramid_pool(x: torch.Tensor, scales: list[int], backend: str) -> torch.Tensor:
     backend = OP.resolve(backend, x.device, x.dtype, _facts(x, scales))
     if x.shape[0] == 0 or x.shape[1] == 0:
@@ -46,7 +46,7 @@ def _(x, scales, backend):
     return x.new_empty(x.shape[0], x.shape[1], sum(s * s for s in scales))
 
 
-@torch.library.custom_op("fastctx::pyramid_pool_backward", mutates_args=())
+@custom_op("fastctx::pyramid_pool_backward")
 def _pyramid_pool_backward(
     grad: torch.Tensor, scales: list[int], height: int, width: int, backend: str
 ) -> torch.Tensor:

@@ -17,7 +17,7 @@ from ..reference.residual_relu import active, new_mask, pack_mask
 from ..reference.residual_relu import residual_relu as _reference
 from ..reference.residual_relu import residual_relu_backward as _reference_backward
 from ._checks import check_same, check_tensor
-from ._dispatch import FusedOp, Support, amp_dtype, compute_dtype, reference_forward, register
+from ._dispatch import FusedOp, Support, amp_dtype, compute_dtype, custom_op, reference_forward, register
 
 OP = register(FusedOp("residual_relu", cpu=Support(), cuda=Support(), triton=Support()))
 
@@ -30,7 +30,7 @@ def _facts(y: torch.Tensor) -> dict:
     return dict(B=y.shape[0], C=y.shape[1], N=y.shape[2] * y.shape[3])
 
 
-@torch.library.custom_op("fastctx::residual_relu", mutates_args=())
+@custom_op("fastctx::residual_relu")
 def _residual_relu(
     y: torch.Tensor, residual: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, save_mask: bool,
     backend: str,
@@ -50,7 +50,7 @@ def _(y, residual, scale, shift, save_mask, backend):
     return torch.empty_like(y, memory_format=torch.contiguous_format), new_mask(y, save_mask)
 
 
-@torch.library.custom_op("fastctx::residual_relu_backward", mutates_args=())
+@custom_op("fastctx::residual_relu_backward")
 def _residual_relu_backward(
     grad: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
     backend: str,

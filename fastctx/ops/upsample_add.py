@@ -39,7 +39,7 @@ from ..reference.upsample_add import upsample
 from ..reference.upsample_add import upsample_add as _reference
 from ..reference.upsample_add import upsample_add_layer_norm as _reference_layer_norm
 from ._checks import check_same, check_tensor
-from ._dispatch import (FusedOp, Support, acc_dtype, amp_dtype, reference_forward, reference_second_order,
+from ._dispatch import (FusedOp, Support, acc_dtype, amp_dtype, custom_op, reference_forward, reference_second_order,
                         register)
 
 
@@ -69,7 +69,7 @@ def _facts(tokens: torch.Tensor, residual: torch.Tensor) -> dict:
     return dict(B=batch, h=tokens.shape[1], w=tokens.shape[2], H=height, W=width, C=chans)
 
 
-@torch.library.custom_op("fastctx::upsample_add", mutates_args=())
+@custom_op("fastctx::upsample_add")
 def _upsample_add(tokens: torch.Tensor, residual: torch.Tensor, backend: str) -> torch.Tensor:
     backend = OP.resolve(backend, residual.device, residual.dtype, _facts(tokens, residual))
     if residual.numel() == 0:
@@ -84,7 +84,7 @@ def _(tokens, residual, backend):
     return torch.empty_like(residual, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("fastctx::upsample_add_backward", mutates_args=())
+@custom_op("fastctx::upsample_add_backward")
 def _upsample_add_backward(grad: torch.Tensor, height: int, width: int, backend: str) -> torch.Tensor:
     batch, big_h, big_w, chans = grad.shape
     facts = dict(B=batch, h=height, w=width, H=big_h, W=big_w, C=chans)
@@ -178,7 +178,7 @@ def _stats_reference(tokens, residual, weight, bias, eps):
     return out, normed, mean.to(stat).reshape(out.shape[:3]), rstd.to(stat).reshape(out.shape[:3])
 
 
-@torch.library.custom_op("fastctx::upsample_add_layer_norm", mutates_args=())
+@custom_op("fastctx::upsample_add_layer_norm")
 def _upsample_add_layer_norm(tokens: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
                              bias: torch.Tensor | None, eps: float,
                              backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -207,7 +207,7 @@ def _norm_of(weight, bias, eps):
     return norm
 
 
-@torch.library.custom_op("fastctx::upsample_add_layer_norm_backward", mutates_args=())
+@custom_op("fastctx::upsample_add_layer_norm_backward")
 def _upsample_add_layer_norm_backward(
     grad_out: torch.Tensor, grad_normed: torch.Tensor, out: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
     weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, affine_grads: bool, backend: str,

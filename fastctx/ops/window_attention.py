@@ -32,7 +32,7 @@ import torch
 from ..reference.window_attention import _check_window_args
 from ..reference.window_attention import window_attention as _reference
 from ._checks import check_same
-from ._dispatch import FusedOp, Support, amp_dtype, compute_dtype, reference_second_order, register
+from ._dispatch import FusedOp, Support, amp_dtype, compute_dtype, custom_op, reference_second_order, register
 
 
 def _triton_limits(facts):
@@ -96,7 +96,7 @@ def _reference_on(present, has_table: bool, has_pad: bool, heads, window, shift,
     return fn
 
 
-@torch.library.custom_op("fastctx::window_attention", mutates_args=())
+@custom_op("fastctx::window_attention")
 def _window_attention(qkv: torch.Tensor, heads: int, window: list[int], bias_table: torch.Tensor | None,
                       shift: list[int], scale: float, pad_qkv: torch.Tensor | None, backend: str) -> torch.Tensor:
     backend = OP.resolve(backend, qkv.device, qkv.dtype, _facts(qkv, heads, window))
@@ -117,7 +117,7 @@ def _(qkv, heads, window, bias_table, shift, scale, pad_qkv, backend):
     return qkv.new_empty(batch, height, width, channels3 // 3)
 
 
-@torch.library.custom_op("fastctx::window_attention_backward", mutates_args=())
+@custom_op("fastctx::window_attention_backward")
 def _window_attention_backward(
     grad: torch.Tensor, qkv: torch.Tensor, bias_table: torch.Tensor | None, pad_qkv: torch.Tensor | None,
     heads: int, window: list[int], shift: list[int], scale: float, backend: str,

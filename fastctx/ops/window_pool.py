@@ -25,7 +25,7 @@ import torch
 from ..reference.window_pool import window_pool as _reference
 from ..reference.window_pool import window_size
 from ._checks import check_same, check_tensor
-from ._dispatch import FusedOp, Support, reference_backward, reference_forward, register
+from ._dispatch import FusedOp, Support, custom_op, reference_backward, reference_forward, register
 
 def _triton_limits(facts):
     from fastctx.kernels.window_pool import limits
@@ -58,7 +58,7 @@ def _reference_of(window, has_pos: bool):
     return (lambda x, pos: _reference(x, window, pos)) if has_pos else (lambda x: _reference(x, window))
 
 
-@torch.library.custom_op("fastctx::window_pool", mutates_args=())
+@custom_op("fastctx::window_pool")
 def _window_pool(x: torch.Tensor, pos: torch.Tensor | None, window: list[int], backend: str) -> torch.Tensor:
     backend = OP.resolve(backend, x.device, x.dtype, _facts(x, window))
     batch, height, width, chans = x.shape
@@ -75,7 +75,7 @@ def _(x, pos, window, backend):
     return x.new_empty(batch, height // window[0], width // window[1], chans)
 
 
-@torch.library.custom_op("fastctx::window_pool_backward", mutates_args=())
+@custom_op("fastctx::window_pool_backward")
 def _window_pool_backward(grad: torch.Tensor, window: list[int], pos_grad: bool,
                           backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     batch, grid_h, grid_w, chans = grad.shape
