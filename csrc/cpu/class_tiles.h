@@ -18,10 +18,12 @@
 //    non-Intel CPUs; these register-blocked loops run at the vector width of
 //    the machine (2-3x MKL on AVX-512 AMD CPUs at the kernels' shapes).
 //  * pack_rows (a prefetching copy of an NCHW tile into a dense buffer) and
-//    transpose_rows (a small [K x n] tile to [n x K]).
+//    transpose_rows (a small [K x n] tile to [n x K]; fp32 in 8 x 8 register
+//    blocks).
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "common/class_context.h"
 #include "cpu/parallel.h"
@@ -593,16 +595,100 @@ inline void pack_rows(T* dst, int64_t ldd, const T* src, int64_t ld, int64_t row
   }
 }
 
-// dst[i, k] = src[k, i] for k < K, i < n: a [K x n] tile (row stride lds) to
-// [n x K] (row stride ldd). Small tiles (K * n elements, K classes).
+namespace transpose_detail {
+
+// Scalar, in blocks of 16 x 16 (either side stays in L1): double, and the
+// ragged edges of the fp32 path.
 template <typename T>
-inline void transpose_rows(T* dst, int64_t ldd, const T* src, int64_t lds, int64_t K, int64_t n) {
-  constexpr int64_t kBlock = 16;  // a 16 x 16 block of either side stays in L1
+__attribute__((always_inline)) inline void transpose_scalar(T* dst, int64_t ldd, const T* src,
+                                                            int64_t lds, int64_t K, int64_t n) {
+  constexpr int64_t kBlock = 16;
   for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
     const int64_t i1 = i0 + kBlock < n ? i0 + kBlock : n;
     for (int64_t k = 0; k < K; ++k) {
       for (int64_t i = i0; i < i1; ++i) dst[i * ldd + k] = src[k * lds + i];
     }
+  }
+}
+
+// An 8 x 8 float block in eight 8-lane registers: pairs interleaved, then
+// pairs of pairs, then 128-bit halves exchanged (unpck / shufps / vperm2f128
+// on AVX; the same shuffles on two SSE halves in the baseline build). A pure
+// permutation: bit-exact on every instruction set.
+typedef float f8 __attribute__((vector_size(32)));
+
+__attribute__((always_inline)) inline void transpose_8x8(float* dst, int64_t ldd,
+                                                         const float* src, int64_t lds) {
+  f8 r[8];
+  for (int i = 0; i < 8; ++i) std::memcpy(&r[i], src + i * lds, sizeof(f8));
+  // t: rows 2j and 2j+1 interleaved, within each 128-bit half.
+  const f8 t0 = __builtin_shufflevector(r[0], r[1], 0, 8, 1, 9, 4, 12, 5, 13);
+  const f8 t1 = __builtin_shufflevector(r[0], r[1], 2, 10, 3, 11, 6, 14, 7, 15);
+  const f8 t2 = __builtin_shufflevector(r[2], r[3], 0, 8, 1, 9, 4, 12, 5, 13);
+  const f8 t3 = __builtin_shufflevector(r[2], r[3], 2, 10, 3, 11, 6, 14, 7, 15);
+  const f8 t4 = __builtin_shufflevector(r[4], r[5], 0, 8, 1, 9, 4, 12, 5, 13);
+  const f8 t5 = __builtin_shufflevector(r[4], r[5], 2, 10, 3, 11, 6, 14, 7, 15);
+  const f8 t6 = __builtin_shufflevector(r[6], r[7], 0, 8, 1, 9, 4, 12, 5, 13);
+  const f8 t7 = __builtin_shufflevector(r[6], r[7], 2, 10, 3, 11, 6, 14, 7, 15);
+  // u: columns c and c + 4 of four rows (u0: 0/4, u1: 1/5, u2: 2/6, u3: 3/7; u4..u7 rows 4-7).
+  const f8 u0 = __builtin_shufflevector(t0, t2, 0, 1, 8, 9, 4, 5, 12, 13);
+  const f8 u1 = __builtin_shufflevector(t0, t2, 2, 3, 10, 11, 6, 7, 14, 15);
+  const f8 u2 = __builtin_shufflevector(t1, t3, 0, 1, 8, 9, 4, 5, 12, 13);
+  const f8 u3 = __builtin_shufflevector(t1, t3, 2, 3, 10, 11, 6, 7, 14, 15);
+  const f8 u4 = __builtin_shufflevector(t4, t6, 0, 1, 8, 9, 4, 5, 12, 13);
+  const f8 u5 = __builtin_shufflevector(t4, t6, 2, 3, 10, 11, 6, 7, 14, 15);
+  const f8 u6 = __builtin_shufflevector(t5, t7, 0, 1, 8, 9, 4, 5, 12, 13);
+  const f8 u7 = __builtin_shufflevector(t5, t7, 2, 3, 10, 11, 6, 7, 14, 15);
+  const f8 out[8] = {
+      __builtin_shufflevector(u0, u4, 0, 1, 2, 3, 8, 9, 10, 11),
+      __builtin_shufflevector(u1, u5, 0, 1, 2, 3, 8, 9, 10, 11),
+      __builtin_shufflevector(u2, u6, 0, 1, 2, 3, 8, 9, 10, 11),
+      __builtin_shufflevector(u3, u7, 0, 1, 2, 3, 8, 9, 10, 11),
+      __builtin_shufflevector(u0, u4, 4, 5, 6, 7, 12, 13, 14, 15),
+      __builtin_shufflevector(u1, u5, 4, 5, 6, 7, 12, 13, 14, 15),
+      __builtin_shufflevector(u2, u6, 4, 5, 6, 7, 12, 13, 14, 15),
+      __builtin_shufflevector(u3, u7, 4, 5, 6, 7, 12, 13, 14, 15)};
+  for (int c = 0; c < 8; ++c) std::memcpy(dst + c * ldd, &out[c], sizeof(f8));
+}
+
+__attribute__((always_inline)) inline void transpose_body(float* dst, int64_t ldd, const float* src,
+                                                          int64_t lds, int64_t K, int64_t n) {
+  const int64_t K8 = K / 8 * 8, n8 = n / 8 * 8;
+  for (int64_t i0 = 0; i0 < n8; i0 += 8) {
+    for (int64_t k0 = 0; k0 < K8; k0 += 8) {
+      transpose_8x8(dst + i0 * ldd + k0, ldd, src + k0 * lds + i0, lds);
+    }
+  }
+  // The ragged edges: columns past n8 of every row, rows past K8 of the first n8 columns.
+  transpose_scalar(dst + n8 * ldd, ldd, src + n8, lds, K, n - n8);
+  transpose_scalar(dst + K8, ldd, src + K8 * lds, lds, K - K8, n8);
+}
+
+#ifdef FASTCTX_TILE_GEMM_ISAS
+#define FASTCTX_TRANSPOSE_VARIANT(ISA, TARGET)                                                    \
+  TARGET static void transpose_##ISA(float* dst, int64_t ldd, const float* src, int64_t lds,     \
+                                     int64_t K, int64_t n) {                                      \
+    transpose_body(dst, ldd, src, lds, K, n);                                                    \
+  }
+FASTCTX_TRANSPOSE_VARIANT(v4, __attribute__((target("arch=x86-64-v4"))))
+FASTCTX_TRANSPOSE_VARIANT(v3, __attribute__((target("arch=x86-64-v3"))))
+FASTCTX_TRANSPOSE_VARIANT(base, )
+#undef FASTCTX_TRANSPOSE_VARIANT
+#endif
+
+}  // namespace transpose_detail
+
+// dst[i, k] = src[k, i] for k < K, i < n: a [K x n] tile (row stride lds) to
+// [n x K] (row stride ldd). Small tiles: K classes, or a window's tokens. fp32
+// in 8 x 8 register blocks; the result is a copy, the same on every path.
+template <typename T>
+inline void transpose_rows(T* dst, int64_t ldd, const T* src, int64_t lds, int64_t K, int64_t n) {
+  if (K <= 0 || n <= 0) return;
+  if constexpr (std::is_same_v<T, float>) {
+    FASTCTX_ISA_DISPATCH(transpose_detail::transpose, (transpose_detail::transpose_body), dst, ldd,
+                         src, lds, K, n)
+  } else {
+    transpose_detail::transpose_scalar(dst, ldd, src, lds, K, n);
   }
 }
 
