@@ -1,12 +1,13 @@
 """The ops' direct eager path (fastctx.ops._dispatch.CustomOp) against the custom op through the dispatcher.
 
 A plain eager call runs the op's implementation under an autograd.Function of its own; every other
-call (torch.compile, export, dispatch modes, functorch transforms) goes through the registered custom
-op. Both must give the same bits: outputs, gradients and second-order gradients.
+call (torch.compile, export, jit tracing, dispatch modes, functorch transforms) goes through the
+registered custom op. Both must give the same bits: outputs, gradients and second-order gradients.
 """
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,15 @@ def test_direct_call_benchmark_runs(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 + len(list(module._cases()))
     assert all(line.split()[-1].endswith("x") for line in lines[2:])
+
+
+def test_jit_trace_records_the_custom_op():
+    """torch.jit.trace records the custom op (with its "auto" backend), not the kernels it ran."""
+    require_backend("cpu")
+    x = torch.randn(2, 3, 7, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # trace's deprecation and shape-constant warnings
+        traced = torch.jit.trace(lambda t: ops.pyramid_pool(t, (1, 2)), x)
+    kinds = [node.kind() for node in traced.graph.nodes()]
+    assert "fastctx::pyramid_pool" in kinds and not any(k.endswith("_fwd") for k in kinds), kinds
+    assert torch.equal(traced(x), ops.pyramid_pool(x, (1, 2)))
