@@ -117,3 +117,15 @@ def test_jit_trace_records_the_custom_op():
     kinds = [node.kind() for node in traced.graph.nodes()]
     assert "fastctx::pyramid_pool" in kinds and not any(k.endswith("_fwd") for k in kinds), kinds
     assert torch.equal(traced(x), ops.pyramid_pool(x, (1, 2)))
+
+
+def test_profiles_show_the_op():
+    """Under the profiler the op is dispatched: its event, with input shapes, as before the direct path."""
+    require_backend("cpu")
+    x = torch.randn(2, 3, 7, 5, requires_grad=True)
+    for call in (lambda: ops.pyramid_pool(x, (1, 2)).sum().backward(),
+                 lambda: ops.pyramid_pool(x.detach(), (1, 2))):
+        with torch.profiler.profile(record_shapes=True) as prof:
+            call()
+        shapes = [e.input_shapes for e in prof.events() if e.name == "fastctx::pyramid_pool"]
+        assert len(shapes) == 1 and shapes[0][0] == [2, 3, 7, 5], shapes

@@ -257,11 +257,13 @@ def dispatcher_calls():
 def _direct_call(args) -> bool:
     """Whether an eager call may run an op's implementation without the dispatcher.
 
-    Only plain tensors on CPU/CUDA, outside torch.compile, torch.jit tracing, torch function and
-    dispatch modes (export, FakeTensorMode, FlopCounterMode, ...) and functorch transforms: everywhere
-    else the custom op runs, with its fake kernel and its registered autograd.
+    Only plain tensors on CPU/CUDA, outside torch.compile, torch.jit tracing, the profiler, torch
+    function and dispatch modes (export, FakeTensorMode, FlopCounterMode, ...) and functorch
+    transforms: everywhere else the custom op runs, with its fake kernel and its registered autograd.
     """
     if torch.compiler.is_compiling() or not _direct_calls or torch._C._get_tracing_state() is not None:
+        return False
+    if torch._C._autograd._profiler_enabled():  # profiles show the op's event, with its input shapes
         return False
     if (torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack() > 0
             or torch._C._are_functorch_transforms_active()):
