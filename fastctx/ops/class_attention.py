@@ -18,6 +18,7 @@ Contract: docs/kernels.md "class_attention".
 from __future__ import annotations
 
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
 from ..reference.class_attention import class_attention as _reference
 from ._class_tiles import cuda_support, triton_support
@@ -148,6 +149,28 @@ def _double_backward(ctx, *grad_grads):
 
 
 _class_attention_backward.register_autograd(_double_backward, setup_context=_setup_backward_context)
+
+
+# FLOPs of the fused kernels' products for torch.utils.flop_counter.FlopCounterMode (2 per
+# multiply-add; softmax and exp count 0, as in torch's own formulas). The backward recomputes
+# the scores: one product more than the eager backward in the query form.
+def _class_attention_products(values_shape, source_shape) -> int:
+    """2 B N K: the FLOPs of one [K x N] product per unit of its inner size."""
+    b, k, _ = values_shape
+    return 2 * b * k * source_shape[2] * source_shape[3]
+
+
+@register_flop_formula(torch.ops.fastctx.class_attention)
+def _class_attention_flops(query, keys, values, logits, *args, **kwargs) -> int:
+    unit = _class_attention_products(values, query if query is not None else logits)
+    return unit * ((query[1] if query is not None else 0) + values[2])  # scores (query form), out
+
+
+@register_flop_formula(torch.ops.fastctx.class_attention_backward)
+def _class_attention_backward_flops(grad, query, keys, values, logits, *args, **kwargs) -> int:
+    unit = _class_attention_products(values, query if query is not None else logits)
+    cq = query[1] if query is not None else 0
+    return unit * (3 * cq + 2 * values[2])  # scores again, dq, dk (query form); dA, dv
 
 
 def class_attention(query: torch.Tensor | None, keys: torch.Tensor | None, values: torch.Tensor,

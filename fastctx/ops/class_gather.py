@@ -22,6 +22,7 @@ Contract: docs/kernels.md "class_gather".
 from __future__ import annotations
 
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
 from ..reference.class_gather import MODES
 from ..reference.class_gather import class_gather as _reference
@@ -119,6 +120,24 @@ def _double_backward(ctx, *grad_grads):
 
 
 _class_gather_backward.register_autograd(_double_backward, setup_context=_setup_backward_context)
+
+
+# FLOPs of the fused kernels' products for torch.utils.flop_counter.FlopCounterMode (2 per
+# multiply-add; softmax and exp count 0, as in torch's own formulas): one [K x C] product over
+# the pixels forward, two backward (grad_feats, and G F for grad_probs), as the eager form.
+def _class_gather_product(feats_shape, probs_shape) -> int:
+    b, c, h, w = feats_shape
+    return 2 * b * probs_shape[1] * c * h * w
+
+
+@register_flop_formula(torch.ops.fastctx.class_gather)
+def _class_gather_flops(feats, probs, *args, **kwargs) -> int:
+    return _class_gather_product(feats, probs)
+
+
+@register_flop_formula(torch.ops.fastctx.class_gather_backward)
+def _class_gather_backward_flops(grad, feats, probs, *args, **kwargs) -> int:
+    return 2 * _class_gather_product(feats, probs)
 
 
 def class_gather(feats: torch.Tensor, probs: torch.Tensor, mode: str = "ocr", scale: float = 1.0) -> torch.Tensor:

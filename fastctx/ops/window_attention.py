@@ -28,6 +28,7 @@ Contract: docs/kernels.md "window_attention".
 from __future__ import annotations
 
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
 from ..reference.window_attention import _check_window_args
 from ..reference.window_attention import window_attention as _reference
@@ -184,6 +185,28 @@ def _double_backward(ctx, *grad_grads):
 
 
 _window_attention_backward.register_autograd(_double_backward, setup_context=_setup_backward_context)
+
+
+# FLOPs of the fused kernels' products for torch.utils.flop_counter.FlopCounterMode (2 per
+# multiply-add; softmax and exp count 0, as in torch's own formulas), over the map padded to
+# whole windows: q k^T and P v forward; the backward recomputes q k^T, then dV, dP, dQ and dK:
+# one product more than the eager backward.
+def _window_attention_product(qkv_shape, heads, window) -> int:
+    """FLOPs of one [L x L] by [L x d] product in every window and head (L = Wh Ww)."""
+    b, h, w, c3 = qkv_shape
+    wh, ww = window
+    windows = b * -(-h // wh) * -(-w // ww)
+    return 2 * windows * (wh * ww) ** 2 * (c3 // 3)  # heads * d = C
+
+
+@register_flop_formula(torch.ops.fastctx.window_attention)
+def _window_attention_flops(qkv, heads, window, *args, **kwargs) -> int:
+    return 2 * _window_attention_product(qkv, heads, window)
+
+
+@register_flop_formula(torch.ops.fastctx.window_attention_backward)
+def _window_attention_backward_flops(grad, qkv, bias_table, pad_qkv, heads, window, *args, **kwargs) -> int:
+    return 5 * _window_attention_product(qkv, heads, window)
 
 
 def window_attention(qkv: torch.Tensor, heads: int, window, bias_table: torch.Tensor | None = None,
