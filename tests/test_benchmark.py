@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import fastctx.benchmark as bench
-from fastctx.benchmark import gpu, memory, timing
+from fastctx.benchmark import flops, gpu, memory, timing
 from fastctx.benchmark.providers import (
     ALL_OPS, CaseShape, build_instance, case_shapes, default_providers, provider_unavailable_reason,
 )
@@ -255,6 +255,38 @@ def test_ratios_table_csv_merge_and_plot(tmp_path):
         plot_speedups([r for r in back if r["provider"] == "eager"], tmp_path / "x.png")
 
 
+def test_flops_of_a_step_on_fake_tensors_and_their_ceiling():
+    case = case_shapes("class_attention", TINY)[0]
+    p = case.params
+    b, k, c, n = p["batch"], p["num_classes"], p["attention_channels"], p["height"] * p["width"]
+    unit = 2 * b * n * k * c  # one [K x N] product over C channels (Cq = Cv = C here)
+
+    def step_flops(mode, provider):
+        return flops.count_flops(lambda: build_instance("class_attention", case, mode, [provider]),
+                                 lambda i: i.step(provider))
+
+    # eager: scores and out forward, two products each backward; fused: the scores once more
+    assert step_flops("fwd", "eager") == step_flops("fwd", "fastctx-cpu") == 2 * unit
+    assert step_flops("fwdbwd", "eager") == 6 * unit and step_flops("fwdbwd", "fastctx-cpu") == 7 * unit
+
+    rows = _rows()
+    for r in rows:
+        r.update(flops=None if r["provider"] == "compile" else 8e6, matmul_peak_gflops=100.0)
+    add_ratios(rows)
+    by = {r["provider"]: r for r in rows}
+    # 8 MFLOP at 100 GFLOP/s: 0.08 ms; eager takes 4 ms
+    assert math.isclose(by["fastctx-cpu"]["achieved_gflops"], 8.0) and math.isclose(by["eager"]["achieved_gflops"], 2.0)
+    assert math.isclose(by["fastctx-cpu"]["flop_ceiling_x"], 50.0) and by["compile"]["flop_ceiling_x"] is None
+    header = format_table(rows).splitlines()[0]
+    assert "GFLOP/s" in header and "ceil x" in header
+    assert "ceil x" not in format_table(_rows()).splitlines()[0]
+
+    peak = flops.matmul_peak_flops("cpu", size=256, reps=2)
+    assert 1e8 < peak < 1e13
+    with pytest.raises(ValueError, match="reps must be >= 1"):
+        flops.matmul_peak_flops("cpu", reps=0)
+
+
 def test_main_end_to_end_tiny(tmp_path, capsys):
     out = tmp_path / "results"
     status = bench.main(["--shapes", "tiny", "--ops", "encoding", "--reps", "2", "--out", str(out),
@@ -277,6 +309,20 @@ def test_main_end_to_end_tiny(tmp_path, capsys):
         assert any(line.startswith(r["op"]) and r["provider"] in line for line in printed.splitlines())
     fused = [r for r in rows if r["provider"] == "fastctx-cpu" and r["mode"] == "fwd"]
     assert all(float(r["traffic_ratio"]) == 1.0 for r in fused)  # fused forwards sit at the lower bound
+
+
+def test_main_with_flops_fills_the_flop_columns(tmp_path, capsys):
+    out = tmp_path / "results"
+    assert bench.main(["--shapes", "tiny", "--ops", "window_attention", "--providers", "eager,fastctx-cpu",
+                       "--mode", "fwdbwd", "--reps", "1", "--out", str(out), "--flops", "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "ceil x" in printed and "GFLOP/s: the step's product FLOPs" in printed
+    rows = read_csv(next(out.glob("*.csv")))
+    assert {r["provider"] for r in rows} == {"eager", "fastctx-cpu"}
+    for r in rows:
+        assert float(r["flops"]) > 0 and float(r["matmul_peak_gflops"]) > 0
+        assert math.isclose(float(r["achieved_gflops"]), float(r["flops"]) / float(r["median_ms"]) / 1e6, rel_tol=1e-4)
+        assert float(r["flop_ceiling_x"]) > float(r["speedup_vs_eager"]) or r["provider"] == "eager"
 
 
 def test_model_rows_time_training_and_inference(tmp_path):

@@ -1,9 +1,9 @@
-"""FLOP formulas of the product-bound ops under torch.utils.flop_counter.FlopCounterMode.
+"""FLOP formulas of the fastctx ops under torch.utils.flop_counter.FlopCounterMode.
 
 The formulas count the fused kernels' products. The eager reference's matmuls are
 counted by torch's own formulas, so the two must agree exactly, up to the products the
-fused backward recomputes (docs/kernels.md): the scores of class_attention's query form
-and q k^T of window_attention.
+fused backward recomputes (docs/kernels.md): the logits of gla_context, the scores of
+class_attention's query form and q k^T of window_attention.
 """
 from __future__ import annotations
 
@@ -58,7 +58,15 @@ def _window_attention(shift, padded_keys):
             "window_attention")
 
 
+def _gla_context():
+    sizes = (1, 4, 9)  # 3 groups of 6 channels, 14 logits
+    x, weight, bias, pooled = _leaf(2, 18, 5, 7), _leaf(14, 6), _leaf(2, 14), _leaf(2, 6, 14)
+    recompute = 2 * 2 * 35 * 6 * 14  # the logits W x again: 2 B N C S_tot
+    return [x, weight, bias, pooled], lambda f: f(x, weight, bias, pooled, sizes), recompute, "gla_context"
+
+
 CASES = {
+    "gla_context": _gla_context,
     "class_gather-ocr": lambda: _class_gather("ocr"),
     "class_gather-paper": lambda: _class_gather("paper"),
     "class_attention-query": _class_attention_query,
@@ -78,5 +86,23 @@ def test_flop_formulas_match_the_eager_products(case, backward):
     eager_total, eager_by_op = _flops(lambda: call(eager_op), leaves, backward)
     # the fused call is counted as the custom ops themselves, not as matmuls inside them
     assert set(fused_by_op) == {f"fastctx.{name}"} | ({f"fastctx.{name}_backward"} if backward else set())
-    assert eager_total > 0 and set(eager_by_op) <= {"aten.bmm", "aten.mm"}
+    assert eager_total > 0 and set(eager_by_op) <= {"aten.bmm", "aten.mm", "aten.convolution",
+                                                     "aten.convolution_backward"}
     assert fused_total == eager_total + (recompute if backward else 0)
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwdbwd"])
+def test_encoding_flops_count_the_kernels_products(backward):
+    # mmseg's eager Encoding broadcasts [B, N, K, D] residuals: no matmul for torch to count. The
+    # oracles: the two-GEMM eager form (the same two products forward, four backward) and the hand
+    # count of docs/kernels.md: backward, the logits again with dE X^T, grad_x's two products and
+    # grad_codewords' dL^T X: the two-GEMM count plus the recomputed logits.
+    x, codewords, scale = _leaf(2, 12, 5, 7), _leaf(4, 12), (-torch.rand(4, dtype=F64)).requires_grad_()
+    unit = 2 * 2 * 35 * 4 * 12  # 2 B N K D
+    with fastctx.use_backend("cpu"):
+        total, by_op = _flops(lambda: ops.encoding(x, codewords, scale), [x, codewords, scale], backward)
+    assert total == (7 if backward else 2) * unit
+    assert set(by_op) == {"fastctx.encoding"} | ({"fastctx.encoding_backward"} if backward else set())
+    assert _flops(lambda: reference.encoding(x, codewords, scale), [x, codewords, scale], backward)[0] == 0
+    two_gemm = _flops(lambda: reference.encoding_two_gemm(x, codewords, scale), [x, codewords, scale], backward)[0]
+    assert total == two_gemm + (unit if backward else 0)

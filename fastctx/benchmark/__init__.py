@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .flops import count_flops, matmul_peak_flops
 from .gpu import autotune_report, peak_bandwidth_gbps
 from .memory import MiB, measure_in_subprocess
 from .models import DEFAULT_MODELS, MODEL_MODES, build_model_instance, check_model_batch, model_providers
@@ -56,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--providers", help="comma-separated providers (default: every one that runs here)")
     parser.add_argument("--mode", default=",".join(MODES), help="fwd, fwdbwd, or both (fwd,fwdbwd; the default)")
     parser.add_argument("--memory", action="store_true", help="measure peak memory (a fresh process per provider)")
+    parser.add_argument("--flops", action="store_true",
+                        help="count each step's FLOPs, measure the machine's matmul peak, and show each row's "
+                             "achieved GFLOP/s and FLOP ceiling of its speedup over eager")
     parser.add_argument("--models", nargs="?", const=",".join(DEFAULT_MODELS), default=None, metavar="NAMES",
                         help=f"also time whole models (default names: {','.join(DEFAULT_MODELS)})")
     parser.add_argument("--model-size", type=int, help="image side of the model rows (default: the shape set's)")
@@ -128,7 +132,7 @@ def _resolve(args) -> dict:
     if args.plot and not args.out:
         raise ValueError("--plot needs an --out directory")
     return dict(ops=ops, shapes=shapes.name, modes=modes, providers=providers, device=device, dtype=dtype,
-                memory=args.memory, models=models, model_size=args.model_size or shapes.model_size,
+                memory=args.memory, flops=args.flops, models=models, model_size=args.model_size or shapes.model_size,
                 model_batch=args.model_batch, model_reps=args.model_reps,
                 out=args.out, plot=args.plot, autotune=args.autotune, reps=args.reps, warmup=args.warmup,
                 threads=args.threads, compile_backend=args.compile_backend)
@@ -139,7 +143,7 @@ def _log(message: str) -> None:
 
 
 def run(ops: Sequence[str], shapes: str, modes: Sequence[str], providers: Sequence[str] | None,
-        device: torch.device, dtype: torch.dtype = torch.float32, memory: bool = False,
+        device: torch.device, dtype: torch.dtype = torch.float32, memory: bool = False, flops: bool = False,
         models: Sequence[str] = (), model_size: int = 512, model_batch: int | None = None, model_reps: int = 3,
         out: str | None = "bench/results", plot: bool = False, autotune: bool = False, reps: int = 10,
         warmup: int = 1, threads: int | None = None, compile_backend: str = "inductor") -> list[dict]:
@@ -153,8 +157,11 @@ def run(ops: Sequence[str], shapes: str, modes: Sequence[str], providers: Sequen
     env = environment(device)
     peak_gbps, _ = peak_bandwidth_gbps(device)
     common = dict(shape_set=shape_set.name, peak_gbps=peak_gbps, peak_mib=None, **env)
+    if flops:
+        _log("matmul peak: timing a large square torch.mm")
+        common["matmul_peak_gflops"] = matmul_peak_flops(device, dtype) / 1e9
     rows, memory_jobs = _op_rows(ops, shape_set, modes, providers, device, dtype, reps, warmup, compile_backend,
-                                 common)
+                                 common, flops)
     model_rows, model_jobs = _model_rows(models, shape_set, providers, device, model_size, model_batch, model_reps,
                                          warmup, common)
     rows += model_rows
@@ -169,7 +176,7 @@ def run(ops: Sequence[str], shapes: str, modes: Sequence[str], providers: Sequen
     title = (f"fastctx bench: {shape_set.describe()}; {env['device']}, {str(dtype).removeprefix('torch.')}, "
              f"{env['threads']} threads, torch {env['torch']}, triton {env['triton'] or 'none'}")
     print(format_table(rows, title))
-    print(_footnotes(memory, device, peak_gbps))
+    print(_footnotes(memory, device, peak_gbps, common.get("matmul_peak_gflops")))
     if autotune_lines:
         print("\nTriton autotuner choices:\n  " + "\n  ".join(autotune_lines))
     if out:
@@ -181,7 +188,7 @@ def run(ops: Sequence[str], shapes: str, modes: Sequence[str], providers: Sequen
     return rows
 
 
-def _op_rows(ops, shape_set, modes, providers, device, dtype, reps, warmup, compile_backend, common):
+def _op_rows(ops, shape_set, modes, providers, device, dtype, reps, warmup, compile_backend, common, flops=False):
     """Timed rows of every (op, shape, mode, provider), with traffic and lower bound; and
     the memory jobs: (op, provider) -> the rows one child process measures."""
     rows, memory_jobs = [], {}
@@ -196,12 +203,15 @@ def _op_rows(ops, shape_set, modes, providers, device, dtype, reps, warmup, comp
         bound = inst.lower_bound_bytes()
         del inst
         for name, st in stats.items():
-            traffic = None
-            if name != "compile":  # what Inductor fuses is not modelled
-                traffic = count_traffic(lambda: build_instance(op, case, mode, [name], device, dtype),
-                                        lambda i, name=name: i.step(name)).total
+            traffic = step_flops = None
+            if name != "compile":  # what Inductor fuses (or calls) is not modelled
+                build = lambda name=name: build_instance(op, case, mode, [name], device, dtype)  # noqa: E731
+                traffic = count_traffic(build, lambda i, name=name: i.step(name)).total
+                if flops:
+                    step_flops = count_flops(build, lambda i, name=name: i.step(name))
             rows.append(dict(op=op, shape=case.label, mode=mode, provider=name, dtype=dtype_name, **_times(st),
-                             traffic_bytes=traffic, lower_bound_bytes=bound, shape_index=index, **common))
+                             traffic_bytes=traffic, lower_bound_bytes=bound, flops=step_flops, shape_index=index,
+                             **common))
             memory_jobs.setdefault((op, name), []).append(
                 dict(op=op, shape_set=shape_set.name, shape_index=index, mode=mode))
     return rows, memory_jobs
@@ -267,7 +277,7 @@ def _run_triton_once(ops, shape_set, device, dtype, providers) -> None:
             build_instance(op, case, "fwdbwd", ["fastctx-triton"], device, dtype).step("fastctx-triton")
 
 
-def _footnotes(memory: bool, device, peak_gbps) -> str:
+def _footnotes(memory: bool, device, peak_gbps, matmul_peak_gflops=None) -> str:
     notes = [
         "x eager: eager median / median. IQR: interquartile range of the interleaved rounds.",
         "traffic: modelled bytes read + written (every op reads its inputs and writes its outputs once; "
@@ -280,4 +290,8 @@ def _footnotes(memory: bool, device, peak_gbps) -> str:
                      "warm-up step (a fresh process per provider).")
     if peak_gbps:
         notes.append(f"% peak: of {peak_gbps:.0f} GB/s.")
+    if matmul_peak_gflops:
+        notes.append(f"GFLOP/s: the step's product FLOPs (FlopCounterMode) / median. ceil x: eager median / "
+                     f"(FLOPs / {matmul_peak_gflops:.0f} GFLOP/s, a large square torch.mm here), the x eager "
+                     "this provider would reach if its products ran at that peak and nothing else took time.")
     return "\n".join(notes)

@@ -19,6 +19,7 @@ FIELDS = (
     "op", "shape", "mode", "provider", "dtype", "shape_set",
     "median_ms", "iqr_ms", "q25_ms", "q75_ms", "reps", "speedup_vs_eager",
     "peak_mib", "traffic_bytes", "lower_bound_bytes", "traffic_ratio", "achieved_gbps", "peak_gbps", "pct_of_peak",
+    "flops", "achieved_gflops", "matmul_peak_gflops", "flop_ceiling_x",
     "device", "machine", "cpu_model", "threads", "torch", "triton", "date",
 )
 KEY_FIELDS = ("op", "shape", "mode", "provider", "dtype")
@@ -69,7 +70,8 @@ def environment(device: torch.device | str) -> dict:
 
 def add_ratios(rows: list[dict]) -> None:
     """Fill speedup_vs_eager (eager time / time, per op, shape, mode, dtype), the traffic ratio
-    to the lower bound, the achieved bandwidth and its share of the peak."""
+    to the lower bound, the achieved bandwidth and its share of the peak, and where FLOPs were
+    counted the achieved GFLOP/s and the FLOP ceiling of the speedup (fastctx/benchmark/flops.py)."""
     eager = {_group(r): r["median_ms"] for r in rows if r["provider"] == "eager" and r.get("median_ms")}
     for r in rows:
         base = eager.get(_group(r))
@@ -79,6 +81,9 @@ def add_ratios(rows: list[dict]) -> None:
         r["achieved_gbps"] = traffic / (r["median_ms"] * 1e-3) / 1e9 if traffic and r.get("median_ms") else None
         peak = r.get("peak_gbps")
         r["pct_of_peak"] = 100.0 * r["achieved_gbps"] / peak if peak and r["achieved_gbps"] else None
+        flops, matmul_peak = r.get("flops"), r.get("matmul_peak_gflops")
+        r["achieved_gflops"] = flops / (r["median_ms"] * 1e-3) / 1e9 if flops and r.get("median_ms") else None
+        r["flop_ceiling_x"] = base / (flops / (matmul_peak * 1e9) * 1e3) if flops and matmul_peak and base else None
 
 
 def _group(row: dict) -> tuple:
@@ -94,8 +99,10 @@ def _fmt(value, spec: str, missing: str = "-") -> str:
 def format_table(rows: Sequence[dict], title: str = "") -> str:
     """One table: a row per (op, shape, mode, provider)."""
     show_peak = any(r.get("pct_of_peak") is not None for r in rows)
+    show_flops = any(r.get("flops") is not None for r in rows)
     header = ["op", "shape", "mode", "provider", "median ms", "IQR ms", "x eager", "peak MiB",
-              "traffic MiB", "LB MiB", "x LB", "GB/s"] + (["% peak"] if show_peak else [])
+              "traffic MiB", "LB MiB", "x LB", "GB/s"] + (["% peak"] if show_peak else []) + \
+        (["GFLOP/s", "ceil x"] if show_flops else [])
     body = []
     for r in rows:
         cells = [
@@ -108,6 +115,8 @@ def format_table(rows: Sequence[dict], title: str = "") -> str:
         ]
         if show_peak:
             cells.append(_fmt(r.get("pct_of_peak"), ".1f"))
+        if show_flops:
+            cells += [_fmt(r.get("achieved_gflops"), ".1f"), _fmt(r.get("flop_ceiling_x"), ".2f")]
         body.append(cells)
     widths = [max(len(str(c)) for c in col) for col in zip(header, *body)]
     left = {0, 1, 2, 3}

@@ -11,6 +11,7 @@ Backends: reference (fastctx/reference/encoding.py), cpu (csrc/cpu/encoding.cpp)
 from __future__ import annotations
 
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
 from ..reference.encoding import encoding as _reference
 from ..reference.encoding import encoding_two_gemm as _reference_two_gemm
@@ -129,6 +130,30 @@ def _double_backward(ctx, *grad_grads):
 
 
 _encoding_backward.register_autograd(_double_backward, setup_context=_setup_backward_context)
+
+
+# FLOPs of the fused kernels' products for torch.utils.flop_counter.FlopCounterMode (2 per
+# multiply-add; the softmax counts 0, as in torch's own formulas), in units of one
+# [N x K] by [K x D] product: the logits X C^T and A^T X forward; the backward recomputes
+# the logits with dE X^T (2), then grad_x = A dE + (2 s dL) C (2) and grad_codewords' dL^T X (1).
+# mmseg's eager form broadcasts [B, N, K, D] residuals instead of multiplying matrices.
+def _encoding_product(x_shape, codewords_shape) -> int:
+    """FLOPs of one product: 2 B N K D (x [B, D, N] or [B, N, D], one image batch)."""
+    k, d = codewords_shape
+    n = 1
+    for size in x_shape:
+        n *= size
+    return 2 * n * k  # n = B N D
+
+
+@register_flop_formula(torch.ops.fastctx.encoding)
+def _encoding_flops(x, codewords, *args, **kwargs) -> int:
+    return 2 * _encoding_product(x, codewords)
+
+
+@register_flop_formula(torch.ops.fastctx.encoding_backward)
+def _encoding_backward_flops(grad, x, codewords, *args, **kwargs) -> int:
+    return 5 * _encoding_product(x, codewords)
 
 
 def encoding(x: torch.Tensor, codewords: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ Backends: reference (fastctx/reference/gla_context.py), cpu (csrc/cpu/gla_contex
 from __future__ import annotations
 
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
 from ..reference.gla_context import gla_context as _reference
 from ._checks import check_int_list, check_same, check_tensor
@@ -127,6 +128,27 @@ def _double_backward(ctx, *grad_grads):
 
 
 _gla_context_backward.register_autograd(_double_backward, setup_context=_setup_backward_context)
+
+
+# FLOPs of the fused kernels' products for torch.utils.flop_counter.FlopCounterMode (2 per
+# multiply-add; the sigmoid counts 0, as in torch's own formulas): the logits W x and z = A P
+# forward; the backward recomputes the logits, then dA, grad_x, grad_weight and grad_pooled:
+# one product more than the eager backward.
+def _gla_context_product(x_shape, weight_shape) -> int:
+    """FLOPs of one product over every group: 2 B N C S_tot."""
+    b, _, h, w = x_shape
+    s_tot, c = weight_shape
+    return 2 * b * h * w * c * s_tot
+
+
+@register_flop_formula(torch.ops.fastctx.gla_context)
+def _gla_context_flops(x, weight, *args, **kwargs) -> int:
+    return 2 * _gla_context_product(x, weight)
+
+
+@register_flop_formula(torch.ops.fastctx.gla_context_backward)
+def _gla_context_backward_flops(grad, x, weight, *args, **kwargs) -> int:
+    return 5 * _gla_context_product(x, weight)
 
 
 def gla_context(x, weight, bias, pooled, group_sizes) -> torch.Tensor:
