@@ -138,12 +138,11 @@ _encoding_backward.register_autograd(_double_backward, setup_context=_setup_back
 # the logits with dE X^T (2), then grad_x = A dE + (2 s dL) C (2) and grad_codewords' dL^T X (1).
 # mmseg's eager form broadcasts [B, N, K, D] residuals instead of multiplying matrices.
 def _encoding_product(x_shape, codewords_shape) -> int:
-    """FLOPs of one product: 2 B N K D (x [B, D, N] or [B, N, D], one image batch)."""
-    k, d = codewords_shape
-    n = 1
+    """FLOPs of one product: 2 B N K D (x holds B N D elements in either layout)."""
+    elements = 1
     for size in x_shape:
-        n *= size
-    return 2 * n * k  # n = B N D
+        elements *= size
+    return 2 * elements * codewords_shape[0]
 
 
 @register_flop_formula(torch.ops.fastctx.encoding)
