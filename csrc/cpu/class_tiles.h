@@ -28,6 +28,14 @@
 #include "common/class_context.h"
 #include "cpu/parallel.h"
 
+// GCC on x86-64 Linux: tile_gemm, exp_rows and row_max get one variant per
+// instruction set (AVX-512, AVX2 + FMA, baseline), picked at run time.
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && \
+    defined(__linux__)
+#define FASTCTX_TILE_GEMM_ISAS 1
+#include <immintrin.h>
+#endif
+
 namespace fastctx {
 namespace cpu {
 namespace softmax_detail {
@@ -107,8 +115,21 @@ struct V {
   }
 };
 
+// 64-byte vectors are used only by the AVX-512 (x86-64-v4) variants, which scale
+// by 2^n with vscalefps / vscalefpd: one instruction for the two multiplications
+// and four integer operations of the portable form, rounded once as that form
+// is (its first factor is exact), subnormal results included.
+template <int kBytes>
+constexpr bool kAvx512Scalef =
+#ifdef FASTCTX_TILE_GEMM_ISAS
+    kBytes == 64;
+#else
+    false;
+#endif
+
 // v = exp(v) lane by lane, for v <= 88 (the kernels pass a value minus a
-// maximum or a log-sum-exp: <= 0 up to rounding). Cody-Waite reduction
+// maximum or a log-sum-exp: <= 0 up to rounding; +inf, which they never pass,
+// gives NaN or inf depending on the variant). Cody-Waite reduction
 // x = n ln2 + r, |r| <= ln2/2, then Cephes' polynomial (float) or Pade form
 // (double) for exp(r): within 1.1 ulp (float) and 2 ulp (double) of the exact
 // value. Underflow is gradual, as std::exp: 2^n is applied as 2^(n/2) 2^(n-n/2),
@@ -140,10 +161,14 @@ __attribute__((always_inline)) inline void exp_inplace(typename V<T, kBytes>::vt
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     vec_t y = p * (r * r) + r + 1.0f;
-    const ivec n_int = (ivec)t - (ivec)magic;  // n in [-150, 127]
-    const ivec half = n_int >> 1;
-    y = y * (vec_t)((half + 127) << 23);          // 2^(n/2), exact
-    y = y * (vec_t)((n_int - half + 127) << 23);  // 2^(n - n/2): one rounding
+    if constexpr (kAvx512Scalef<kBytes>) {
+      y = __builtin_ia32_scalefps512_mask(y, n, y, static_cast<__mmask16>(-1), _MM_FROUND_CUR_DIRECTION);
+    } else {
+      const ivec n_int = (ivec)t - (ivec)magic;  // n in [-150, 127]
+      const ivec half = n_int >> 1;
+      y = y * (vec_t)((half + 127) << 23);          // 2^(n/2), exact
+      y = y * (vec_t)((n_int - half + 127) << 23);  // 2^(n - n/2): one rounding
+    }
     v = x < lo ? vec_t{} : y;
   } else {
     const vec_t x = v;
@@ -166,10 +191,14 @@ __attribute__((always_inline)) inline void exp_inplace(typename V<T, kBytes>::vt
     qx = qx * rr + 2.00000000000000000009e0;
     vec_t y = px / (qx - px);
     y = y + y + 1.0;
-    const ivec n_int = (ivec)t - (ivec)magic;  // n in [-1075, 128]
-    const ivec half = n_int >> 1;
-    y = y * (vec_t)((half + 1023) << 52);          // 2^(n/2), exact
-    y = y * (vec_t)((n_int - half + 1023) << 52);  // 2^(n - n/2): one rounding
+    if constexpr (kAvx512Scalef<kBytes>) {
+      y = __builtin_ia32_scalefpd512_mask(y, n, y, static_cast<__mmask8>(-1), _MM_FROUND_CUR_DIRECTION);
+    } else {
+      const ivec n_int = (ivec)t - (ivec)magic;  // n in [-1075, 128]
+      const ivec half = n_int >> 1;
+      y = y * (vec_t)((half + 1023) << 52);          // 2^(n/2), exact
+      y = y * (vec_t)((n_int - half + 1023) << 52);  // 2^(n - n/2): one rounding
+    }
     v = x < lo ? vec_t{} : y;
   }
 }
@@ -477,9 +506,7 @@ __attribute__((always_inline)) inline void gemm_body(int64_t R, int64_t Kin, int
 
 // One variant per instruction set, each with its vector width, accumulators
 // and widest block that fit its register file (32 zmm; 16 ymm / xmm).
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && \
-    defined(__linux__)
-#define FASTCTX_TILE_GEMM_ISAS 1
+#ifdef FASTCTX_TILE_GEMM_ISAS
 #define FASTCTX_TILE_GEMM_VARIANT(T, NAME, TARGET, BYTES, ACC, VB)                                \
   TARGET static void NAME(int64_t R, int64_t Kin, int64_t n, const T* coef, int64_t rs,          \
                           int64_t ks, const T* x, int64_t ldx, T* out, int64_t ldo, bool acc) { \
