@@ -79,3 +79,47 @@ def test_info_reports_build():
     for op in fastctx.ops.OPS:
         assert f"cpu  {op}" in out.stdout and f"cuda {op}" in out.stdout
     assert "K <= 64" in out.stdout
+
+
+def test_resolution_is_remembered_per_request_device_dtype_and_facts():
+    """Every call resolves its backend (in its wrapper and inside its op): the answer is remembered per
+    (requested backend, device, dtype, shape facts), refusals raise every time, and symbolic sizes
+    (which do not hash) are decided afresh."""
+    if not _backend.HAS_CPU_KERNELS:
+        pytest.skip("needs the C++ extension")
+    from fastctx.ops._dispatch import FusedOp, Support
+
+    asked = []
+
+    def limits(facts):
+        asked.append(facts["K"])
+        return None if facts["K"] <= 4 else f"K = {facts['K']} > 4"
+
+    # window_attention's kernels are built, so the cpu backend's limits decide
+    op = FusedOp("window_attention", cpu=Support(limits=limits), cuda=Support(), triton=Support())
+    cpu, f32 = torch.device("cpu"), torch.float32
+    assert op.wrapper_backend(cpu, f32, {"K": 4}) == "auto"
+    assert op.resolve("auto", cpu, f32, {"K": 4}) == "cpu"
+    assert asked == [4]
+    with pytest.warns(fastctx.BackendFallbackWarning, match="K = 5 > 4"):
+        assert op.resolve("auto", cpu, f32, {"K": 5}) == "reference"
+    assert op.resolve("auto", cpu, f32, {"K": 5}) == "reference"
+    assert asked == [4, 5]
+    assert op.resolve("auto", cpu, torch.float64, {"K": 4}) == "cpu"
+    assert asked == [4, 5, 4]
+    with fastctx.use_backend("reference"):
+        assert op.resolve("auto", cpu, f32, {"K": 4}) == "reference"
+        assert op.wrapper_backend(cpu, f32, {"K": 4}) == "reference"
+    with fastctx.use_backend("cpu"):
+        assert op.resolve("auto", cpu, f32, {"K": 4}) == "cpu"
+        for _ in range(2):
+            with pytest.raises(fastctx.BackendUnavailableError, match="cannot run window_attention: K = 5 > 4"):
+                op.wrapper_backend(cpu, f32, {"K": 5})
+    assert asked == [4, 5, 4, 4, 5, 5]
+
+    class UnhashableSize(int):  # as a SymInt under make_fx's symbolic tracing
+        __hash__ = None
+
+    for _ in range(2):
+        assert op.resolve("auto", cpu, f32, {"K": UnhashableSize(3)}) == "cpu"
+    assert asked == [4, 5, 4, 4, 5, 5, 3, 3]

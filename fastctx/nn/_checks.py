@@ -10,11 +10,9 @@ from collections.abc import Sequence
 
 import torch
 
+from ..reference._args import is_int as _is_int
+
 __all__ = ["check_dropout", "check_input_dtype", "check_pool_scales", "check_positive_int"]
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def check_positive_int(value, name: str, who: str) -> int:

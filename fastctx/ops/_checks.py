@@ -7,10 +7,11 @@ memory safety; a user's mistake is caught here first.
 """
 from __future__ import annotations
 
-import numbers
 from collections.abc import Iterable
 
 import torch
+
+from ..reference._args import is_int
 
 
 def check_tensor(t, name: str, ndim: int | tuple[int, ...], shape_hint: str) -> None:
@@ -37,7 +38,7 @@ def check_same(tensors: dict[str, torch.Tensor], same_dtype: bool = True) -> Non
 
 def check_int(value, name: str, minimum: int = 1) -> int:
     """A Python/NumPy integer (not a bool, not a float that happens to be whole) >= minimum."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if not is_int(value):
         raise TypeError(f"{name} must be an integer >= {minimum}, got {value!r} ({type(value).__name__})")
     if value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")

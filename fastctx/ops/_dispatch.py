@@ -50,6 +50,8 @@ _OP_BACKENDS = _backend.BACKENDS + (AUTO,)
 _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
 
 Facts = Mapping[str, int]
+# Remembered resolutions per op (FusedOp._resolution): far more than the distinct shapes of a model.
+_RESOLVED_MAX = 4096
 Limits = Callable[[Facts], "str | None"]
 
 
@@ -80,6 +82,8 @@ class FusedOp:
         self.support = {"cpu": cpu, "cuda": cuda, "triton": triton}
         self._warned: set[tuple[str, str]] = set()
         self._built: dict[tuple[str, str], str | None] = {}
+        # (requested backend, device, dtype, facts) -> the backend that runs the call (see `_resolution`).
+        self._resolved: dict[tuple, str] = {}
         for backend in _backend.BACKENDS:
             for device_type in ("cpu", "cuda"):
                 self.built(backend, torch.device(device_type))
@@ -158,6 +162,30 @@ class FusedOp:
 
     # -------------------------------------------------------------- resolution
 
+    def _resolution(self, requested: str | None, device: torch.device, dtype: torch.dtype, facts: Facts) -> str:
+        """The backend that runs a call: `requested` (forced; raises if it cannot), or the automatic choice (None).
+
+        Every call resolves (in its wrapper and again inside its op), and the answer depends on these
+        arguments only (what is built is fixed for the process), so it is remembered: a call then costs
+        one dict lookup instead of a walk over the backends' capabilities. Refusals raise every time; while
+        torch.compile traces, nothing is read or written here (no guards on the memo, no side effects).
+        """
+        key = (requested, device, dtype, tuple(facts.items()))
+        try:
+            backend = None if torch.compiler.is_compiling() else self._resolved.get(key)
+        except TypeError:  # symbolic sizes (make_fx tracing) do not hash: decide afresh
+            return self._decide(requested, device, dtype, facts)
+        if backend is None:
+            backend = self._decide(requested, device, dtype, facts)
+            if not torch.compiler.is_compiling():
+                if len(self._resolved) >= _RESOLVED_MAX:  # a shape-varying workload: start over
+                    self._resolved.clear()
+                self._resolved[key] = backend
+        return backend
+
+    def _decide(self, requested: str | None, device: torch.device, dtype: torch.dtype, facts: Facts) -> str:
+        return self.choose(device, dtype, facts) if requested is None else self._forced(requested, device, dtype, facts)
+
     def wrapper_backend(self, device: torch.device, dtype: torch.dtype, facts: Facts) -> str:
         """The `backend` argument a public wrapper passes to its custom op, or "reference".
 
@@ -166,20 +194,20 @@ class FusedOp:
         here so that one that cannot run raises at the call site.
         """
         forced = _backend.current_override()
+        backend = self._resolution(forced, device, dtype, facts)
         if forced is not None:
-            return self._forced(forced, device, dtype, facts)
-        return AUTO if self.choose(device, dtype, facts) != "reference" else "reference"
+            return backend
+        return AUTO if backend != "reference" else "reference"
 
     def resolve(self, backend: str, device: torch.device, dtype: torch.dtype, facts: Facts) -> str:
         """Inside a custom op: the concrete backend for its `backend` argument."""
-        if backend not in _OP_BACKENDS:
-            raise ValueError(f"unknown fastctx backend {backend!r}: expected one of {_OP_BACKENDS}")
         if backend == AUTO:
             # "auto" is decided when the op runs: a traced or exported program follows the use_backend()
             # block it runs in, not the one it was traced in.
-            forced = _backend.current_override()
-            return self.choose(device, dtype, facts) if forced is None else self._forced(forced, device, dtype, facts)
-        return self._forced(backend, device, dtype, facts)
+            return self._resolution(_backend.current_override(), device, dtype, facts)
+        if backend not in _OP_BACKENDS:
+            raise ValueError(f"unknown fastctx backend {backend!r}: expected one of {_OP_BACKENDS}")
+        return self._resolution(backend, device, dtype, facts)
 
     def kernels(self, backend: str):
         """The object holding `<op>_fwd` / `<op>_bwd` for a fused backend."""

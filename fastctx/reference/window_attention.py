@@ -25,11 +25,12 @@ Helpers shared with the eager paths of the modules (`fastctx.nn.window_msa`,
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 import torch.nn.functional as F
 
+from ._args import int_pair as _pair  # the modules' and ops' (a, b)-or-int argument check
+from ._args import is_int
 # IIWA's pooling and upsampling are fused ops with their own oracles; re-exported here, where the eager
 # IIWA path and the benchmarks have always imported them from.
 from .upsample_add import upsample_add
@@ -39,16 +40,6 @@ __all__ = [
     "relative_position_index", "shift_window_mask", "sine_position_encoding", "upsample_add", "window_attention",
     "window_partition", "window_pool", "window_reverse",
 ]
-
-
-def _pair(value, name: str, minimum: int) -> tuple[int, int]:
-    """(a, b) from an int or a pair of ints, each >= minimum."""
-    pair = (value, value) if isinstance(value, numbers.Integral) else tuple(value)
-    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in pair):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if any(v < minimum for v in pair):
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return int(pair[0]), int(pair[1])
 
 
 def relative_position_index(window) -> torch.Tensor:
@@ -109,7 +100,7 @@ def _check_window_args(qkv, heads, window, bias_table, shift, pad_qkv):
         raise ValueError(f"qkv must be [B, H, W, 3C] (4-D, channels last), got shape {tuple(qkv.shape)}")
     if not qkv.is_floating_point():
         raise TypeError(f"qkv must be a floating-point tensor, got {qkv.dtype}")
-    if isinstance(heads, bool) or not isinstance(heads, numbers.Integral) or heads < 1:
+    if not is_int(heads) or heads < 1:
         raise ValueError(f"heads must be a positive int, got {heads!r}")
     batch, height, width, channels3 = qkv.shape
     if height < 1 or width < 1:

@@ -5,20 +5,15 @@ over the padded map (padded tokens included), then `tokens + pos.to(tokens.dtype
 """
 from __future__ import annotations
 
-import numbers
-
 import torch
 import torch.nn.functional as F
+
+from ._args import int_pair
 
 
 def window_size(window) -> tuple[int, int]:
     """(Wh, Ww) from an int or a pair of ints >= 1."""
-    pair = (window, window) if isinstance(window, numbers.Integral) else tuple(window)
-    if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in pair):
-        raise TypeError(f"window must be an int or a pair of ints, got {window!r}")
-    if any(v < 1 for v in pair):
-        raise ValueError(f"window must be >= 1, got {window!r}")
-    return int(pair[0]), int(pair[1])
+    return int_pair(window, "window", 1)
 
 
 def window_pool(x: torch.Tensor, window, pos: torch.Tensor | None = None) -> torch.Tensor:

@@ -2,6 +2,9 @@
 the op, its gradients (table and padding value included), opcheck, bad input. The reference itself is
 checked against per-window loops in tests/test_window_reference.py; the fused backends join the
 parametrisation as their kernels land (the Triton launchers are tested in test_window_attention_triton.py)."""
+import re
+
+import numpy as np
 import pytest
 import torch
 
@@ -152,6 +155,17 @@ def test_bad_input():
         ops.window_attention(qkv, 3, (2, 2), pad_qkv=pad[:6])
     with pytest.raises(ValueError, match=r"qkv must be \[B, H, W, 3C\]"):
         ops.window_attention(qkv[0], 3, (2, 2))
+    # window and shift: an int or a pair of ints; a bool, a float or a triple is refused by name
+    for window in (True, 2.0, (2, 2, 1), (2, True), "22"):
+        with pytest.raises(TypeError, match=f"window must be an int or a pair of ints, got {re.escape(repr(window))}"):
+            ops.window_attention(qkv, 3, window)
+    with pytest.raises(TypeError, match="shift must be an int or a pair of ints, got 1.0"):
+        ops.window_attention(qkv, 3, (2, 2), shift=1.0)
+    with pytest.raises(ValueError, match="heads must be a positive int, got True"):
+        ops.window_attention(qkv, True, (2, 2))
+    # NumPy integers are integers
+    out = ops.window_attention(qkv, np.int64(3), (np.int32(2), 2), shift=np.int64(1))
+    assert_close(out, reference(qkv, 3, (2, 2), None, (1, 1), 2 ** -0.5, None), torch.float64)
 
 
 # ----------------------------------------------------------------------------- cpu kernel (csrc/cpu/window_attention.cpp)
