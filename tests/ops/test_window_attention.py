@@ -183,6 +183,8 @@ CPU_CASES = [
     (2, 8, 16, 96, 3, (8, 16), (0, 0), True),      # whole windows
     (1, 20, 19, 16, 2, (17, 19), (8, 9), True),    # 323 tokens: 2 key blocks, 3 query blocks
     (1, 34, 33, 8, 1, (33, 33), (5, 0), False),    # 1089 tokens: bias looked up per logit
+    (2, 32, 32, 32, 2, (4, 4), (2, 2), True),      # 128 windows (the cases above: at most 8)
+    (1, 16, 17, 8, 2, (2, 2), (1, 1), False),      # 72 shifted 2x2 windows
 ]
 
 
