@@ -383,9 +383,12 @@ class Workers {
     while (static_cast<int>(threads_.size()) < n) {
       const int t = static_cast<int>(threads_.size());
       start_.push_back(std::make_unique<std::binary_semaphore>(0));
-      threads_.emplace_back([this, t] {
+      // A worker holds its own semaphore, never start_: a later, wider launch
+      // grows (reallocates) start_ while the workers loop back to wait.
+      std::binary_semaphore* start = start_.back().get();
+      threads_.emplace_back([this, t, start] {
         while (true) {
-          start_[t]->acquire();
+          start->acquire();
           if (job_ == nullptr) return;
           (*job_)(t);
           done_.release();
