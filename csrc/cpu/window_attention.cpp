@@ -26,6 +26,11 @@
 // these sizes (k = d or the window's tokens, 16..256) BLAS would repack both
 // operands on every call and MKL runs only its AVX2 code on this CPU family.
 //
+// The relative position bias is laid out per head as a strip of Ww x (2Wh-1)
+// x Ww values in which query t's N biases are N consecutive values (see
+// BiasStrips): the scores add it row by row as vectors, and the backward sums
+// dS into the same layout, then folds it into the table's rows by diagonals.
+//
 // grad_table and grad_pad are sums over windows. The backward cuts the windows
 // into runs (cpu/parallel.h plan_chunks: shapes only, never the thread count);
 // each (run, head) owns a partial of the table column and of pad_qkv's head
@@ -33,8 +38,7 @@
 // for any thread count. A chunk is a run with a group of heads (all of them
 // unless windows are few, see BackwardPlan), heads innermost so a window's
 // rows are read whole once. Per (run, head), dS of all its windows is first
-// summed into an [N x N] buffer (vector adds) and scattered to the table's
-// rows once.
+// summed into a bias strip (vector adds) and folded into the table's rows once.
 //
 // Swin's masked pairs make subnormal weights, and x86 arithmetic on them takes
 // microcode assists; query blocks whose inputs bound every factor such a weight
@@ -77,11 +81,10 @@ using cpu::tile_gemm;
 // 128 KiB each) stay in L2. Windows of up to 256 tokens are one key block.
 constexpr int64_t kMaxQueryBlock = 128;
 constexpr int64_t kMaxKeyBlock = 256;
-// The bias of every (head, query, key) is expanded once per call into
-// [heads, N, N] matrices (added row by row) when they hold at most this many
-// elements (12x12 windows with 32 heads: 0.7M); larger windows look each
-// logit's bias up in the table.
-constexpr int64_t kMaxDenseBias = int64_t(1) << 20;
+// The bias is laid out as strips (BiasStrips) when they hold at most this many
+// elements (1 MiB in fp32; 16x16 windows with 32 heads: 254K); larger windows
+// look each logit's bias up in the table.
+constexpr int64_t kMaxStripElements = int64_t(1) << 18;
 
 // mmseg's value for pairs of tokens from different shift regions.
 constexpr double kRegionMask = -100.0;
@@ -99,14 +102,29 @@ int64_t block_size(int64_t n, int64_t max) {
 // FASTCTX_SIMD_CLONES entry points (cpu/parallel.h).
 #pragma GCC diagnostic ignored "-Wpsabi"  // see Simd
 
-// s[r, c] += b[r, c]
+// s[r, c] += strip[offset[r] + c]
 template <typename T>
-__attribute__((always_inline)) inline void add_rows_body(T* s, int64_t lds, const T* b, int64_t ldb,
-                                                         int64_t rows, int64_t n) {
+__attribute__((always_inline)) inline void add_strip_rows_body(T* s, int64_t lds, const T* strip,
+                                                               const int64_t* offset, int64_t rows,
+                                                               int64_t n) {
   for (int64_t r = 0; r < rows; ++r) {
     T* sr = s + r * lds;
-    const T* br = b + r * ldb;
+    const T* br = strip + offset[r];
     for (int64_t c = 0; c < n; ++c) sr[c] += br[c];
+  }
+}
+
+// strip[offset[r] + c] += d[r, c], rows in order (the runs of rows offset by
+// a multiple of Ww overlap: each adds onto the sums of the rows before it).
+template <typename T>
+__attribute__((always_inline)) inline void accumulate_strip_rows_body(T* strip,
+                                                                      const int64_t* offset,
+                                                                      const T* d, int64_t ldd,
+                                                                      int64_t rows, int64_t n) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T* ar = strip + offset[r];
+    const T* dr = d + r * ldd;
+    for (int64_t c = 0; c < n; ++c) ar[c] += dr[c];
   }
 }
 
@@ -181,9 +199,13 @@ __attribute__((always_inline)) inline bool all_tame_body(const T* x, int64_t n) 
 
 #define FASTCTX_WINDOW_ROW_KERNELS(T)                                                             \
   FASTCTX_SIMD_CLONES bool all_tame(const T* x, int64_t n) { return all_tame_body(x, n); }       \
-  FASTCTX_SIMD_CLONES void add_rows(T* s, int64_t lds, const T* b, int64_t ldb, int64_t rows,    \
-                                    int64_t n) {                                                 \
-    add_rows_body(s, lds, b, ldb, rows, n);                                                      \
+  FASTCTX_SIMD_CLONES void add_strip_rows(T* s, int64_t lds, const T* strip,                    \
+                                          const int64_t* offset, int64_t rows, int64_t n) {      \
+    add_strip_rows_body(s, lds, strip, offset, rows, n);                                         \
+  }                                                                                              \
+  FASTCTX_SIMD_CLONES void accumulate_strip_rows(T* strip, const int64_t* offset, const T* d,    \
+                                                 int64_t ldd, int64_t rows, int64_t n) {         \
+    accumulate_strip_rows_body(strip, offset, d, ldd, rows, n);                                  \
   }                                                                                              \
   FASTCTX_SIMD_CLONES void add_mask(T* s, int64_t lds, const int* label_q, const int* label_k,   \
                                     const T* key_mask, int64_t rows, int64_t n) {                \
@@ -201,17 +223,57 @@ FASTCTX_WINDOW_ROW_KERNELS(double)
 #undef FASTCTX_WINDOW_ROW_KERNELS
 
 // ---------------------------------------------------------------------------
+// The relative position bias as strips.
+//
+// Query t = (qy, qx) and key u = (ky, kx) of a window use table row
+// (qy - ky + Wh - 1)(2Ww - 1) + (qx - kx + Ww - 1). A head's strip holds, per
+// query column qx, a (2Wh - 1) x Ww block whose value (e, kx) is the entry of
+// key (ky, kx) with ky = qy + e - (Wh - 1): the same for every qy. Query t's N
+// biases, keys in order, are then the strip's N consecutive values from
+// offset(t) = (qx (2Wh - 1) + Wh - 1 - qy) Ww, so they are added to a score row
+// as one vector run, and a head's bias costs Ww^2 (2Wh - 1) values (637 for 7x7
+// windows) to lay out, not the N^2 (2401) of an expanded [N, N] matrix: at Swin-T
+// stage 4 (two windows, 24 heads) building the expanded matrices was a tenth of
+// the forward. The backward sums dS into the same layout (rows in order; the runs
+// of queries of one column overlap) and folds each head's strip into its table
+// column by diagonals once per run of windows, where scattering an [N, N] sum
+// to table rows one scalar at a time was a tenth of the backward.
+struct BiasStrips {
+  int64_t Wh, Ww, size;
+  BiasStrips(int64_t wh, int64_t ww) : Wh(wh), Ww(ww), size(ww * (2 * wh - 1) * ww) {}
+  int64_t offset(int64_t t) const { return ((t % Ww) * (2 * Wh - 1) + Wh - 1 - t / Ww) * Ww; }
+  // The table row of strip value (qx, e, kx).
+  int64_t entry(int64_t qx, int64_t e, int64_t kx) const {
+    return (2 * Wh - 2 - e) * (2 * Ww - 1) + qx - kx + Ww - 1;
+  }
+  // column[entry] += the strip's values of that entry (all of them lie on one
+  // diagonal qx - kx of one row e of the blocks), each entry summed in qx order.
+  template <typename T>
+  void fold(const T* strip, T* column) const {
+    for (int64_t e = 0; e < 2 * Wh - 1; ++e) {
+      for (int64_t dx = 1 - Ww; dx < Ww; ++dx) {  // dx = qx - kx
+        T sum = 0;
+        for (int64_t qx = std::max<int64_t>(0, dx); qx < std::min(Ww, Ww + dx); ++qx) {
+          sum += strip[(qx * (2 * Wh - 1) + e) * Ww + qx - dx];
+        }
+        column[(2 * Wh - 2 - e) * (2 * Ww - 1) + dx + Ww - 1] += sum;
+      }
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------
 // Problem description and the per-window token table
 
 template <typename T>
 struct Problem {
   const T* qkv;        // [B*H*W, 3C]
   const T* pad;        // [3C] or nullptr (padded keys excluded)
-  const T* bias;       // [heads, N, N] expanded bias, or nullptr
+  const T* strips;     // [heads, strip size]: the bias as BiasStrips, or nullptr
   const T* table_col;  // [heads, entries]: the table's columns (large windows), or nullptr
-  const int64_t* table_index;  // [N, N]: each (query, key) pair's table row, with bias
+  const int64_t* strip_offset;  // [N]: query t's offset in its head's strip, with strips
   WindowGeometry g;
-  int64_t heads, d, C, N, windows, entries;
+  int64_t heads, d, C, N, windows, entries, strip_size;
   T scale;
   // Blocking: query and key block sizes, the score buffers' row stride.
   int64_t bq, bk, ldk;
@@ -378,8 +440,8 @@ void scores(const Problem<T>& p, const WindowTokens<T>& win, int64_t h, const T*
   // scores become -inf below.
   const int64_t nkp = padded_keys(p, nk);
   tile_gemm<T>(nq, p.d, nkp, qs, p.d, 1, kt, p.ldk, s, p.ldk, false);
-  if (p.bias != nullptr) {
-    add_rows(s, p.ldk, p.bias + (h * p.N + q0) * p.N + k0, p.N, nq, nk);
+  if (p.strips != nullptr) {
+    add_strip_rows(s, p.ldk, p.strips + h * p.strip_size + k0, p.strip_offset + q0, nq, nk);
   } else if (p.table_col != nullptr) {
     const T* col = p.table_col + h * p.entries;
     for (int64_t r = 0; r < nq; ++r) {
@@ -487,8 +549,8 @@ Shape check_inputs(const at::Tensor& qkv, const std::optional<at::Tensor>& bias_
   return s;
 }
 
-// The Problem of a call, with the bias expanded (small windows) or the
-// table's columns (large ones) in `storage`, and the pairs' table rows in
+// The Problem of a call, with the bias as strips (most windows) or the table's
+// columns (large ones) in `storage`, and the queries' strip offsets in
 // `index_storage`.
 template <typename T>
 Problem<T> make_problem(const Shape& s, const at::Tensor& qkv,
@@ -511,29 +573,27 @@ Problem<T> make_problem(const Shape& s, const at::Tensor& qkv,
   p.ldk = round_up(p.bk, 16);
   if (!bias_table.has_value()) return p;
   const int64_t N = s.N, heads = s.heads;
-  if (heads * N * N <= kMaxDenseBias) {
-    index_storage = at::empty({N, N}, qkv.options().dtype(at::kLong));
-    int64_t* index = index_storage.mutable_data_ptr<int64_t>();
-    // Key (uy, ux) of query t uses table row first(t) - uy (2Ww - 1) - ux: no
-    // division per pair (those divisions were most of a small call's time).
-    const int64_t Wh = s.g.Wh, Ww = s.g.Ww;
-    for (int64_t t = 0; t < N; ++t) {
-      const int64_t first = window_table_index(t, 0, Wh, Ww);
-      for (int64_t uy = 0; uy < Wh; ++uy) {
-        int64_t* run = index + t * N + uy * Ww;
-        for (int64_t ux = 0; ux < Ww; ++ux) run[ux] = first - uy * (2 * Ww - 1) - ux;
+  const BiasStrips strips(s.g.Wh, s.g.Ww);
+  if (heads * strips.size <= kMaxStripElements) {
+    index_storage = at::empty({N}, qkv.options().dtype(at::kLong));
+    int64_t* offset = index_storage.mutable_data_ptr<int64_t>();
+    for (int64_t t = 0; t < N; ++t) offset[t] = strips.offset(t);
+    const T* table = bias_table->const_data_ptr<T>();
+    storage = at::empty({heads, strips.size}, qkv.options());
+    T* strip = storage.mutable_data_ptr<T>();
+    // Position by position, all heads: the table's rows are read in order.
+    int64_t i = 0;
+    for (int64_t qx = 0; qx < strips.Ww; ++qx) {
+      for (int64_t e = 0; e < 2 * strips.Wh - 1; ++e) {
+        for (int64_t kx = 0; kx < strips.Ww; ++kx, ++i) {
+          const T* row = table + strips.entry(qx, e, kx) * heads;
+          for (int64_t h = 0; h < heads; ++h) strip[h * strips.size + i] = row[h];
+        }
       }
     }
-    const T* table = bias_table->const_data_ptr<T>();
-    storage = at::empty({heads, N, N}, qkv.options());
-    T* bias = storage.mutable_data_ptr<T>();
-    at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t h = begin; h < end; ++h) {
-        for (int64_t i = 0; i < N * N; ++i) bias[h * N * N + i] = table[index[i] * heads + h];
-      }
-    });
-    p.bias = bias;
-    p.table_index = index;
+    p.strips = strip;
+    p.strip_offset = offset;
+    p.strip_size = strips.size;
   } else {
     storage = bias_table->t().contiguous();  // [heads, entries]
     p.table_col = storage.const_data_ptr<T>();
@@ -626,10 +686,10 @@ template <typename T>
 struct BackwardScratch {
   std::vector<T> qs, dout, kt, k, v, vt, s, dp, dq, dk, dv, table_acc, lse, D, inv_l;
   OnlineSoftmax<T> softmax;
-  BackwardScratch(const Problem<T>& p, int64_t dense_table_heads)
+  BackwardScratch(const Problem<T>& p, int64_t strip_heads)
       : qs(p.bq * p.d), dout(p.bq * p.d), kt(p.d * p.ldk), k(p.bk * p.d), v(p.bk * p.d),
         vt(p.d * p.ldk), s(p.bq * p.ldk), dp(p.bq * p.ldk), dq(p.bq * p.d), dk(p.N * p.d),
-        dv(p.N * p.d), table_acc(dense_table_heads * p.N * p.N), lse(p.bq), D(p.bq),
+        dv(p.N * p.d), table_acc(strip_heads * p.strip_size), lse(p.bq), D(p.bq),
         inv_l(p.bq), softmax(p.bq) {}
 };
 
@@ -643,7 +703,7 @@ struct BackwardOut {
 };
 
 // Gradients of one head of one window; table gradient into table_acc
-// (dense: head h's [N, N] sums, or nullptr) or table_part (the run's column of
+// (head h's strip of sums, see BiasStrips, or nullptr) or table_part (the run's column of
 // the table for head h), pad_qkv's into pad_part (the run's q, k, v slices of
 // head h). Each query block runs with subnormals flushed when its inputs
 // allow it (see kTameBound).
@@ -671,7 +731,7 @@ void window_backward(const Problem<T>& p, const WindowTokens<T>& win, int64_t h,
     tile_gemm<T>(nk, nq, d, x.dp.data(), 1, ldk, x.qs.data(), d, x.dk.data() + k0 * d, d, true);
     tile_gemm<T>(nk, nq, d, x.s.data(), 1, ldk, x.dout.data(), d, x.dv.data() + k0 * d, d, true);
     if (table_acc != nullptr) {
-      add_rows(table_acc + q0 * N + k0, N, x.dp.data(), ldk, nq, nk);
+      accumulate_strip_rows(table_acc + k0, p.strip_offset + q0, x.dp.data(), ldk, nq, nk);
     } else if (table_part != nullptr) {
       for (int64_t r = 0; r < nq; ++r) {
         for (int64_t c = 0; c < nk; ++c) {
@@ -790,11 +850,11 @@ struct BackwardPlan {
 template <typename T>
 void backward(const Problem<T>& p, const BackwardOut<T>& g, const BackwardPlan& plan) {
   const int64_t N = p.N, d = p.d, hg = plan.heads_per_group;
-  const bool dense_table = p.bias != nullptr;
+  const bool strip_table = p.strips != nullptr;
   // grad_qkv's lines are fetched ahead for writing unless streamed past the caches.
   const T* written = g.stream ? nullptr : g.grad_qkv;
   at::parallel_for(0, plan.chunks, 1, [&](int64_t c_begin, int64_t c_end) {
-    BackwardScratch<T> x(p, dense_table ? hg : 0);
+    BackwardScratch<T> x(p, strip_table ? hg : 0);
     WindowCursor<T> cursor(N);
     cpu::FlushSubnormals flush;
     for (int64_t chunk = c_begin; chunk < c_end; ++chunk) {
@@ -827,15 +887,14 @@ void backward(const Problem<T>& p, const BackwardOut<T>& g, const BackwardPlan& 
             prefetch_heads(p, cursor.peek(p, w + 1), h0, h1 - h0, g.grad,
                            static_cast<const T*>(nullptr), written);
           }
-          T* acc = dense_table ? x.table_acc.data() + (h - h0) * N * N : nullptr;
+          T* acc = strip_table ? x.table_acc.data() + (h - h0) * p.strip_size : nullptr;
           window_backward(p, cursor.now, h, g, x, acc, table_part(h), pad_part(h), flush);
         }
       }
-      if (dense_table) {
+      if (strip_table) {
+        const BiasStrips strips(p.g.Wh, p.g.Ww);
         for (int64_t h = h0; h < h1; ++h) {
-          const T* acc = x.table_acc.data() + (h - h0) * N * N;
-          T* part = table_part(h);
-          for (int64_t i = 0; i < N * N; ++i) part[p.table_index[i]] += acc[i];
+          strips.fold(x.table_acc.data() + (h - h0) * p.strip_size, table_part(h));
         }
       }
     }

@@ -172,8 +172,8 @@ def test_bad_input():
 
 # (B, H, W, C, heads, window, shift, with pad_qkv): a covering set of windows 4x8, 7x7, 8x16 and 12x12,
 # heads 1, 3, 8 and head_dim 16, 32, 64, shift 0 and window/2, maps not multiples of the window; then
-# windows of more than 256 tokens (several key and query blocks), one of them past the expanded-bias
-# size (the bias looked up per logit), and IIWA's one window covering the grid (no table).
+# windows of more than 256 tokens (several key and query blocks), one of them past the bias strips' size
+# (kMaxStripElements: the bias looked up per logit), and IIWA's one window covering the grid (no table).
 CPU_CASES = [
     (1, 9, 13, 128, 8, (4, 8), (0, 0), True),      # d 16, ULLMC's window
     (2, 10, 10, 48, 3, (7, 7), (3, 3), True),      # d 16, Swin's shifted window
@@ -182,7 +182,8 @@ CPU_CASES = [
     (1, 5, 9, 512, 8, (4, 8), (2, 4), False),      # d 64, heads 8
     (2, 8, 16, 96, 3, (8, 16), (0, 0), True),      # whole windows
     (1, 20, 19, 16, 2, (17, 19), (8, 9), True),    # 323 tokens: 2 key blocks, 3 query blocks
-    (1, 34, 33, 8, 1, (33, 33), (5, 0), False),    # 1089 tokens: bias looked up per logit
+    (1, 34, 33, 16, 4, (33, 33), (5, 0), False),   # 1089 tokens, 4 x 33 x 65 x 33 strip values > 2^18:
+                                                   # bias looked up per logit
     (2, 32, 32, 32, 2, (4, 4), (2, 2), True),      # 128 windows (the cases above: at most 8)
     (1, 16, 17, 8, 2, (2, 2), (1, 1), False),      # 72 shifted 2x2 windows
 ]
