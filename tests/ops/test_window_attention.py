@@ -201,14 +201,14 @@ def test_cpu_matches_reference(batch, height, width, channels, heads, window, sh
                       msg=f"{dtype}")
 
 
-# Outputs (out, grad_qkv) of at least 16 MiB (kStreamBytes in csrc/cpu/output.h) are written
+# Outputs (out, grad_qkv) of at least 4 MiB (kStreamBytes in csrc/cpu/output.h) are written
 # with non-temporal stores where a head's row slice is 16-byte aligned, and plainly where not (d = 33).
 @pytest.mark.parametrize("channels,heads,dtype", [(192, 6, torch.float32), (198, 6, torch.float32),
                                                   (96, 3, torch.float64)])
 def test_cpu_large_outputs_streamed_past_the_caches(channels, heads, dtype):
     require("cpu", dtype)
-    qkv, table, pad = window_inputs(3, 61, 123, channels, heads, (4, 8), dtype=dtype)
-    assert qkv.nbytes // 3 >= 16 << 20  # out, and grad_qkv three times that
+    qkv, table, pad = window_inputs(1, 61, 123, channels, heads, (4, 8), dtype=dtype)
+    assert qkv.nbytes // 3 >= 4 << 20  # out, and grad_qkv three times that
     check_fwd_bwd("cpu", lambda q, t, p: ops.window_attention(q, heads, (4, 8), t, (2, 4), None, p),
                   lambda q, t, p: reference(q, heads, (4, 8), t, (2, 4), None, p), [qkv, table, pad], dtype)
 
