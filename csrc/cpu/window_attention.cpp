@@ -239,13 +239,12 @@ FASTCTX_WINDOW_ROW_KERNELS(double)
 // column by diagonals once per run of windows, where scattering an [N, N] sum
 // to table rows one scalar at a time was a tenth of the backward.
 struct BiasStrips {
-  int64_t Wh, Ww, size;
+  int64_t Wh = 0, Ww = 0, size = 0;  // size: values per head
+  BiasStrips() = default;
   BiasStrips(int64_t wh, int64_t ww) : Wh(wh), Ww(ww), size(ww * (2 * wh - 1) * ww) {}
   int64_t offset(int64_t t) const { return ((t % Ww) * (2 * Wh - 1) + Wh - 1 - t / Ww) * Ww; }
-  // The table row of strip value (qx, e, kx).
-  int64_t entry(int64_t qx, int64_t e, int64_t kx) const {
-    return (2 * Wh - 2 - e) * (2 * Ww - 1) + qx - kx + Ww - 1;
-  }
+  // The table row of the strip values (qx, e, kx) with qx - kx = dx.
+  int64_t entry(int64_t e, int64_t dx) const { return (2 * Wh - 2 - e) * (2 * Ww - 1) + dx + Ww - 1; }
   // column[entry] += the strip's values of that entry (all of them lie on one
   // diagonal qx - kx of one row e of the blocks), each entry summed in qx order.
   template <typename T>
@@ -256,7 +255,7 @@ struct BiasStrips {
         for (int64_t qx = std::max<int64_t>(0, dx); qx < std::min(Ww, Ww + dx); ++qx) {
           sum += strip[(qx * (2 * Wh - 1) + e) * Ww + qx - dx];
         }
-        column[(2 * Wh - 2 - e) * (2 * Ww - 1) + dx + Ww - 1] += sum;
+        column[entry(e, dx)] += sum;
       }
     }
   }
@@ -269,11 +268,12 @@ template <typename T>
 struct Problem {
   const T* qkv;        // [B*H*W, 3C]
   const T* pad;        // [3C] or nullptr (padded keys excluded)
-  const T* strips;     // [heads, strip size]: the bias as BiasStrips, or nullptr
+  const T* strips;     // [heads, strip_layout.size]: the bias as BiasStrips, or nullptr
   const T* table_col;  // [heads, entries]: the table's columns (large windows), or nullptr
   const int64_t* strip_offset;  // [N]: query t's offset in its head's strip, with strips
   WindowGeometry g;
-  int64_t heads, d, C, N, windows, entries, strip_size;
+  BiasStrips strip_layout;  // with strips
+  int64_t heads, d, C, N, windows, entries;
   T scale;
   // Blocking: query and key block sizes, the score buffers' row stride.
   int64_t bq, bk, ldk;
@@ -441,7 +441,7 @@ void scores(const Problem<T>& p, const WindowTokens<T>& win, int64_t h, const T*
   const int64_t nkp = padded_keys(p, nk);
   tile_gemm<T>(nq, p.d, nkp, qs, p.d, 1, kt, p.ldk, s, p.ldk, false);
   if (p.strips != nullptr) {
-    add_strip_rows(s, p.ldk, p.strips + h * p.strip_size + k0, p.strip_offset + q0, nq, nk);
+    add_strip_rows(s, p.ldk, p.strips + h * p.strip_layout.size + k0, p.strip_offset + q0, nq, nk);
   } else if (p.table_col != nullptr) {
     const T* col = p.table_col + h * p.entries;
     for (int64_t r = 0; r < nq; ++r) {
@@ -586,14 +586,14 @@ Problem<T> make_problem(const Shape& s, const at::Tensor& qkv,
     for (int64_t qx = 0; qx < strips.Ww; ++qx) {
       for (int64_t e = 0; e < 2 * strips.Wh - 1; ++e) {
         for (int64_t kx = 0; kx < strips.Ww; ++kx, ++i) {
-          const T* row = table + strips.entry(qx, e, kx) * heads;
+          const T* row = table + strips.entry(e, qx - kx) * heads;
           for (int64_t h = 0; h < heads; ++h) strip[h * strips.size + i] = row[h];
         }
       }
     }
     p.strips = strip;
     p.strip_offset = offset;
-    p.strip_size = strips.size;
+    p.strip_layout = strips;
   } else {
     storage = bias_table->t().contiguous();  // [heads, entries]
     p.table_col = storage.const_data_ptr<T>();
@@ -689,7 +689,7 @@ struct BackwardScratch {
   BackwardScratch(const Problem<T>& p, int64_t strip_heads)
       : qs(p.bq * p.d), dout(p.bq * p.d), kt(p.d * p.ldk), k(p.bk * p.d), v(p.bk * p.d),
         vt(p.d * p.ldk), s(p.bq * p.ldk), dp(p.bq * p.ldk), dq(p.bq * p.d), dk(p.N * p.d),
-        dv(p.N * p.d), table_acc(strip_heads * p.strip_size), lse(p.bq), D(p.bq),
+        dv(p.N * p.d), table_acc(strip_heads * p.strip_layout.size), lse(p.bq), D(p.bq),
         inv_l(p.bq), softmax(p.bq) {}
 };
 
@@ -887,14 +887,13 @@ void backward(const Problem<T>& p, const BackwardOut<T>& g, const BackwardPlan& 
             prefetch_heads(p, cursor.peek(p, w + 1), h0, h1 - h0, g.grad,
                            static_cast<const T*>(nullptr), written);
           }
-          T* acc = strip_table ? x.table_acc.data() + (h - h0) * p.strip_size : nullptr;
+          T* acc = strip_table ? x.table_acc.data() + (h - h0) * p.strip_layout.size : nullptr;
           window_backward(p, cursor.now, h, g, x, acc, table_part(h), pad_part(h), flush);
         }
       }
       if (strip_table) {
-        const BiasStrips strips(p.g.Wh, p.g.Ww);
         for (int64_t h = h0; h < h1; ++h) {
-          strips.fold(x.table_acc.data() + (h - h0) * p.strip_size, table_part(h));
+          p.strip_layout.fold(x.table_acc.data() + (h - h0) * p.strip_layout.size, table_part(h));
         }
       }
     }

@@ -383,8 +383,8 @@ class Workers {
     while (static_cast<int>(threads_.size()) < n) {
       const int t = static_cast<int>(threads_.size());
       start_.push_back(std::make_unique<std::binary_semaphore>(0));
-      // A worker holds its own semaphore, never start_: a later, wider launch
-      // grows (reallocates) start_ while the workers loop back to wait.
+      // A worker holds its own semaphore, never indexes start_: this loop keeps
+      // growing (reallocating) start_ while the workers created before run.
       std::binary_semaphore* start = start_.back().get();
       threads_.emplace_back([this, t, start] {
         while (true) {
