@@ -51,6 +51,7 @@
 #include "cpu/blas.h"
 #include "cpu/parallel.h"
 #include "cpu/output.h"
+#include "cpu/prefetch.h"
 
 namespace fastctx {
 namespace {
@@ -180,39 +181,17 @@ Codebook<scalar_t> make_codebook(const scalar_t* c, int64_t K, int64_t D,
 // A channels_first tile is D short rows N apart: far more streams than the
 // hardware prefetchers track, so its loads would stall on memory latency. The
 // next tile (and, in the backward, the grad_x tile about to be written) is
-// prefetched a few cache lines per pixel from inside the per-pixel loop, so
-// the misses overlap that compute instead of stalling the copy.
-struct RowBlockPrefetcher {
-  const char* base = nullptr;
-  int64_t stride = 0, lines_per_row = 0, total = 0, issued = 0;
-  bool write = false;
-
-  void reset(const void* p, int64_t rows, int64_t row_bytes, int64_t stride_bytes, bool for_write) {
-    base = static_cast<const char*>(p);
-    stride = stride_bytes;
-    lines_per_row = row_bytes > 0 ? row_bytes / 64 + 2 : 0;  // +2: unaligned row ends
-    total = rows * lines_per_row;
-    issued = 0;
-    write = for_write;
-  }
-  void clear() { total = issued = 0; }
-  int64_t per_step(int64_t steps) const { return steps > 0 ? (total + steps - 1) / steps : total; }
-  void issue(int64_t count) {
-    const int64_t end = std::min(issued + count, total);
-    for (; issued < end; ++issued) {
-      const char* p = base + (issued / lines_per_row) * stride + (issued % lines_per_row) * 64;
-      if (write) __builtin_prefetch(p, 1, 3); else __builtin_prefetch(p, 0, 3);
-    }
-  }
-};
+// prefetched a few cache lines per pixel from inside the per-pixel loop
+// (cpu::SpreadPrefetch), so the misses overlap that compute.
 
 // Sets up prefetching of the tile after `tile` of the same image (channels_first only).
 template <typename scalar_t>
-void prefetch_next_x_tile(RowBlockPrefetcher& pf, const scalar_t* x, const Shape& s, bool cf,
+void prefetch_next_x_tile(cpu::SpreadPrefetch& pf, const scalar_t* x, const Shape& s, bool cf,
                           int64_t b, int64_t tile, int64_t tile_n, int64_t n_tiles) {
-  if (!cf || tile + 1 >= n_tiles) return pf.clear();
+  pf.clear();
+  if (!cf || tile + 1 >= n_tiles) return;
   const int64_t n1 = (tile + 1) * tile_n, nc = std::min(tile_n, s.N - n1);
-  pf.reset(x + b * s.D * s.N + n1, s.D, nc * sizeof(scalar_t), s.N * sizeof(scalar_t), false);
+  pf.add_rows(x + b * s.D * s.N + n1, s.D, nc * sizeof(scalar_t), s.N * sizeof(scalar_t), false);
 }
 
 // Copies pixels [n0, n0 + nc) of image b into xb as x - m and writes their
@@ -363,7 +342,7 @@ void encoding_fwd_impl(const at::Tensor& x, const at::Tensor& codewords, const a
     scalar_t* a = buffer_ptr<scalar_t>(a_buf);  // [nc][K], pixel-major
     std::vector<scalar_t> xsq(t.tile_n), colsum(K), dist(K), resid;
     std::vector<int64_t> direct;
-    RowBlockPrefetcher pf_x;
+    cpu::SpreadPrefetch pf_x;
     for (int64_t chunk = c_begin; chunk < c_end; ++chunk) {
       const int64_t b = chunk / t.chunks_per_image;
       const int64_t t0 = (chunk % t.chunks_per_image) * t.tiles_per_chunk;
@@ -377,11 +356,11 @@ void encoding_fwd_impl(const at::Tensor& x, const at::Tensor& codewords, const a
         load_centred_tile(xp, cb.mean.data(), s, cf, b, n0, nc, xb, xsq.data());
         const RawTile<scalar_t> raw(xp, s, cf, b, n0);
         prefetch_next_x_tile(pf_x, xp, s, cf, b, tile, t.tile_n, t.n_tiles);
-        const int64_t pf_step = pf_x.per_step(nc);
+        pf_x.plan(nc);
         // a^T [K x nc] = C' X'^T: pixel i's dot products x'_i.c'_k at a[i*K + k].
         blas_gemm<scalar_t>(kT, cf ? kT : kN, K, nc, D, 1, cp, D, xb, ldx, 0, a, K);
         for (int64_t i = 0; i < nc; ++i) {
-          pf_x.issue(pf_step);
+          pf_x.step();
           scalar_t* row = a + i * K;
           pixel_distances(row, xsq[i], cb, sp, K, D, raw, i, dist.data(), direct, resid);
           for (int64_t k = 0; k < K; ++k) row[k] = sp[k] * dist[k];
@@ -489,7 +468,7 @@ void encoding_bwd_impl(const at::Tensor& grad, const at::Tensor& x, const at::Te
     };
     std::vector<Term> terms;
     std::vector<scalar_t> r(D);
-    RowBlockPrefetcher pf_x, pf_g;
+    cpu::SpreadPrefetch pf_x, pf_g;
     for (int64_t chunk = c_begin; chunk < c_end; ++chunk) {
       const int64_t b = chunk / t.chunks_per_image;
       const int64_t t0 = (chunk % t.chunks_per_image) * t.tiles_per_chunk;
@@ -512,9 +491,11 @@ void encoding_bwd_impl(const at::Tensor& grad, const at::Tensor& x, const at::Te
         prefetch_next_x_tile(pf_x, xp, s, cf, b, tile, t.tile_n, t.n_tiles);
         if (cf) {
           const int64_t row_bytes = nc * sizeof(scalar_t), stride = s.N * sizeof(scalar_t);
-          pf_g.reset(gxp + b * D * s.N + n0, D, row_bytes, stride, true);
+          pf_g.clear();
+          pf_g.add_rows(gxp + b * D * s.N + n0, D, row_bytes, stride, true);
         }
-        const int64_t pf_x_step = pf_x.per_step(nc), pf_g_step = pf_g.per_step(nc);
+        pf_x.plan(nc);
+        pf_g.plan(nc);
         // Term by term, with the raw residual x_i - c_k: the direct entries
         // of spread codewords (see pixel_distances), and non-finite values:
         // the expanded forms x'.v - c'_k.v and rowsum(W) x' - W c' give
@@ -532,8 +513,8 @@ void encoding_bwd_impl(const at::Tensor& grad, const at::Tensor& x, const at::Te
         // at [i*2K + K + k].
         blas_gemm<scalar_t>(kT, cf ? kT : kN, K2, nc, D, 1, S, D, xb, ldx, 0, mrows, K2);
         for (int64_t i = 0; i < nc; ++i) {
-          pf_x.issue(pf_x_step);
-          pf_g.issue(pf_g_step);
+          pf_x.step();
+          pf_g.step();
           scalar_t* row = mrows + i * K2;  // [0, K): logits -> A -> -W; [K, 2K): x'.dE -> A
           pixel_distances(row, xsq[i], cb, sp, K, D, raw, i, dist.data(), direct, resid);
           for (int64_t k = 0; k < K; ++k) row[k] = sp[k] * dist[k];

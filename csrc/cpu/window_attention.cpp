@@ -68,8 +68,9 @@
 #include "common/class_context.h"
 #include "common/window_attention.h"
 #include "cpu/class_tiles.h"
-#include "cpu/parallel.h"
 #include "cpu/output.h"
+#include "cpu/parallel.h"
+#include "cpu/prefetch.h"
 
 namespace fastctx {
 namespace {
@@ -88,6 +89,24 @@ constexpr int64_t kMaxStripElements = int64_t(1) << 18;
 
 // mmseg's value for pairs of tokens from different shift regions.
 constexpr double kRegionMask = -100.0;
+
+// The next window's token rows are prefetched (cpu::SpreadPrefetch) from
+// points spread over the units (heads) of the window before it: three between
+// a unit's products, and one every kPrefetchRowsPerPoint rows of its gathers
+// and stores (a point per row cost Swin-T stage 4, whose rows are in cache,
+// 7% of its forward in bookkeeping).
+constexpr int64_t kPrefetchPointsBetweenProducts = 3;
+constexpr int64_t kPrefetchRowsPerPoint = 4;
+
+// Whether row r of a gather or store is a prefetch point.
+bool prefetch_point(int64_t r) { return r % kPrefetchRowsPerPoint == 0; }
+
+// The prefetch points of a unit of N tokens whose gathers and stores are
+// `row_loops` loops over them (one key and one query block).
+int64_t prefetch_points(int64_t N, int64_t row_loops) {
+  return kPrefetchPointsBetweenProducts +
+         row_loops * ((N + kPrefetchRowsPerPoint - 1) / kPrefetchRowsPerPoint);
+}
 
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
@@ -302,21 +321,6 @@ struct WindowTokens {
   }
 };
 
-// Prefetches elements [offset, offset + count) of the window's token rows of
-// `base` (rows `stride` apart), for writing if kWrite: a window's rows are
-// short runs far apart, which the hardware prefetchers do not follow.
-template <int kWrite, typename T>
-void prefetch_tokens(const WindowTokens<T>& win, const T* base, int64_t stride, int64_t offset,
-                     int64_t count) {
-  constexpr int64_t kLine = 64 / sizeof(T);
-  for (const int64_t row : win.row) {
-    if (row < 0) continue;
-    const T* first = base + row * stride + offset;
-    for (int64_t i = 0; i < count; i += kLine) __builtin_prefetch(first + i, kWrite, 3);
-    __builtin_prefetch(first + count - 1, kWrite, 3);  // the last line of an unaligned run
-  }
-}
-
 // The token tables of the window being computed (`now`) and of one built
 // ahead (`ahead`) so that its rows can be prefetched while `now` is computed.
 template <typename T>
@@ -348,19 +352,33 @@ struct WindowCursor {
   }
 };
 
-// Prefetches what heads [h0, h0 + nh) of a window read and write: their q, k
-// and v of the window's tokens, and of `grad` (read) and `out` (written) their
-// slices ([rows, C] tensors), when given.
-template <typename T>
-void prefetch_heads(const Problem<T>& p, const WindowTokens<T>& win, int64_t h0, int64_t nh,
-                    const T* grad, const T* out, const T* grad_qkv) {
-  const int64_t offset = h0 * p.d, count = nh * p.d;
-  for (int part = 0; part < 3; ++part) {
-    prefetch_tokens<0>(win, p.qkv, 3 * p.C, part * p.C + offset, count);
-    if (grad_qkv != nullptr) prefetch_tokens<1>(win, grad_qkv, 3 * p.C, part * p.C + offset, count);
+// Adds to `pf` (cpu::SpreadPrefetch, or cpu::PrefetchNow to fetch them at
+// once) the lines heads [h0, h0 + nh) of a window read and write: their
+// q, k and v of the window's tokens (whole qkv rows when nh is every head); of
+// `grad` (read) and `out` (written) their slices ([rows, C] tensors) and of
+// `grad_qkv` (written) their q, k and v slices, when given.
+template <typename T, typename Prefetch>
+void add_heads(Prefetch& pf, const Problem<T>& p, const WindowTokens<T>& win,
+               int64_t h0, int64_t nh, const T* grad, const T* out, const T* grad_qkv) {
+  const int64_t offset = h0 * p.d, count = nh * p.d, row_size = 3 * p.C;
+  constexpr int64_t kSize = sizeof(T);
+  for (const int64_t row : win.row) {
+    if (row < 0) continue;
+    if (nh == p.heads) {
+      pf.add(p.qkv + row * row_size, row_size * kSize, false);
+    } else {
+      for (int part = 0; part < 3; ++part) {
+        pf.add(p.qkv + row * row_size + part * p.C + offset, count * kSize, false);
+      }
+    }
+    if (grad != nullptr) pf.add(grad + row * p.C + offset, count * kSize, false);
+    if (out != nullptr) pf.add(out + row * p.C + offset, count * kSize, true);
+    if (grad_qkv != nullptr) {
+      for (int part = 0; part < 3; ++part) {
+        pf.add(grad_qkv + row * row_size + part * p.C + offset, count * kSize, true);
+      }
+    }
   }
-  if (grad != nullptr) prefetch_tokens<0>(win, grad, p.C, offset, count);
-  if (out != nullptr) prefetch_tokens<1>(win, out, p.C, offset, count);
 }
 
 // The d channels of part `part` (0 q, 1 k, 2 v) of head h of token t: its row
@@ -398,11 +416,13 @@ inline void store_head(T* dst, const T* src, int64_t d, T scale, bool stream) {
   if (!(stream && cpu::stream_scaled(dst, src, d, scale))) copy_head(dst, src, d, scale);
 }
 
-// dst[r, j] = mult * part's channel j of token t0 + r, rows ld apart.
+// dst[r, j] = mult * part's channel j of token t0 + r, rows ld apart; steps
+// `ahead` at the rows that are prefetch points.
 template <typename T>
 void gather_rows(T* dst, int64_t ld, const Problem<T>& p, const WindowTokens<T>& win, int part,
-                 int64_t h, int64_t t0, int64_t n, T mult) {
+                 int64_t h, int64_t t0, int64_t n, T mult, cpu::SpreadPrefetch& ahead) {
   for (int64_t r = 0; r < n; ++r) {
+    if (prefetch_point(r)) ahead.step();
     const T* src = token_channels(p, win, t0 + r, part, h);
     T* out = dst + r * ld;
     if (src == nullptr) {
@@ -418,8 +438,8 @@ void gather_rows(T* dst, int64_t ld, const Problem<T>& p, const WindowTokens<T>&
 // core overlaps), then transposed inside L1.
 template <typename T>
 void gather_cols(T* dst, int64_t ld, const Problem<T>& p, const WindowTokens<T>& win, int part,
-                 int64_t h, int64_t t0, int64_t n, T* rows) {
-  gather_rows(rows, p.d, p, win, part, h, t0, n, T(1));
+                 int64_t h, int64_t t0, int64_t n, T* rows, cpu::SpreadPrefetch& ahead) {
+  gather_rows(rows, p.d, p, win, part, h, t0, n, T(1), ahead);
   cpu::transpose_rows(dst, ld, rows, p.d, n, p.d);
 }
 
@@ -614,44 +634,50 @@ void forward(const Problem<T>& p, T* out, bool stream) {
     const WindowTokens<T>& win = cursor.now;
     OnlineSoftmax<T> softmax(bq);
     cpu::FlushSubnormals flush;
+    // The lines of the next window, spread over this one's units: whole qkv
+    // rows (one head's slices are short runs on many pages) and, unless
+    // streamed past the caches, the output's slices for writing.
+    cpu::SpreadPrefetch ahead;
+    const T* none = nullptr;
+    const T* out_lines = stream ? nullptr : out;
     for (int64_t u = begin; u < end; ++u) {
       // Heads innermost: a window's token rows stay in cache across its heads.
       const int64_t w = u / p.heads, h = u % p.heads;
-      // Whole token rows as streams the core runs far ahead on (one head's
-      // slices are short runs on many pages, fetched one latency at a time
-      // from cold memory): at a new window, the next window's, and this one's
-      // if it is the task's first.
       if (cursor.move_to(p, w)) {
-        if (u == begin) prefetch_tokens<0>(win, p.qkv, 3 * p.C, 0, 3 * p.C);
+        // At the task's first window, its own lines, all issued just below.
+        if (u == begin) add_heads(ahead, p, win, 0, p.heads, none, out_lines, none);
+        ahead.issue_rest();
+        ahead.clear();
         if ((w + 1) * p.heads < end) {
-          prefetch_tokens<0>(cursor.peek(p, w + 1), p.qkv, 3 * p.C, 0, 3 * p.C);
+          add_heads(ahead, p, cursor.peek(p, w + 1), 0, p.heads, none, out_lines, none);
+          const int64_t units = std::min(end, (w + 1) * p.heads) - u;
+          ahead.plan(units * prefetch_points(N, 4));  // gathers K, V, Q; stores O
         }
       }
-      if (u + 1 < end) {  // the next unit's rows, fetched while this one computes
-        const int64_t nw = (u + 1) / p.heads, nh = (u + 1) % p.heads;
-        prefetch_heads(p, cursor.peek(p, nw), nh, 1, static_cast<const T*>(nullptr),
-                       stream ? nullptr : out, static_cast<const T*>(nullptr));
-      }
+      ahead.step();
       bool kv_tame = false;  // see kTameBound
       if (p.one_key_block()) {
-        gather_cols(kt.data(), p.ldk, p, win, 1, h, 0, N, k.data());
-        gather_rows(v.data(), d, p, win, 2, h, 0, N, T(1));
+        gather_cols(kt.data(), p.ldk, p, win, 1, h, 0, N, k.data(), ahead);
+        gather_rows(v.data(), d, p, win, 2, h, 0, N, T(1), ahead);
         kv_tame = all_tame(k.data(), N * d) && all_tame(v.data(), N * d);
       }
       for (int64_t q0 = 0; q0 < N; q0 += bq) {
         const int64_t nq = std::min(bq, N - q0);
-        gather_rows(qs.data(), d, p, win, 0, h, q0, nq, p.scale);
+        gather_rows(qs.data(), d, p, win, 0, h, q0, nq, p.scale, ahead);
         flush.set(kv_tame && all_tame(qs.data(), nq * d));
         for (int64_t k0 = 0; k0 < N; k0 += bk) {
           const int64_t nk = std::min(bk, N - k0);
           if (!p.one_key_block()) {
-            gather_cols(kt.data(), p.ldk, p, win, 1, h, k0, nk, k.data());
-            gather_rows(v.data(), d, p, win, 2, h, k0, nk, T(1));
+            gather_cols(kt.data(), p.ldk, p, win, 1, h, k0, nk, k.data(), ahead);
+            gather_rows(v.data(), d, p, win, 2, h, k0, nk, T(1), ahead);
           }
           scores(p, win, h, qs.data(), kt.data(), q0, nq, k0, nk, s.data());
+          ahead.step();
           softmax.step(p, s.data(), nq, nk, k0 == 0, v.data(), o.data());
+          ahead.step();
         }
         for (int64_t r = 0; r < nq; ++r) {
+          if (prefetch_point(r)) ahead.step();
           const int64_t row = win.row[q0 + r];
           if (row < 0) continue;  // a padded token: cropped
           const T inv = T(1) / softmax.l[r];
@@ -686,6 +712,7 @@ template <typename T>
 struct BackwardScratch {
   std::vector<T> qs, dout, kt, k, v, vt, s, dp, dq, dk, dv, table_acc, lse, D, inv_l;
   OnlineSoftmax<T> softmax;
+  cpu::SpreadPrefetch ahead;  // the next window's rows
   BackwardScratch(const Problem<T>& p, int64_t strip_heads)
       : qs(p.bq * p.d), dout(p.bq * p.d), kt(p.d * p.ldk), k(p.bk * p.d), v(p.bk * p.d),
         vt(p.d * p.ldk), s(p.bq * p.ldk), dp(p.bq * p.ldk), dq(p.bq * p.d), dk(p.N * p.d),
@@ -718,11 +745,11 @@ void window_backward(const Problem<T>& p, const WindowTokens<T>& win, int64_t h,
   // transposed too (x.vt) unless for_forward (the recomputed forward of pass 1
   // needs V only as rows).
   auto gather_keys = [&](int64_t k0, int64_t nk, bool for_forward = false) {
-    gather_cols(x.kt.data(), ldk, p, win, 1, h, k0, nk, x.k.data());
+    gather_cols(x.kt.data(), ldk, p, win, 1, h, k0, nk, x.k.data(), x.ahead);
     if (for_forward) {
-      gather_rows(x.v.data(), d, p, win, 2, h, k0, nk, T(1));
+      gather_rows(x.v.data(), d, p, win, 2, h, k0, nk, T(1), x.ahead);
     } else {
-      gather_cols(x.vt.data(), ldk, p, win, 2, h, k0, nk, x.v.data());
+      gather_cols(x.vt.data(), ldk, p, win, 2, h, k0, nk, x.v.data(), x.ahead);
     }
   };
   // dS [nq x nk] in x.dp and P in x.s: dQ (+)= dS K, dK += dS^T Qs, dV += P^T dO, d(table) += dS.
@@ -748,8 +775,9 @@ void window_backward(const Problem<T>& p, const WindowTokens<T>& win, int64_t h,
   }
   for (int64_t q0 = 0; q0 < N; q0 += bq) {
     const int64_t nq = std::min(bq, N - q0);
-    gather_rows(x.qs.data(), d, p, win, 0, h, q0, nq, p.scale);
+    gather_rows(x.qs.data(), d, p, win, 0, h, q0, nq, p.scale, x.ahead);
     for (int64_t r = 0; r < nq; ++r) {  // dO: zero on padded (cropped) rows
+      if (prefetch_point(r)) x.ahead.step();
       const int64_t row = win.row[q0 + r];
       T* dst = x.dout.data() + r * d;
       if (row >= 0) {
@@ -762,13 +790,16 @@ void window_backward(const Problem<T>& p, const WindowTokens<T>& win, int64_t h,
     if (p.one_key_block()) {
       scores(p, win, h, x.qs.data(), x.kt.data(), q0, nq, 0, N, x.s.data());
       x.softmax.step(p, x.s.data(), nq, N, true, nullptr, nullptr);
+      x.ahead.step();
       for (int64_t r = 0; r < nq; ++r) x.inv_l[r] = T(1) / x.softmax.l[r];
       scale_rows(x.s.data(), ldk, x.inv_l.data(), nq, N);  // P
       // dP on whole vectors; its columns past N are never read.
       tile_gemm<T>(nq, d, padded_keys(p, N), x.dout.data(), d, 1, x.vt.data(), ldk, x.dp.data(),
                    ldk, false);
       softmax_grad(x.dp.data(), ldk, x.s.data(), ldk, nq, N, x.D.data());
+      x.ahead.step();
       accumulate(q0, nq, 0, N);
+      x.ahead.step();
     } else {
       // Pass 1: the forward's m, l and O (in x.dq, free until pass 2); D = dO . O,
       // lse = shift + log l.
@@ -777,6 +808,7 @@ void window_backward(const Problem<T>& p, const WindowTokens<T>& win, int64_t h,
         gather_keys(k0, nk, true);
         scores(p, win, h, x.qs.data(), x.kt.data(), q0, nq, k0, nk, x.s.data());
         x.softmax.step(p, x.s.data(), nq, nk, k0 == 0, x.v.data(), x.dq.data());
+        x.ahead.step();
       }
       for (int64_t r = 0; r < nq; ++r) {
         T dot = 0;
@@ -795,11 +827,14 @@ void window_backward(const Problem<T>& p, const WindowTokens<T>& win, int64_t h,
         tile_gemm<T>(nq, d, nkp, x.dout.data(), d, 1, x.vt.data(), ldk, x.dp.data(), ldk, false);
         cpu::softmax_grad_rows(x.dp.data(), ldk, x.s.data(), ldk, x.dp.data(), ldk, x.D.data(), nq,
                                nk, T(1));
+        x.ahead.step();
         accumulate(q0, nq, k0, nk);
+        x.ahead.step();
       }
     }
     // grad_q = scale dQ
     for (int64_t r = 0; r < nq; ++r) {
+      if (prefetch_point(r)) x.ahead.step();
       const int64_t row = win.row[q0 + r];
       const T* src = x.dq.data() + r * d;
       if (row >= 0) {
@@ -810,6 +845,7 @@ void window_backward(const Problem<T>& p, const WindowTokens<T>& win, int64_t h,
     }
   }
   for (int64_t t = 0; t < N; ++t) {
+    if (prefetch_point(t)) x.ahead.step();
     const int64_t row = win.row[t];
     const T* dk = x.dk.data() + t * d;
     const T* dv = x.dv.data() + t * d;
@@ -851,8 +887,13 @@ template <typename T>
 void backward(const Problem<T>& p, const BackwardOut<T>& g, const BackwardPlan& plan) {
   const int64_t N = p.N, d = p.d, hg = plan.heads_per_group;
   const bool strip_table = p.strips != nullptr;
-  // grad_qkv's lines are fetched ahead for writing unless streamed past the caches.
+  // The lines of the group's heads in the next window, spread over this
+  // window's units; grad_qkv's for writing unless streamed past the caches.
   const T* written = g.stream ? nullptr : g.grad_qkv;
+  const T* none = nullptr;
+  const cpu::PrefetchNow now;
+  // gathers K, V, Q, dO; stores dQ, dK and dV
+  const int64_t unit_points = prefetch_points(N, 6);
   at::parallel_for(0, plan.chunks, 1, [&](int64_t c_begin, int64_t c_end) {
     BackwardScratch<T> x(p, strip_table ? hg : 0);
     WindowCursor<T> cursor(N);
@@ -876,17 +917,22 @@ void backward(const Problem<T>& p, const BackwardOut<T>& g, const BackwardPlan& 
       std::fill(x.table_acc.begin(), x.table_acc.end(), T(0));
       for (int64_t w = w0; w < w1; ++w) {
         cursor.move_to(p, w);
+        // At the chunk's first window, its own lines, all issued just below,
+        // when it has heads after the first to compute while they arrive (a
+        // single head's own gathers fetch them as fast).
+        if (w == w0 && h1 - h0 > 1) {
+          add_heads(x.ahead, p, cursor.now, h0, h1 - h0, g.grad, none, written);
+        }
+        x.ahead.issue_rest();
+        x.ahead.clear();
+        if (w + 1 < w1) {
+          add_heads(x.ahead, p, cursor.peek(p, w + 1), h0, h1 - h0, g.grad, none, written);
+          x.ahead.plan((h1 - h0) * unit_points);
+        }
         for (int64_t h = h0; h < h1; ++h) {
-          // The next unit's rows, fetched while this one computes: the next
-          // head's slices of this window (in cache after the first head, as
-          // whole lines), or the next window's whole rows.
-          if (h + 1 < h1) {
-            prefetch_heads(p, cursor.now, h + 1, 1, g.grad, static_cast<const T*>(nullptr),
-                           written);
-          } else if (w + 1 < w1) {
-            prefetch_heads(p, cursor.peek(p, w + 1), h0, h1 - h0, g.grad,
-                           static_cast<const T*>(nullptr), written);
-          }
+          // The next head's slices of this window, into L1 while this one
+          // computes (they are in L2 after the first head, as whole lines).
+          if (h + 1 < h1) add_heads(now, p, cursor.now, h + 1, 1, g.grad, none, written);
           T* acc = strip_table ? x.table_acc.data() + (h - h0) * p.strip_layout.size : nullptr;
           window_backward(p, cursor.now, h, g, x, acc, table_part(h), pad_part(h), flush);
         }
