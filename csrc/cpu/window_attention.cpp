@@ -881,6 +881,19 @@ struct BackwardPlan {
     groups = (heads + heads_per_group - 1) / heads_per_group;
     chunks = runs * groups;
   }
+  // Chunk c: run `run`, windows [w0, w1), heads [h0, h1).
+  struct Span {
+    int64_t run, w0, w1, h0, h1;
+  };
+  Span span(int64_t c, int64_t windows, int64_t heads) const {
+    Span s;
+    s.run = c / groups;
+    s.h0 = c % groups * heads_per_group;
+    s.h1 = std::min(s.h0 + heads_per_group, heads);
+    s.w0 = s.run * windows_per_run;
+    s.w1 = std::min(s.w0 + windows_per_run, windows);
+    return s;
+  }
 };
 
 template <typename T>
@@ -899,10 +912,8 @@ void backward(const Problem<T>& p, const BackwardOut<T>& g, const BackwardPlan& 
     WindowCursor<T> cursor(N);
     cpu::FlushSubnormals flush;
     for (int64_t chunk = c_begin; chunk < c_end; ++chunk) {
-      const int64_t run = chunk / plan.groups, h0 = chunk % plan.groups * hg;
-      const int64_t h1 = std::min(h0 + hg, p.heads);
-      const int64_t w0 = run * plan.windows_per_run;
-      const int64_t w1 = std::min(w0 + plan.windows_per_run, p.windows);
+      const BackwardPlan::Span c = plan.span(chunk, p.windows, p.heads);
+      const int64_t run = c.run, h0 = c.h0, h1 = c.h1, w0 = c.w0, w1 = c.w1;
       // Head h's partials of this run.
       auto table_part = [&](int64_t h) {
         return g.table_part != nullptr ? g.table_part + (run * p.heads + h) * p.entries : nullptr;
@@ -917,18 +928,24 @@ void backward(const Problem<T>& p, const BackwardOut<T>& g, const BackwardPlan& 
       std::fill(x.table_acc.begin(), x.table_acc.end(), T(0));
       for (int64_t w = w0; w < w1; ++w) {
         cursor.move_to(p, w);
-        // At the chunk's first window, its own lines, all issued just below,
+        // At the task's first window, its own lines, all issued just below,
         // when it has heads after the first to compute while they arrive (a
         // single head's own gathers fetch them as fast).
-        if (w == w0 && h1 - h0 > 1) {
+        if (chunk == c_begin && w == w0 && h1 - h0 > 1) {
           add_heads(x.ahead, p, cursor.now, h0, h1 - h0, g.grad, none, written);
         }
         x.ahead.issue_rest();
         x.ahead.clear();
+        // The task's next window: this chunk's next, or the next chunk's first
+        // (with few windows, the same window's next group of heads).
         if (w + 1 < w1) {
           add_heads(x.ahead, p, cursor.peek(p, w + 1), h0, h1 - h0, g.grad, none, written);
-          x.ahead.plan((h1 - h0) * unit_points);
+        } else if (chunk + 1 < c_end) {
+          const BackwardPlan::Span next = plan.span(chunk + 1, p.windows, p.heads);
+          add_heads(x.ahead, p, cursor.peek(p, next.w0), next.h0, next.h1 - next.h0, g.grad, none,
+                    written);
         }
+        x.ahead.plan((h1 - h0) * unit_points);
         for (int64_t h = h0; h < h1; ++h) {
           // The next head's slices of this window, into L1 while this one
           // computes (they are in L2 after the first head, as whole lines).
