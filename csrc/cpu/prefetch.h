@@ -20,19 +20,29 @@
 namespace fastctx {
 namespace cpu {
 
+// The 64-byte lines holding bytes [p, p + bytes), bytes > 0.
+struct LineSpan {
+  const char* first;
+  int64_t lines;
+};
+inline LineSpan line_span(const void* p, int64_t bytes) {
+  const auto first = reinterpret_cast<uintptr_t>(p) & ~uintptr_t(63);
+  const auto last = (reinterpret_cast<uintptr_t>(p) + uintptr_t(bytes) - 1) & ~uintptr_t(63);
+  return {reinterpret_cast<const char*>(first), static_cast<int64_t>((last - first) / 64 + 1)};
+}
+
 // The lines of bytes [p, p + bytes), prefetched into L1 at once (to be written
 // if `write`): SpreadPrefetch::add's interface, so that code listing lines
 // serves either.
 struct PrefetchNow {
   void add(const void* p, int64_t bytes, bool write) const {
     if (bytes <= 0) return;
-    const char* line = reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(p) & ~uintptr_t(63));
-    const char* last = static_cast<const char*>(p) + bytes - 1;
-    for (; line <= last; line += 64) {
+    const LineSpan span = line_span(p, bytes);
+    for (int64_t i = 0; i < span.lines; ++i) {
       if (write) {
-        __builtin_prefetch(line, 1, 3);
+        __builtin_prefetch(span.first + i * 64, 1, 3);
       } else {
-        __builtin_prefetch(line, 0, 3);
+        __builtin_prefetch(span.first + i * 64, 0, 3);
       }
     }
   }
@@ -54,18 +64,15 @@ class SpreadPrefetch {
   // Adds the lines of bytes [p, p + bytes), to be written if `write`.
   void add(const void* p, int64_t bytes, bool write) {
     if (bytes <= 0) return;
-    const auto first = reinterpret_cast<uintptr_t>(p) & ~uintptr_t(63);
-    const auto last = (reinterpret_cast<uintptr_t>(p) + uintptr_t(bytes) - 1) & ~uintptr_t(63);
-    const auto lines = static_cast<int64_t>((last - first) / 64 + 1);
-    runs_.push_back({reinterpret_cast<const char*>(first), lines, write});
-    total_ += lines;
+    const LineSpan span = line_span(p, bytes);
+    runs_.push_back({span.first, span.lines, write});
+    total_ += span.lines;
   }
   // Adds `rows` runs of row_bytes, stride_bytes apart from p.
   void add_rows(const void* p, int64_t rows, int64_t row_bytes, int64_t stride_bytes, bool write) {
     const char* row = static_cast<const char*>(p);
     for (int64_t r = 0; r < rows; ++r, row += stride_bytes) add(row, row_bytes, write);
   }
-  int64_t total() const { return total_; }
   // Spreads the lines not yet issued over `points` calls of step().
   void plan(int64_t points) {
     const int64_t left = total_ - issued_;

@@ -871,8 +871,8 @@ void window_backward(const Problem<T>& p, const WindowTokens<T>& win, int64_t h,
 // of pad_qkv's slices, summed over the run's windows in order: results do not
 // depend on the grouping or on the thread count.
 struct BackwardPlan {
-  int64_t windows_per_run, runs, heads_per_group, groups, chunks;
-  BackwardPlan(int64_t windows, int64_t heads) {
+  int64_t windows, heads, windows_per_run, runs, heads_per_group, groups, chunks;
+  BackwardPlan(int64_t windows_, int64_t heads_) : windows(windows_), heads(heads_) {
     const cpu::ChunkPlan plan = cpu::plan_chunks(1, windows);
     windows_per_run = plan.tiles_per_chunk;
     runs = plan.chunks;
@@ -885,7 +885,7 @@ struct BackwardPlan {
   struct Span {
     int64_t run, w0, w1, h0, h1;
   };
-  Span span(int64_t c, int64_t windows, int64_t heads) const {
+  Span span(int64_t c) const {
     Span s;
     s.run = c / groups;
     s.h0 = c % groups * heads_per_group;
@@ -912,7 +912,7 @@ void backward(const Problem<T>& p, const BackwardOut<T>& g, const BackwardPlan& 
     WindowCursor<T> cursor(N);
     cpu::FlushSubnormals flush;
     for (int64_t chunk = c_begin; chunk < c_end; ++chunk) {
-      const BackwardPlan::Span c = plan.span(chunk, p.windows, p.heads);
+      const BackwardPlan::Span c = plan.span(chunk);
       const int64_t run = c.run, h0 = c.h0, h1 = c.h1, w0 = c.w0, w1 = c.w1;
       // Head h's partials of this run.
       auto table_part = [&](int64_t h) {
@@ -941,7 +941,7 @@ void backward(const Problem<T>& p, const BackwardOut<T>& g, const BackwardPlan& 
         if (w + 1 < w1) {
           add_heads(x.ahead, p, cursor.peek(p, w + 1), h0, h1 - h0, g.grad, none, written);
         } else if (chunk + 1 < c_end) {
-          const BackwardPlan::Span next = plan.span(chunk + 1, p.windows, p.heads);
+          const BackwardPlan::Span next = plan.span(chunk + 1);
           add_heads(x.ahead, p, cursor.peek(p, next.w0), next.h0, next.h1 - next.h0, g.grad, none,
                     written);
         }
