@@ -175,6 +175,29 @@ def test_timing_interleaves_rotates_and_takes_quartiles():
         timing.time_interleaved({"a": lambda: None}, reps=0)
 
 
+def test_cpu_timing_flushes_caches_before_every_timed_call(monkeypatch):
+    events = []
+
+    class RecordingFlush:
+        def __call__(self):
+            events.append("flush")
+
+    monkeypatch.setattr(timing, "CpuCacheFlush", RecordingFlush)
+    timing.time_interleaved({n: (lambda n=n: events.append(n)) for n in "ab"}, reps=2, warmup=1)
+    # warm-up round unflushed, then a flush before each timed call
+    assert events == ["a", "b", "flush", "a", "flush", "b", "flush", "b", "flush", "a"]
+
+
+def test_cpu_cache_flush_size():
+    assert timing.parse_cache_size("32768K\n") == 32 << 20
+    assert timing.parse_cache_size("1M") == 1 << 20
+    assert timing.parse_cache_size("2G") == 2 << 30
+    assert timing.parse_cache_size("512") == 512
+    assert timing.parse_cache_size("") is None and timing.parse_cache_size("lots") is None
+    assert timing.cpu_last_level_cache_bytes() >= 1 << 20
+    assert timing.CpuCacheFlush(1 << 20).buffer.numel() * 4 == 2 << 20
+
+
 _KNOWN_ALLOCATION = """
 import torch
 from fastctx.benchmark import memory

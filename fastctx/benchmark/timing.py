@@ -5,13 +5,16 @@ noise, a frequency change or another process hit all of them alike, which back-t
 blocks of repeats do not. Warm-up calls (first-call allocation, oneDNN primitive
 creation, torch.compile compilation, Triton autotuning) run before any timed round.
 
-CPU: wall-clock time of each call (``time.perf_counter``). CUDA: CUDA events around each
-call, with the L2 cache flushed before it (as ``triton.testing.do_bench`` does), so a
-provider does not profit from data its predecessor left in L2.
+CPU: wall-clock time of each call (``time.perf_counter``), after reading a buffer twice
+the size of the last-level cache: every call starts with caches holding clean, unrelated
+lines, so none profits from data its predecessor left in cache or pays for writing back
+the lines its predecessor dirtied. CUDA: CUDA events around each call, with the L2 cache
+flushed before it (as ``triton.testing.do_bench`` does), for the same reason.
 """
 from __future__ import annotations
 
 import gc
+import glob
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -65,14 +68,55 @@ def _round_order(names: list[str], round_index: int) -> list[str]:
     return names[shift:] + names[:shift]
 
 
+_CPU_CACHE_FALLBACK_BYTES = 32 << 20
+_SIZE_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def parse_cache_size(text: str) -> int | None:
+    """Bytes of a sysfs cache size ("32768K", "1M", "512"); None if it is not one."""
+    text = text.strip()
+    if text[-1:] in _SIZE_UNITS and text[:-1].isdigit():
+        return int(text[:-1]) * _SIZE_UNITS[text[-1]]
+    return int(text) if text.isdigit() else None
+
+
+def cpu_last_level_cache_bytes() -> int:
+    """Size of the largest CPU cache sysfs lists for cpu0 (32 MiB when it lists none)."""
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            with open(path) as f:
+                size = parse_cache_size(f.read())
+        except OSError:
+            continue
+        if size is not None:
+            sizes.append(size)
+    return max(sizes, default=_CPU_CACHE_FALLBACK_BYTES)
+
+
+class CpuCacheFlush:
+    """Reads a buffer twice the last-level cache: what the previous call left in cache is
+    evicted (its dirty lines written back here, untimed), and what is left is of no use to
+    the next call."""
+
+    def __init__(self, cache_bytes: int | None = None):
+        cache_bytes = cpu_last_level_cache_bytes() if cache_bytes is None else cache_bytes
+        self.buffer = torch.ones(2 * cache_bytes // 4, dtype=torch.float32)
+
+    def __call__(self) -> None:
+        self.buffer.sum()
+
+
 def _cpu_rounds(calls, names, reps) -> dict[str, list[float]]:
     samples: dict[str, list[float]] = {name: [] for name in names}
+    flush = CpuCacheFlush()
     gc_was_enabled = gc.isenabled()
     try:
         for r in range(reps):
             gc.collect()
             gc.disable()  # no collector pause inside a timed call
             for name in _round_order(names, r):
+                flush()
                 start = time.perf_counter()
                 calls[name]()
                 samples[name].append(time.perf_counter() - start)
