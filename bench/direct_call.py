@@ -45,9 +45,12 @@ def _step(fn, args):
     outputs = [o for o in (out if isinstance(out, tuple) else (out,)) if o.requires_grad]
     grads = [torch.randn_like(o) for o in outputs]
 
-    def step():
+    def release_grads():
         for leaf in leaves:
             leaf.grad = None
+
+    def step():
+        release_grads()
         result = fn(*leaves)
         result = [o for o in (result if isinstance(result, tuple) else (result,)) if o.requires_grad]
         torch.autograd.backward(result, grads)
@@ -60,7 +63,7 @@ def _step(fn, args):
         with _direct_calls():  # the same context-manager cost on both sides
             step()
 
-    return direct, dispatched
+    return direct, dispatched, release_grads
 
 
 def main(argv=None) -> int:
@@ -72,8 +75,9 @@ def main(argv=None) -> int:
     print(f"fwd+bwd medians over {args.reps} interleaved rounds, {args.threads} thread(s), torch {torch.__version__}")
     print(f"{'call':58s} {'dispatcher ms':>13s} {'direct ms':>10s} {'saved us':>9s} {'speedup':>8s}")
     for name, fn, tensors in _cases():
-        direct, dispatched = _step(fn, tensors)
-        stats = time_interleaved({"dispatcher": dispatched, "direct": direct}, reps=args.reps, warmup=20)
+        direct, dispatched, release_grads = _step(fn, tensors)
+        stats = time_interleaved({"dispatcher": dispatched, "direct": direct}, reps=args.reps, warmup=20,
+                                 prepare=release_grads)
         a, b = stats["dispatcher"].median * 1e3, stats["direct"].median * 1e3
         print(f"{name:58s} {a:13.3f} {b:10.3f} {1e3 * (a - b):9.1f} {a / b:7.2f}x")
     return 0

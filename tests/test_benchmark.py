@@ -183,9 +183,33 @@ def test_cpu_timing_flushes_caches_before_every_timed_call(monkeypatch):
             events.append("flush")
 
     monkeypatch.setattr(timing, "CpuCacheFlush", RecordingFlush)
-    timing.time_interleaved({n: (lambda n=n: events.append(n)) for n in "ab"}, reps=2, warmup=1)
-    # warm-up round unflushed, then a flush before each timed call
-    assert events == ["a", "b", "flush", "a", "flush", "b", "flush", "b", "flush", "a"]
+    timing.time_interleaved({n: (lambda n=n: events.append(n)) for n in "ab"}, reps=2, warmup=1,
+                            prepare=lambda: events.append("prepare"))
+    # prepare before every call; warm-up round unflushed, then a flush before each timed call
+    assert events == ["prepare", "a", "prepare", "b",
+                      "prepare", "flush", "a", "prepare", "flush", "b",
+                      "prepare", "flush", "b", "prepare", "flush", "a"]
+
+
+def test_op_benchmark_releases_gradients_untimed_between_providers(monkeypatch):
+    # The providers share the leaves: no step may be timed freeing another's gradients.
+    seen = []
+    real = timing.time_interleaved
+
+    def checking(calls, reps, warmup, device, prepare=None):
+        def call(name):
+            def run():
+                assert all(t.grad is None for t in seen[-1].__self__.leaves), f"{name} starts with gradients"
+                calls[name]()
+            return run
+        seen.append(prepare)
+        return real({name: call(name) for name in calls}, reps, warmup, device, prepare)
+
+    monkeypatch.setattr(bench, "time_interleaved", checking)
+    rows = bench.run(ops=["window_attention"], shapes="tiny", modes=["fwdbwd"], providers=["eager", "fastctx-cpu"],
+                     device=CPU, reps=2, out=None, warmup=1)
+    assert len(seen) == 2 and all(p.__name__ == "release_grads" for p in seen)
+    assert {r["provider"] for r in rows} == {"eager", "fastctx-cpu"}
 
 
 def test_cpu_cache_flush_size():

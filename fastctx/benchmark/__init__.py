@@ -199,7 +199,8 @@ def _op_rows(ops, shape_set, modes, providers, device, dtype, reps, warmup, comp
         names = _providers_for(op, providers, device, dtype)
         _log(f"[{number}/{len(cases)}] {op} {case.label} {mode}: {', '.join(names)}")
         inst = build_instance(op, case, mode, names, device, dtype, compile_backend=compile_backend)
-        stats = time_interleaved({n: functools.partial(inst.step, n) for n in inst.providers}, reps, warmup, device)
+        stats = time_interleaved({n: functools.partial(inst.step, n) for n in inst.providers}, reps, warmup, device,
+                                 prepare=inst.release_grads)
         bound = inst.lower_bound_bytes()
         del inst
         for name, st in stats.items():

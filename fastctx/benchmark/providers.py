@@ -205,14 +205,19 @@ class Instance:
         params = list(self.module.parameters()) if self.module is not None else []
         return [t for t in self.inputs + params if t.requires_grad]
 
+    def release_grads(self) -> None:
+        """Drops the leaves' gradients (the providers share the leaves: the timing loop calls
+        this untimed between steps, so no provider's step frees another's gradients)."""
+        for t in self.leaves:
+            t.grad = None
+
     def step(self, provider: str) -> Any:
         """One forward (mode "fwd", no autograd graph) or forward + backward of `provider`."""
         forward = self.providers[provider]
         if self.mode == "fwd":
             with torch.no_grad():
                 return forward()
-        for t in self.leaves:
-            t.grad = None
+        self.release_grads()
         outputs = forward()
         torch.autograd.backward(_as_list(outputs), self.grad_outputs)
         return None
@@ -221,8 +226,7 @@ class Instance:
         """Outputs and the leaves' gradients of one step (for checking that providers agree)."""
         if self.mode == "fwd":
             return [t.detach().clone() for t in _as_list(self.step(provider))], []
-        for t in self.leaves:
-            t.grad = None
+        self.release_grads()
         outputs = _as_list(self.providers[provider]())
         torch.autograd.backward(outputs, self.grad_outputs)
         return [t.detach().clone() for t in outputs], [t.grad.detach().clone() for t in self.leaves]

@@ -45,21 +45,29 @@ class TimingStats:
 
 
 def time_interleaved(calls: dict[str, Callable[[], object]], reps: int, warmup: int = 1,
-                     device: torch.device | str = "cpu") -> dict[str, TimingStats]:
-    """Median and quartiles of each call, timed round-robin `reps` times after `warmup` rounds."""
+                     device: torch.device | str = "cpu",
+                     prepare: Callable[[], object] | None = None) -> dict[str, TimingStats]:
+    """Median and quartiles of each call, timed round-robin `reps` times after `warmup` rounds.
+
+    `prepare`, when given, runs untimed before every call: state the calls share (the
+    gradients of common inputs) is reset there, so that no call is charged for freeing
+    what the one before it left.
+    """
     if reps < 1:
         raise ValueError(f"reps must be >= 1, got {reps}")
     if warmup < 0:
         raise ValueError(f"warmup must be >= 0, got {warmup}")
     device = torch.device(device)
     names = list(calls)
+    prepare = prepare or (lambda: None)
     for _ in range(warmup):
         for name in names:
+            prepare()
             calls[name]()
     if device.type == "cuda":
-        samples = _cuda_rounds(calls, names, reps, device)
+        samples = _cuda_rounds(calls, names, reps, device, prepare)
     else:
-        samples = _cpu_rounds(calls, names, reps)
+        samples = _cpu_rounds(calls, names, reps, prepare)
     return {name: TimingStats.of(samples[name]) for name in names}
 
 
@@ -107,7 +115,7 @@ class CpuCacheFlush:
         self.buffer.sum()
 
 
-def _cpu_rounds(calls, names, reps) -> dict[str, list[float]]:
+def _cpu_rounds(calls, names, reps, prepare) -> dict[str, list[float]]:
     samples: dict[str, list[float]] = {name: [] for name in names}
     flush = CpuCacheFlush()
     gc_was_enabled = gc.isenabled()
@@ -116,6 +124,7 @@ def _cpu_rounds(calls, names, reps) -> dict[str, list[float]]:
             gc.collect()
             gc.disable()  # no collector pause inside a timed call
             for name in _round_order(names, r):
+                prepare()
                 flush()
                 start = time.perf_counter()
                 calls[name]()
@@ -138,7 +147,7 @@ def require_cuda(what: str) -> None:
                            f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'})")
 
 
-def _cuda_rounds(calls, names, reps, device) -> dict[str, list[float]]:
+def _cuda_rounds(calls, names, reps, device, prepare) -> dict[str, list[float]]:
     require_cuda("CUDA-event timing")
     flush = torch.empty(_L2_FLUSH_BYTES, dtype=torch.int8, device=device)
     samples: dict[str, list[float]] = {name: [] for name in names}
@@ -146,6 +155,7 @@ def _cuda_rounds(calls, names, reps, device) -> dict[str, list[float]]:
     for r in range(reps):
         events = []
         for name in _round_order(names, r):
+            prepare()
             flush.zero_()
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
