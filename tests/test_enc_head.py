@@ -106,6 +106,26 @@ def test_enchead_state_dict_names():
     assert isinstance(out, torch.Tensor) and out.shape == (1, 7, 5, 5)
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.bool])
+def test_enchead_refuses_integer_features_as_apchead_does(dtype):
+    """An integer feature is a floating-point error (as APCHead / FCNHead say), not "cast the module to int"."""
+    from fastctx.nn import APCHead, EncModule
+
+    feat = torch.randint(0, 2, (2, 7, 5, 6)).to(dtype)
+    for module, inputs, who in ((EncHead([7], 5, 3), [feat], "EncHead"), (APCHead(7, 5, 3), feat, "APCHead"),
+                                (EncModule(7, 4), feat, "EncModule")):
+        with pytest.raises(TypeError) as info:
+            module(inputs)
+        assert str(info.value) == f"{who} expects a floating-point input, got {dtype}"
+    head = EncHead([4, 7], 5, 3, add_lateral=True)  # the lateral feature is checked too
+    with pytest.raises(TypeError, match=rf"^EncHead expects a floating-point input, got {dtype}$"):
+        head([feat[:, :4], torch.randn(2, 7, 5, 6)])
+    # a float feature of another dtype than the parameters keeps the conversion hint
+    with pytest.raises(TypeError, match=r"^EncHead: the features are torch.float64 but the module's parameters are "
+                                        r"torch.float32; convert one to the other"):
+        EncHead([7], 5, 3)([torch.randn(2, 7, 5, 6, dtype=torch.float64)])
+
+
 def test_se_targets_and_loss():
     labels = torch.tensor([[[0, 2], [255, 2]], [[1, 1], [1, 255]]])
     targets = se_targets(labels, 4)

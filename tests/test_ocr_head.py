@@ -1,4 +1,7 @@
 """OCRNet's SpatialGatherModule, ObjectAttentionBlock and OCRHead: mmseg parity, fused vs eager, conversion, errors."""
+import copy
+import math
+
 import pytest
 import torch
 
@@ -154,6 +157,85 @@ def test_ocr_head_without_norm_matches_mmseg():
     _assert_same_run(got, _run(theirs, x, prev, train=True), F64)
 
 
+# mmseg's gather softmaxes over prev_output's channels, whatever their number K: only conv_seg has num_classes.
+@pytest.mark.parametrize("fused,backend", [(False, "cpu")] + [(True, b) for b in BACKENDS])
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("prev_classes", [1, 4, 20])
+def test_ocr_head_matches_mmseg_when_prev_output_has_another_class_count(fused, backend, train, prev_classes):
+    require_backend(backend, dtype=F64)
+    num_classes = 3
+    torch.manual_seed(0)
+    theirs = _mmseg_head(7, 8, 5, num_classes)
+    ours = OCRHead(5, in_channels=7, channels=8, num_classes=num_classes, dropout_ratio=0.1,
+                   norm_cfg=dict(type="BN", requires_grad=True), fused=fused).double()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    x, prev = _inputs(2, 7, prev_classes, (6, 9))  # batch 2: K = 1 in training needs two centres per channel
+    with fastctx.use_backend(backend):
+        got = _run(ours, x, prev, train)
+    want = _run(theirs, x, prev, train)
+    assert got[0].shape == want[0].shape == (2, num_classes, 6, 9)
+    assert got[2].shape == prev.shape
+    if prev_classes > 1:  # K = 1: the class softmax is identically 1, the previous logits get no gradient
+        assert want[2].abs().max() > 0
+    _assert_same_run(got, want, F64, f"K={prev_classes}: ")
+
+
+# mmseg's `scale` is a float as well as an int: the gather's softmax temperature (no pooling for scale <= 1).
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("scale,prev_classes", [(1.0, 5), (0.5, 5), (0.25, 6), (1, 9)])
+def test_ocr_head_with_a_float_scale_matches_mmseg(fused, train, scale, prev_classes):
+    torch.manual_seed(0)
+    theirs = decode_heads.OCRHead(4, scale, in_channels=6, channels=8, num_classes=5, dropout_ratio=0.1,
+                                  norm_cfg=dict(type="BN", requires_grad=True))
+    _randomise(theirs)
+    theirs.double()
+    ours = OCRHead(4, scale, in_channels=6, channels=8, num_classes=5, dropout_ratio=0.1,
+                   norm_cfg=dict(type="BN", requires_grad=True), fused=fused).double()
+    assert ours.object_context_block.query_downsample is None is theirs.object_context_block.query_downsample
+    assert ours.scale == ours.spatial_gather_module.scale == scale
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    x, prev = _inputs(2, 6, prev_classes, (7, 5))
+    with fastctx.use_backend("cpu"):
+        got = _run(ours, x, prev, train)
+    _assert_same_run(got, _run(theirs, x, prev, train), F64, f"scale={scale}: ")
+
+
+def test_the_scale_changes_the_output():
+    """The temperature is used (a test of scale parity that would pass if scale were ignored proves nothing)."""
+    torch.manual_seed(0)
+    head = OCRHead(4, 1.0, in_channels=6, channels=8, num_classes=5, fused=True).double().eval()
+    _randomise(head)
+    x, prev = _inputs(1, 6, 5, (7, 5))
+    with fastctx.use_backend("cpu"), torch.no_grad():
+        one = head([x], prev)
+        head.spatial_gather_module.scale = 0.5
+        half = head([x], prev)
+    assert (one - half).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("scale", [2, 2.0, 1.5])
+def test_scale_above_one_builds_mmseg_modules_and_refuses_the_forward(scale):
+    """mmseg builds MaxPool2d(kernel_size=scale) for scale > 1 but its forward fails (a shape error for an int, a
+    max_pool2d TypeError for a float): fastctx builds the same modules and state_dict and says why it stops."""
+    theirs = decode_heads.OCRHead(4, scale, in_channels=6, channels=8, num_classes=5)
+    ours = OCRHead(4, scale, in_channels=6, channels=8, num_classes=5, norm_cfg=None)
+    assert repr(ours.object_context_block.query_downsample) == repr(theirs.object_context_block.query_downsample)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x, prev = (t.float() for t in _inputs(2, 6, 5, (8, 8)))
+    with pytest.raises((RuntimeError, TypeError)):
+        theirs([x], prev)
+    with pytest.raises(NotImplementedError, match=rf"scale={scale}: mmseg's forward fails for scale > 1.*use a "
+                                                  r"scale <= 1"):
+        ours([x], prev)
+    block = ObjectAttentionBlock(8, 4, scale)
+    assert block.query_downsample.kernel_size == scale
+    with pytest.raises(NotImplementedError, match="scale > 1"):
+        block(torch.randn(1, 8, 4, 4), torch.randn(1, 8, 3, 1))
+
+
 # ------------------------------------------------------------------------------------------- fused vs eager
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -306,6 +388,38 @@ def test_fastctx_convert_swaps_the_children_of_an_mmseg_ocr_head():
     assert [s.name for s in report.skipped] == ["object_context_block"] and "GroupNorm" in report.skipped[0].reason
 
 
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_convert_keeps_a_float_scale(scale):
+    """fastctx.convert (the children) and convert_ocr (the whole head) carry mmseg's float scale over."""
+    torch.manual_seed(0)
+    theirs = decode_heads.OCRHead(4, scale, in_channels=6, channels=8, num_classes=5, dropout_ratio=0,
+                                  norm_cfg=dict(type="BN"))
+    _randomise(theirs)
+    theirs.double().eval()
+    reference = copy.deepcopy(theirs)
+    x, prev = _inputs(2, 6, 3, (5, 7))  # and 3 previous classes for 5 outputs
+    whole = convert_ocr(copy.deepcopy(theirs), fused=True)
+    assert isinstance(whole, OCRHead) and whole.scale == whole.spatial_gather_module.scale == scale
+    converted, report = fastctx.convert(theirs, return_report=True)
+    assert {r.name for r in report.replaced} == {"spatial_gather_module", "object_context_block"}
+    assert not report.skipped
+    assert converted.spatial_gather_module.scale == scale
+    with fastctx.use_backend("cpu"), torch.no_grad():
+        want = reference([x], prev)
+        assert_close(converted([x], prev), want, F64, "children converted")
+        assert_close(whole([x], prev), want, F64, "whole head converted")
+
+
+def test_convert_skips_a_gather_scale_fastctx_refuses():
+    """mmseg runs scale=0 (a uniform average); fastctx's modules take positive scales only, so fastctx.convert
+    leaves that gather to mmseg with the reason (the attention block, which does not use the scale, converts)."""
+    theirs = decode_heads.OCRHead(4, 0, in_channels=6, channels=8, num_classes=5)
+    _, report = fastctx.convert(theirs, return_report=True)
+    assert [r.name for r in report.replaced] == ["object_context_block"]
+    assert [s.name for s in report.skipped] == ["spatial_gather_module"]
+    assert "scale must be a positive finite number" in report.skipped[0].reason
+
+
 def test_convert_ocr_refuses_what_it_cannot_compute():
     from fastctx.convert import _NotConvertible
 
@@ -328,8 +442,12 @@ def test_bad_inputs_raise_clear_errors():
     x, prev = (t.float() for t in _inputs(2, 6, 5, (7, 9)))
     with pytest.raises(ValueError, match=r"\[B, 6, H, W\]"):
         head([x[:, :5]], prev)
-    with pytest.raises(ValueError, match=r"\[B, 5, H, W\]"):
-        head([x], prev[:, :4])
+    assert head.eval()([x], prev[:, :4]).shape == (2, 5, 7, 9)  # any class count in prev_output, as mmseg
+    head.train()
+    with pytest.raises(ValueError, match=r"OCRHead expects class scores of shape \[B, K, H, W\], got \(2, 7, 9\)"):
+        head([x], prev[:, 0])
+    with pytest.raises(ValueError, match=r"need at least one class"):
+        head([x], prev[:, :0])
     with pytest.raises(ValueError, match="spatial size"):
         head([x], prev[:, :, :6])
     with pytest.raises(ValueError, match="batch size"):
@@ -361,3 +479,19 @@ def test_bad_arguments_raise_clear_errors():
     x, prev = (t.float() for t in _inputs(2, 6, 5, (8, 8)))
     with pytest.raises(NotImplementedError, match="scale > 1"):
         head([x], prev)
+
+
+BAD_SCALES = [(0, ValueError, "got 0$"), (-0.5, ValueError, "got -0.5$"), (math.nan, ValueError, "got nan$"),
+              (math.inf, ValueError, "got inf$"), ("1", TypeError, r"got '1' \(str\)"),
+              (None, TypeError, r"got None \(NoneType\)"), (True, TypeError, r"got True \(bool\)"),
+              (torch.tensor(0.5), TypeError, r"\(Tensor\)")]
+
+
+@pytest.mark.parametrize("scale,error,tail", BAD_SCALES, ids=[repr(s) for s, _, _ in BAD_SCALES])
+def test_bad_scales_raise_clear_errors(scale, error, tail):
+    expected = r"scale must be a positive finite number \(the gather's softmax temperature, e\.g\. 1 or 0\.5"
+    for who, build in (("OCRHead", lambda: OCRHead(4, scale, in_channels=6, channels=8, num_classes=5)),
+                       ("ObjectAttentionBlock", lambda: ObjectAttentionBlock(8, 4, scale)),
+                       ("SpatialGatherModule", lambda: SpatialGatherModule(scale))):
+        with pytest.raises(error, match=rf"^{who}: {expected}.*{tail}"):
+            build()

@@ -45,11 +45,14 @@ def check_dropout(ratio, who: str) -> float:
 
 
 def check_input_dtype(x, module, who: str) -> None:
-    """Outside autocast, features must have the dtype of `module`'s parameters.
+    """Features must be floating-point and, outside autocast, have the dtype of `module`'s parameters.
 
     PyTorch's convolutions (and so mmseg's heads) refuse mixed dtypes with
-    "expected scalar type ..."; this says the same thing with what to do.
+    "expected scalar type ..."; this says the same thing with what to do. An
+    integer input gets the floating-point message (not "cast the module to int").
     """
+    if not x.is_floating_point():
+        raise TypeError(f"{who} expects a floating-point input, got {x.dtype}")
     param = next(module.parameters(), None)
     if param is None or x.dtype == param.dtype or torch.is_autocast_enabled(x.device.type):
         return

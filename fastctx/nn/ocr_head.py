@@ -34,13 +34,21 @@ With `fused=False` every module runs mmseg's eager code line for line (the
 The key / value projections run on the [B, C, K, 1] centres (K pixels), as
 mmseg's, so their BatchNorm statistics are the same.
 
-`scale > 1` is accepted by the constructors (mmseg builds a MaxPool2d query
-downsample and the same parameters) but not by the forward: mmseg's own
-ObjectAttentionBlock fails for it (it reshapes the downsampled context to the
-full query size), so there is no reference behaviour to reproduce.
+`scale` is mmseg's: any positive finite real (an int in mmseg's docstring,
+but its code takes a float too). It is the gather's softmax temperature, and
+ObjectAttentionBlock max-pools the query by it only when scale > 1. `scale > 1`
+is accepted by the constructors (mmseg builds the same MaxPool2d(kernel_size=
+scale) query downsample and the same parameters) but not by the forward:
+mmseg's own ObjectAttentionBlock fails for it (it reshapes the downsampled
+context to the full query size; a non-integral kernel even fails in
+max_pool2d), so there is no reference behaviour to reproduce. The previous
+stage's logits may have any number K >= 1 of channels, as in mmseg: only
+conv_seg produces num_classes channels.
 """
 from __future__ import annotations
 
+import math
+import numbers
 import re
 from collections.abc import Sequence
 
@@ -49,6 +57,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
+from ..reference._args import is_int
 from ._checks import check_input_dtype, check_positive_int
 from .conv_module import UNSET, ConvModule, resolve_layer_args
 from .decode_head import DecodeHead
@@ -58,9 +67,9 @@ __all__ = ["OCRHead", "ObjectAttentionBlock", "SpatialGatherModule", "convert_oc
 
 # ----------------------------------------------------------------------------- input checks
 
-def check_map(t, channels: int | None, who: str, what: str) -> None:
-    """`t` is a floating-point [B, channels, H, W] tensor (any channel count when channels is None)."""
-    want = f"[B, {channels if channels is not None else 'C'}, H, W]"
+def check_map(t, channels: int | None, who: str, what: str, symbol: str = "C") -> None:
+    """`t` is a floating-point [B, channels, H, W] tensor (any channel count, named `symbol`, when channels is None)."""
+    want = f"[B, {channels if channels is not None else symbol}, H, W]"
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{who} expects {what} as a tensor {want}, got {type(t).__name__}")
     if t.dim() != 4 or (channels is not None and t.shape[1] != channels):
@@ -73,7 +82,7 @@ def check_feats_probs(feats: torch.Tensor, probs: torch.Tensor, who: str, channe
                       num_classes: int | None = None) -> None:
     """Features [B, C, H, W] and class scores [B, K, H, W] of the same batch and size, on one device."""
     check_map(feats, channels, who, "features")
-    check_map(probs, num_classes, who, "class scores")
+    check_map(probs, num_classes, who, "class scores", "K")
     if probs.shape[0] != feats.shape[0] or probs.shape[2:] != feats.shape[2:]:
         raise ValueError(f"{who}: class scores {tuple(probs.shape)} must have the batch size and spatial size of "
                          f"the features {tuple(feats.shape)}")
@@ -82,6 +91,18 @@ def check_feats_probs(feats: torch.Tensor, probs: torch.Tensor, who: str, channe
     if probs.shape[1] < 1 or feats.shape[1] < 1:
         raise ValueError(f"{who}: need at least one class and one channel, got class scores "
                          f"{tuple(probs.shape)} and features {tuple(feats.shape)}")
+
+
+def check_scale_arg(scale, who: str) -> int | float:
+    """mmseg's OCR `scale` (gather temperature; query max-pool kernel when > 1): a positive finite real number,
+    returned as an int when it is one, else as a float."""
+    expected = "a positive finite number (the gather's softmax temperature, e.g. 1 or 0.5; > 1 also max-pools " \
+               "the attention's query, which mmseg's forward cannot run)"
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"{who}: scale must be {expected}, got {scale!r} ({type(scale).__name__})")
+    if not math.isfinite(scale) or not scale > 0:
+        raise ValueError(f"{who}: scale must be {expected}, got {scale!r}")
+    return int(scale) if is_int(scale) else float(scale)
 
 
 # ----------------------------------------------------------------------------- modules
@@ -94,7 +115,7 @@ class SpatialGatherModule(nn.Module):
 
     def __init__(self, scale, fused: bool = True):
         super().__init__()
-        self.scale = scale
+        self.scale = check_scale_arg(scale, type(self).__name__)
         self.fused = fused
 
     def forward(self, feats: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
@@ -136,7 +157,8 @@ class ObjectAttentionBlock(nn.Module):
     Args (mmseg's order):
         in_channels: channels of the pixel features and of the class centres (OCRHead's `channels`).
         channels: key / query / value channels (OCRHead's `ocr_channels`).
-        scale: 1 (mmseg's forward fails for scale > 1, see the module docstring).
+        scale: a positive real; > 1 builds mmseg's MaxPool2d query downsample, whose
+            forward mmseg cannot run (see the module docstring), so use scale <= 1.
         conv_cfg, norm_cfg, act_cfg: mmseg's layer configs; `norm=` / `act=` are
             their short forms (fastctx.nn.ConvModule). Default BatchNorm + ReLU;
             norm_cfg=None builds convs with bias and no norm, as mmseg does.
@@ -150,7 +172,7 @@ class ObjectAttentionBlock(nn.Module):
         who = type(self).__name__
         self.in_channels = check_positive_int(in_channels, "in_channels", who)
         self.channels = check_positive_int(channels, "channels", who)
-        self.scale = check_positive_int(scale, "scale", who)
+        self.scale = check_scale_arg(scale, who)
         self.fused = fused
         norm, act = resolve_layer_args(norm, norm_cfg, act, act_cfg, conv_cfg, who)
         self.conv_cfg, self.norm_cfg, self.act_cfg = conv_cfg, norm, act
@@ -163,7 +185,8 @@ class ObjectAttentionBlock(nn.Module):
         # Out of place: without a norm, the fused path applies out_project's activation straight to
         # class_attention's output, which that op saves for its backward.
         self.out_project = _project(channels, in_channels, 1, layers, inplace=False)
-        self.query_downsample = nn.MaxPool2d(kernel_size=scale) if scale > 1 else None
+        # mmseg's rule and module, kernel_size as given (it pools only for scale > 1)
+        self.query_downsample = nn.MaxPool2d(kernel_size=self.scale) if self.scale > 1 else None
         self.key_downsample = None
         self.bottleneck = ConvModule(in_channels * 2, in_channels, 1, **layers)
 
@@ -171,8 +194,8 @@ class ObjectAttentionBlock(nn.Module):
         if self.query_downsample is not None:
             raise NotImplementedError(
                 f"{type(self).__name__} with scale={self.scale}: mmseg's forward fails for scale > 1 (the "
-                "downsampled context is reshaped to the full query size), so fastctx has no reference maths for "
-                "it; use scale=1")
+                "downsampled context is reshaped to the full query size; a non-integral scale is not even a valid "
+                "MaxPool2d kernel), so fastctx has no reference maths for it; use a scale <= 1 (e.g. 1 or 0.5)")
 
     def _check(self, query_feats, key_feats) -> None:
         who = type(self).__name__
@@ -229,8 +252,9 @@ class OCRHead(DecodeHead):
 
     Args (mmseg's names):
         ocr_channels: key / query / value channels of the object attention (256).
-        scale: softmax temperature of the gather and query downsampling of the
-            attention; 1 (mmseg fails for scale > 1, see the module docstring).
+        scale: softmax temperature of the gather (any positive real, e.g. 1 or 0.5)
+            and query downsampling of the attention when > 1, which mmseg's
+            forward cannot run (see the module docstring).
         in_channels: backbone channels used (2048); a list with input_transform="resize_concat".
         channels: channels inside the head (512).
         num_classes: output classes.
@@ -248,7 +272,8 @@ class OCRHead(DecodeHead):
         fused: run the gather and attention with fastctx's ops (True) or mmseg's eager maths.
     forward(inputs, prev_output) -> logits [B, num_classes, H, W]: `inputs` is the
     list of backbone features (or one tensor), `prev_output` the previous stage's
-    logits at the feature's size.
+    logits [B, K, H, W] at the feature's size, K >= 1 of any value (the gather
+    softmaxes over its channels; only conv_seg uses num_classes), as in mmseg.
     """
 
     def __init__(self, ocr_channels: int, scale=1, *, in_channels=2048, channels: int = 512, num_classes: int = 19,
@@ -263,12 +288,12 @@ class OCRHead(DecodeHead):
         self.in_channels = init_inputs(in_channels, in_index, input_transform, who)
         self.in_index, self.input_transform = in_index, input_transform
         self.ocr_channels = check_positive_int(ocr_channels, "ocr_channels", who)
-        self.scale = scale
+        self.scale = check_scale_arg(scale, who)
         norm, act = resolve_layer_args(norm, norm_cfg, act, act_cfg, conv_cfg, who)
         self.conv_cfg, self.norm_cfg, self.act_cfg = conv_cfg, norm, act
-        self.object_context_block = ObjectAttentionBlock(channels, ocr_channels, scale, conv_cfg, norm, act,
+        self.object_context_block = ObjectAttentionBlock(channels, ocr_channels, self.scale, conv_cfg, norm, act,
                                                          fused=fused)
-        self.spatial_gather_module = SpatialGatherModule(scale, fused=fused)
+        self.spatial_gather_module = SpatialGatherModule(self.scale, fused=fused)
         self.bottleneck = ConvModule(self.in_channels, channels, 3, padding=1, norm=norm, act=act)
 
     @property
@@ -284,7 +309,8 @@ class OCRHead(DecodeHead):
 
     def forward(self, inputs, prev_output: torch.Tensor) -> torch.Tensor:
         x = self._transform_inputs(inputs)
-        check_feats_probs(x, prev_output, type(self).__name__, self.in_channels, self.num_classes)
+        # any number of classes in prev_output, as mmseg (the gather softmaxes over its channels)
+        check_feats_probs(x, prev_output, type(self).__name__, self.in_channels)
         check_input_dtype(x, self, type(self).__name__)
         self.object_context_block.check_scale()
         feats = self.bottleneck(x)
