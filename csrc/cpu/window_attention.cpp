@@ -216,8 +216,35 @@ __attribute__((always_inline)) inline bool all_tame_body(const T* x, int64_t n) 
   return wild == 0;
 }
 
+// out[r, c] = sum_j a[r, j] b[c, j] (j < d): products with a few keys, each a
+// dot product of rows, lanes summed as a tree (see products_with_keys).
+template <typename T>
+__attribute__((always_inline)) inline void row_dots_body(T* out, int64_t ldo, const T* a,
+                                                         int64_t lda, const T* b, int64_t ldb,
+                                                         int64_t rows, int64_t cols, int64_t d) {
+  using S = Simd<T>;
+  using W = cpu::softmax_detail::V<T>;
+  static_assert(W::kL == S::kLanes, "row_dots: one vector type");
+  const int64_t d_vec = d - d % S::kLanes;
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* ar = a + r * lda;
+    for (int64_t c = 0; c < cols; ++c) {
+      const T* bc = b + c * ldb;
+      typename S::vec acc = {};
+      for (int64_t j = 0; j < d_vec; j += S::kLanes) acc += S::load(ar + j) * S::load(bc + j);
+      T dot = W::sum(acc);
+      for (int64_t j = d_vec; j < d; ++j) dot += ar[j] * bc[j];
+      out[r * ldo + c] = dot;
+    }
+  }
+}
+
 #define FASTCTX_WINDOW_ROW_KERNELS(T)                                                             \
   FASTCTX_SIMD_CLONES bool all_tame(const T* x, int64_t n) { return all_tame_body(x, n); }       \
+  FASTCTX_SIMD_CLONES void row_dots(T* out, int64_t ldo, const T* a, int64_t lda, const T* b,    \
+                                    int64_t ldb, int64_t rows, int64_t cols, int64_t d) {        \
+    row_dots_body(out, ldo, a, lda, b, ldb, rows, cols, d);                                      \
+  }                                                                                              \
   FASTCTX_SIMD_CLONES void add_strip_rows(T* s, int64_t lds, const T* strip,                    \
                                           const int64_t* offset, int64_t rows, int64_t n) {      \
     add_strip_rows_body(s, lds, strip, offset, rows, n);                                         \
@@ -452,14 +479,36 @@ int64_t padded_keys(const Problem<T>& p, int64_t nk) {
   return std::min(round_up(nk, 16), p.ldk);
 }
 
-// S [nq x nk] = (Qs K^T + bias) + mask for queries q0.. and keys k0.. of head h.
+// Keys past a block's whole vectors computed as dot products of rows when at
+// most this many: a padded vector's 16 lanes of FMAs would compute mostly
+// padding (7x7 windows: 49 keys, 48 in vectors and 1 by dots; Swin-T stage 1
+// forward, AVX-512 EPYC: the scores' product took 27% of a unit).
+constexpr int64_t kMaxDotKeys = 2;
+
+// out [nq x nk] = a [nq x d] b^T for the block's nk keys, b their rows [nk x d]
+// and bt their transpose [d x ldk]: whole vectors of keys by tile_gemm, then a
+// tail of at most kMaxDotKeys keys by row_dots, or else the tail padded to a
+// whole vector (its columns past nk hold whatever bt holds there).
+template <typename T>
+void products_with_keys(const Problem<T>& p, const T* a, const T* bt, const T* b, int64_t nq,
+                        int64_t nk, T* out) {
+  const int64_t tail = nk % 16, vectors = nk - tail;
+  if (tail > kMaxDotKeys) {
+    tile_gemm<T>(nq, p.d, padded_keys(p, nk), a, p.d, 1, bt, p.ldk, out, p.ldk, false);
+    return;
+  }
+  tile_gemm<T>(nq, p.d, vectors, a, p.d, 1, bt, p.ldk, out, p.ldk, false);
+  row_dots(out + vectors, p.ldk, a, p.d, b + vectors * p.d, p.d, nq, tail, p.d);
+}
+
+// S [nq x nk] = (Qs K^T + bias) + mask for queries q0.. and keys k0.. of head h,
+// from K's rows k and their transpose kt.
 template <typename T>
 void scores(const Problem<T>& p, const WindowTokens<T>& win, int64_t h, const T* qs, const T* kt,
-            int64_t q0, int64_t nq, int64_t k0, int64_t nk, T* s) {
-  // Whatever kt holds past nk (zeros, or an earlier key block's keys), those
-  // scores become -inf below.
+            const T* k, int64_t q0, int64_t nq, int64_t k0, int64_t nk, T* s) {
+  // Columns past nk become -inf below.
   const int64_t nkp = padded_keys(p, nk);
-  tile_gemm<T>(nq, p.d, nkp, qs, p.d, 1, kt, p.ldk, s, p.ldk, false);
+  products_with_keys(p, qs, kt, k, nq, nk, s);
   if (p.strips != nullptr) {
     add_strip_rows(s, p.ldk, p.strips + h * p.strip_layout.size + k0, p.strip_offset + q0, nq, nk);
   } else if (p.table_col != nullptr) {
@@ -671,7 +720,7 @@ void forward(const Problem<T>& p, T* out, bool stream) {
             gather_cols(kt.data(), p.ldk, p, win, 1, h, k0, nk, k.data(), ahead);
             gather_rows(v.data(), d, p, win, 2, h, k0, nk, T(1), ahead);
           }
-          scores(p, win, h, qs.data(), kt.data(), q0, nq, k0, nk, s.data());
+          scores(p, win, h, qs.data(), kt.data(), k.data(), q0, nq, k0, nk, s.data());
           ahead.step();
           softmax.step(p, s.data(), nq, nk, k0 == 0, v.data(), o.data());
           ahead.step();
@@ -788,14 +837,13 @@ void window_backward(const Problem<T>& p, const WindowTokens<T>& win, int64_t h,
     }
     flush.set(kv_tame && all_tame(x.qs.data(), nq * d) && all_tame(x.dout.data(), nq * d));
     if (p.one_key_block()) {
-      scores(p, win, h, x.qs.data(), x.kt.data(), q0, nq, 0, N, x.s.data());
+      scores(p, win, h, x.qs.data(), x.kt.data(), x.k.data(), q0, nq, 0, N, x.s.data());
       x.softmax.step(p, x.s.data(), nq, N, true, nullptr, nullptr);
       x.ahead.step();
       for (int64_t r = 0; r < nq; ++r) x.inv_l[r] = T(1) / x.softmax.l[r];
       scale_rows(x.s.data(), ldk, x.inv_l.data(), nq, N);  // P
-      // dP on whole vectors; its columns past N are never read.
-      tile_gemm<T>(nq, d, padded_keys(p, N), x.dout.data(), d, 1, x.vt.data(), ldk, x.dp.data(),
-                   ldk, false);
+      // dP = dO V^T; its columns past N are never read.
+      products_with_keys(p, x.dout.data(), x.vt.data(), x.v.data(), nq, N, x.dp.data());
       softmax_grad(x.dp.data(), ldk, x.s.data(), ldk, nq, N, x.D.data());
       x.ahead.step();
       accumulate(q0, nq, 0, N);
@@ -806,7 +854,7 @@ void window_backward(const Problem<T>& p, const WindowTokens<T>& win, int64_t h,
       for (int64_t k0 = 0; k0 < N; k0 += bk) {
         const int64_t nk = std::min(bk, N - k0);
         gather_keys(k0, nk, true);
-        scores(p, win, h, x.qs.data(), x.kt.data(), q0, nq, k0, nk, x.s.data());
+        scores(p, win, h, x.qs.data(), x.kt.data(), x.k.data(), q0, nq, k0, nk, x.s.data());
         x.softmax.step(p, x.s.data(), nq, nk, k0 == 0, x.v.data(), x.dq.data());
         x.ahead.step();
       }
@@ -820,11 +868,11 @@ void window_backward(const Problem<T>& p, const WindowTokens<T>& win, int64_t h,
       for (int64_t k0 = 0; k0 < N; k0 += bk) {
         const int64_t nk = std::min(bk, N - k0);
         gather_keys(k0, nk);
-        scores(p, win, h, x.qs.data(), x.kt.data(), q0, nq, k0, nk, x.s.data());
+        scores(p, win, h, x.qs.data(), x.kt.data(), x.k.data(), q0, nq, k0, nk, x.s.data());
         const int64_t nkp = padded_keys(p, nk);  // whole vectors; columns past nk are not read
         cpu::exp_rows(x.s.data(), ldk, x.s.data(), ldk, nq, nkp, T(1), x.lse.data(),
                       static_cast<T*>(nullptr));
-        tile_gemm<T>(nq, d, nkp, x.dout.data(), d, 1, x.vt.data(), ldk, x.dp.data(), ldk, false);
+        products_with_keys(p, x.dout.data(), x.vt.data(), x.v.data(), nq, nk, x.dp.data());
         cpu::softmax_grad_rows(x.dp.data(), ldk, x.s.data(), ldk, x.dp.data(), ldk, x.D.data(), nq,
                                nk, T(1));
         x.ahead.step();

@@ -186,6 +186,9 @@ CPU_CASES = [
                                                    # bias looked up per logit
     (2, 32, 32, 32, 2, (4, 4), (2, 2), True),      # 128 windows (the cases above: at most 8)
     (1, 16, 17, 8, 2, (2, 2), (1, 1), False),      # 72 shifted 2x2 windows
+    # key tails past whole 16-key vectors taken as dot products (kMaxDotKeys; 7x7 above: 48 + 1)
+    (1, 7, 13, 36, 3, (3, 6), (1, 3), True),       # 18 keys = 16 + 2, d 12: part of a vector
+    (2, 5, 6, 20, 2, (1, 2), (0, 1), False),       # 2 keys, all dot products
 ]
 
 
