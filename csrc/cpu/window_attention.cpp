@@ -207,13 +207,48 @@ __attribute__((always_inline)) inline void softmax_grad_body(T* dp, int64_t lddp
 // of more than one key block (over 256 tokens; their K and V are gathered a
 // block at a time) keep the thread's mode.
 //
-// Whether every |x[i]| <= kTameBound (false for NaN and inf).
+// The gathers (gather_rows) check their values as they copy them.
 constexpr double kTameBound = 1099511627776.0;  // 2^40
+
+// The rows of a gather (gather_token_rows): dst[r, j] = mult * src_r[j] for j < d, rows ld apart,
+// where src_r = base + rows[r] * stride, or `fill` (d values; zeros when null)
+// for rows[r] < 0. `ahead` steps at the rows that are prefetch points. Returns
+// whether every value written is within +-kTameBound (false for NaN and inf).
+// mult = 1 copies the bits (no multiply, which DAZ would flush).
 template <typename T>
-__attribute__((always_inline)) inline bool all_tame_body(const T* x, int64_t n) {
-  int wild = 0;
-  for (int64_t i = 0; i < n; ++i) wild |= !(std::fabs(x[i]) <= static_cast<T>(kTameBound));
-  return wild == 0;
+__attribute__((always_inline)) inline bool gather_rows_body(T* dst, int64_t ld, const T* base,
+                                                            int64_t stride, const int64_t* rows,
+                                                            const T* fill, int64_t n, int64_t d,
+                                                            T mult, cpu::SpreadPrefetch& ahead) {
+  using S = Simd<T>;
+  using vec = typename S::vec;
+  const int64_t d_vec = d - d % S::kLanes;
+  const bool scaled = mult != T(1);
+  const vec bound = vec{} + static_cast<T>(kTameBound), m = vec{} + mult;
+  decltype(bound <= bound) wild = {};
+  bool wild_tail = false;
+  for (int64_t r = 0; r < n; ++r) {
+    if (prefetch_point(r)) ahead.step();
+    const T* src = rows[r] >= 0 ? base + rows[r] * stride : fill;
+    T* out = dst + r * ld;
+    if (src == nullptr) {
+      std::fill(out, out + d, T(0));
+      continue;
+    }
+    for (int64_t j = 0; j < d_vec; j += S::kLanes) {
+      vec v = S::load(src + j);
+      if (scaled) v = v * m;
+      S::store(out + j, v);
+      wild |= ~((v <= bound) & (-v <= bound));
+    }
+    for (int64_t j = d_vec; j < d; ++j) {
+      const T v = scaled ? mult * src[j] : src[j];
+      out[j] = v;
+      wild_tail |= !(std::fabs(v) <= static_cast<T>(kTameBound));
+    }
+  }
+  for (int j = 0; j < S::kLanes; ++j) wild_tail |= wild[j] != 0;
+  return !wild_tail;
 }
 
 // out[r, c] = sum_j a[r, j] b[c, j] (j < d): products with a few keys, each a
@@ -239,8 +274,51 @@ __attribute__((always_inline)) inline void row_dots_body(T* out, int64_t ldo, co
   }
 }
 
+// The rows of a store (scatter_token_rows): base[rows[r] * stride + j] =
+// f_r * src[r, j] for j < d, src's rows ld apart, f_r = row_scale[r] (when
+// given) or scale; rows[r] < 0 (a padded token) is skipped. Non-temporal when
+// `stream` and the slice allows it (cpu::stream_scaled: 16-byte aligned); else
+// f_r = 1 copies the bits. `ahead`, when given, steps at the prefetch points.
+template <typename T>
+__attribute__((always_inline)) inline void scatter_rows_body(T* base, int64_t stride,
+                                                             const int64_t* rows, const T* src,
+                                                             int64_t ld, int64_t n, int64_t d,
+                                                             const T* row_scale, T scale,
+                                                             bool stream,
+                                                             cpu::SpreadPrefetch* ahead) {
+  using S = Simd<T>;
+  using vec = typename S::vec;
+  const int64_t d_vec = d - d % S::kLanes;
+  for (int64_t r = 0; r < n; ++r) {
+    if (ahead != nullptr && prefetch_point(r)) ahead->step();
+    if (rows[r] < 0) continue;
+    T* out = base + rows[r] * stride;
+    const T* in = src + r * ld;
+    const T f = row_scale != nullptr ? row_scale[r] : scale;
+    if (stream && cpu::stream_scaled(out, in, d, f)) continue;
+    if (f == T(1)) {
+      for (int64_t j = 0; j < d_vec; j += S::kLanes) S::store(out + j, S::load(in + j));
+      for (int64_t j = d_vec; j < d; ++j) out[j] = in[j];
+    } else {
+      const vec fv = vec{} + f;
+      for (int64_t j = 0; j < d_vec; j += S::kLanes) S::store(out + j, S::load(in + j) * fv);
+      for (int64_t j = d_vec; j < d; ++j) out[j] = f * in[j];
+    }
+  }
+}
+
 #define FASTCTX_WINDOW_ROW_KERNELS(T)                                                             \
-  FASTCTX_SIMD_CLONES bool all_tame(const T* x, int64_t n) { return all_tame_body(x, n); }       \
+  FASTCTX_SIMD_CLONES bool gather_token_rows(T* dst, int64_t ld, const T* base, int64_t stride,  \
+                                             const int64_t* rows, const T* fill, int64_t n,      \
+                                             int64_t d, T mult, cpu::SpreadPrefetch& ahead) {    \
+    return gather_rows_body(dst, ld, base, stride, rows, fill, n, d, mult, ahead);               \
+  }                                                                                              \
+  FASTCTX_SIMD_CLONES void scatter_token_rows(T* base, int64_t stride, const int64_t* rows,      \
+                                              const T* src, int64_t ld, int64_t n, int64_t d,    \
+                                              const T* row_scale, T scale, bool stream,          \
+                                              cpu::SpreadPrefetch* ahead) {                      \
+    scatter_rows_body(base, stride, rows, src, ld, n, d, row_scale, scale, stream, ahead);       \
+  }                                                                                              \
   FASTCTX_SIMD_CLONES void row_dots(T* out, int64_t ldo, const T* a, int64_t lda, const T* b,    \
                                     int64_t ldb, int64_t rows, int64_t cols, int64_t d) {        \
     row_dots_body(out, ldo, a, lda, b, ldb, rows, cols, d);                                      \
@@ -418,56 +496,25 @@ const T* token_channels(const Problem<T>& p, const WindowTokens<T>& win, int64_t
   return p.pad != nullptr ? p.pad + offset : nullptr;
 }
 
-// dst[j] = scale * src[j] for one head's d channels. Unscaled common head
-// sizes get a fixed-size copy the compiler inlines as a few vector moves: a
-// libc memcpy call per 128-byte row was 5% of a Swin-T stage 4 forward.
+// dst[r, j] = mult * part's channel j of token t0 + r (pad_qkv's, or zeros,
+// for a padded token), rows ld apart; whether all are tame (see kTameBound).
 template <typename T>
-inline void copy_head(T* dst, const T* src, int64_t d, T scale = T(1)) {
-  if (scale != T(1)) {
-    for (int64_t j = 0; j < d; ++j) dst[j] = scale * src[j];
-    return;
-  }
-  switch (d * static_cast<int64_t>(sizeof(T))) {
-    case 64: std::memcpy(dst, src, 64); break;
-    case 128: std::memcpy(dst, src, 128); break;
-    case 256: std::memcpy(dst, src, 256); break;
-    default: std::memcpy(dst, src, d * sizeof(T));
-  }
-}
-
-// copy_head into an output row (out, grad_qkv), non-temporal when `stream`
-// (cpu::streams_past_caches) and the slice allows it; a task that streamed
-// ends with cpu::stream_fence().
-template <typename T>
-inline void store_head(T* dst, const T* src, int64_t d, T scale, bool stream) {
-  if (!(stream && cpu::stream_scaled(dst, src, d, scale))) copy_head(dst, src, d, scale);
-}
-
-// dst[r, j] = mult * part's channel j of token t0 + r, rows ld apart; steps
-// `ahead` at the rows that are prefetch points.
-template <typename T>
-void gather_rows(T* dst, int64_t ld, const Problem<T>& p, const WindowTokens<T>& win, int part,
+bool gather_rows(T* dst, int64_t ld, const Problem<T>& p, const WindowTokens<T>& win, int part,
                  int64_t h, int64_t t0, int64_t n, T mult, cpu::SpreadPrefetch& ahead) {
-  for (int64_t r = 0; r < n; ++r) {
-    if (prefetch_point(r)) ahead.step();
-    const T* src = token_channels(p, win, t0 + r, part, h);
-    T* out = dst + r * ld;
-    if (src == nullptr) {
-      std::fill(out, out + p.d, T(0));
-    } else {
-      copy_head(out, src, p.d, mult);
-    }
-  }
+  const int64_t offset = part * p.C + h * p.d;
+  return gather_token_rows(dst, ld, p.qkv + offset, 3 * p.C, win.row.data() + t0,
+                           p.pad != nullptr ? p.pad + offset : nullptr, n, p.d, mult, ahead);
 }
 
 // dst[j, c] = part's channel j of token t0 + c (transposed: tokens along rows),
 // through rows [n x d]: the token rows are copied whole (independent loads the
-// core overlaps), then transposed inside L1.
+// core overlaps), then transposed inside L1; whether all are tame.
 template <typename T>
-void gather_cols(T* dst, int64_t ld, const Problem<T>& p, const WindowTokens<T>& win, int part,
+bool gather_cols(T* dst, int64_t ld, const Problem<T>& p, const WindowTokens<T>& win, int part,
                  int64_t h, int64_t t0, int64_t n, T* rows, cpu::SpreadPrefetch& ahead) {
-  gather_rows(rows, p.d, p, win, part, h, t0, n, T(1), ahead);
+  const bool tame = gather_rows(rows, p.d, p, win, part, h, t0, n, T(1), ahead);
   cpu::transpose_rows(dst, ld, rows, p.d, n, p.d);
+  return tame;
 }
 
 // Score columns computed per key block: nk rounded up to whole vectors of the
@@ -678,7 +725,8 @@ void forward(const Problem<T>& p, T* out, bool stream) {
   const int64_t N = p.N, d = p.d, bq = p.bq, bk = p.bk;
   at::parallel_for(0, p.windows * p.heads, cpu::task_grain(4 * N * d), [&](int64_t begin,
                                                                            int64_t end) {
-    std::vector<T> qs(bq * d), kt(d * p.ldk), k(bk * d), v(bk * d), s(bq * p.ldk), o(bq * d);
+    std::vector<T> qs(bq * d), kt(d * p.ldk), k(bk * d), v(bk * d), s(bq * p.ldk), o(bq * d),
+        inv_l(bq);
     WindowCursor<T> cursor(N);
     const WindowTokens<T>& win = cursor.now;
     OnlineSoftmax<T> softmax(bq);
@@ -706,14 +754,13 @@ void forward(const Problem<T>& p, T* out, bool stream) {
       ahead.step();
       bool kv_tame = false;  // see kTameBound
       if (p.one_key_block()) {
-        gather_cols(kt.data(), p.ldk, p, win, 1, h, 0, N, k.data(), ahead);
-        gather_rows(v.data(), d, p, win, 2, h, 0, N, T(1), ahead);
-        kv_tame = all_tame(k.data(), N * d) && all_tame(v.data(), N * d);
+        const bool k_tame = gather_cols(kt.data(), p.ldk, p, win, 1, h, 0, N, k.data(), ahead);
+        kv_tame = gather_rows(v.data(), d, p, win, 2, h, 0, N, T(1), ahead) && k_tame;
       }
       for (int64_t q0 = 0; q0 < N; q0 += bq) {
         const int64_t nq = std::min(bq, N - q0);
-        gather_rows(qs.data(), d, p, win, 0, h, q0, nq, p.scale, ahead);
-        flush.set(kv_tame && all_tame(qs.data(), nq * d));
+        const bool q_tame = gather_rows(qs.data(), d, p, win, 0, h, q0, nq, p.scale, ahead);
+        flush.set(kv_tame && q_tame);
         for (int64_t k0 = 0; k0 < N; k0 += bk) {
           const int64_t nk = std::min(bk, N - k0);
           if (!p.one_key_block()) {
@@ -725,13 +772,10 @@ void forward(const Problem<T>& p, T* out, bool stream) {
           softmax.step(p, s.data(), nq, nk, k0 == 0, v.data(), o.data());
           ahead.step();
         }
-        for (int64_t r = 0; r < nq; ++r) {
-          if (prefetch_point(r)) ahead.step();
-          const int64_t row = win.row[q0 + r];
-          if (row < 0) continue;  // a padded token: cropped
-          const T inv = T(1) / softmax.l[r];
-          store_head(out + row * p.C + h * d, o.data() + r * d, d, inv, stream);
-        }
+        for (int64_t r = 0; r < nq; ++r) inv_l[r] = T(1) / softmax.l[r];
+        // a padded token's row: cropped
+        scatter_token_rows(out + h * d, p.C, win.row.data() + q0, o.data(), d, nq, d,
+                           inv_l.data(), T(1), stream, &ahead);
       }
     }
     if (stream) cpu::stream_fence();
@@ -775,7 +819,7 @@ struct BackwardOut {
   T* grad_qkv;     // [B*H*W, 3C]
   T* table_part;   // [runs * heads, entries] or nullptr (BackwardPlan)
   T* pad_part;     // [runs * heads, 3d] or nullptr
-  bool stream;     // grad_qkv through non-temporal stores (see store_head)
+  bool stream;     // grad_qkv through non-temporal stores (see scatter_rows_body)
 };
 
 // Gradients of one head of one window; table gradient into table_acc
@@ -793,13 +837,13 @@ void window_backward(const Problem<T>& p, const WindowTokens<T>& win, int64_t h,
   // K and V of keys k0.., as rows (x.k, x.v) and K transposed (x.kt); V
   // transposed too (x.vt) unless for_forward (the recomputed forward of pass 1
   // needs V only as rows).
+  // Returns whether they are tame (see kTameBound).
   auto gather_keys = [&](int64_t k0, int64_t nk, bool for_forward = false) {
-    gather_cols(x.kt.data(), ldk, p, win, 1, h, k0, nk, x.k.data(), x.ahead);
-    if (for_forward) {
-      gather_rows(x.v.data(), d, p, win, 2, h, k0, nk, T(1), x.ahead);
-    } else {
-      gather_cols(x.vt.data(), ldk, p, win, 2, h, k0, nk, x.v.data(), x.ahead);
-    }
+    const bool k_tame = gather_cols(x.kt.data(), ldk, p, win, 1, h, k0, nk, x.k.data(), x.ahead);
+    const bool v_tame =
+        for_forward ? gather_rows(x.v.data(), d, p, win, 2, h, k0, nk, T(1), x.ahead)
+                    : gather_cols(x.vt.data(), ldk, p, win, 2, h, k0, nk, x.v.data(), x.ahead);
+    return k_tame && v_tame;
   };
   // dS [nq x nk] in x.dp and P in x.s: dQ (+)= dS K, dK += dS^T Qs, dV += P^T dO, d(table) += dS.
   auto accumulate = [&](int64_t q0, int64_t nq, int64_t k0, int64_t nk) {
@@ -818,24 +862,15 @@ void window_backward(const Problem<T>& p, const WindowTokens<T>& win, int64_t h,
   };
 
   bool kv_tame = false;  // see kTameBound
-  if (p.one_key_block()) {
-    gather_keys(0, N);
-    kv_tame = all_tame(x.k.data(), N * d) && all_tame(x.v.data(), N * d);
-  }
+  if (p.one_key_block()) kv_tame = gather_keys(0, N);
   for (int64_t q0 = 0; q0 < N; q0 += bq) {
     const int64_t nq = std::min(bq, N - q0);
-    gather_rows(x.qs.data(), d, p, win, 0, h, q0, nq, p.scale, x.ahead);
-    for (int64_t r = 0; r < nq; ++r) {  // dO: zero on padded (cropped) rows
-      if (prefetch_point(r)) x.ahead.step();
-      const int64_t row = win.row[q0 + r];
-      T* dst = x.dout.data() + r * d;
-      if (row >= 0) {
-        copy_head(dst, g.grad + row * p.C + h * d, d);
-      } else {
-        std::fill(dst, dst + d, T(0));
-      }
-    }
-    flush.set(kv_tame && all_tame(x.qs.data(), nq * d) && all_tame(x.dout.data(), nq * d));
+    const bool q_tame = gather_rows(x.qs.data(), d, p, win, 0, h, q0, nq, p.scale, x.ahead);
+    // dO: zero on padded (cropped) rows
+    const bool dout_tame = gather_token_rows(x.dout.data(), d, g.grad + h * d, p.C,
+                                             win.row.data() + q0, static_cast<const T*>(nullptr),
+                                             nq, d, T(1), x.ahead);
+    flush.set(kv_tame && q_tame && dout_tame);
     if (p.one_key_block()) {
       scores(p, win, h, x.qs.data(), x.kt.data(), x.k.data(), q0, nq, 0, N, x.s.data());
       x.softmax.step(p, x.s.data(), nq, N, true, nullptr, nullptr);
@@ -880,32 +915,27 @@ void window_backward(const Problem<T>& p, const WindowTokens<T>& win, int64_t h,
         x.ahead.step();
       }
     }
-    // grad_q = scale dQ
-    for (int64_t r = 0; r < nq; ++r) {
-      if (prefetch_point(r)) x.ahead.step();
-      const int64_t row = win.row[q0 + r];
-      const T* src = x.dq.data() + r * d;
-      if (row >= 0) {
-        store_head(g.grad_qkv + row * 3 * p.C + h * d, src, d, p.scale, g.stream);
-      } else if (pad_part != nullptr) {
-        for (int64_t j = 0; j < d; ++j) pad_part[j] += p.scale * src[j];
-      }
+    // grad_q = scale dQ; a padded token's into pad_part
+    const int64_t* rows = win.row.data() + q0;
+    scatter_token_rows(g.grad_qkv + h * d, 3 * p.C, rows, x.dq.data(), d, nq, d,
+                       static_cast<const T*>(nullptr), p.scale, g.stream, &x.ahead);
+    for (int64_t r = 0; r < nq && pad_part != nullptr; ++r) {
+      if (rows[r] >= 0) continue;
+      for (int64_t j = 0; j < d; ++j) pad_part[j] += p.scale * x.dq[r * d + j];
     }
   }
-  for (int64_t t = 0; t < N; ++t) {
-    if (prefetch_point(t)) x.ahead.step();
-    const int64_t row = win.row[t];
-    const T* dk = x.dk.data() + t * d;
-    const T* dv = x.dv.data() + t * d;
-    if (row >= 0) {
-      T* dst = g.grad_qkv + row * 3 * p.C + p.C + h * d;
-      store_head(dst, dk, d, T(1), g.stream);
-      store_head(dst + p.C, dv, d, T(1), g.stream);
-    } else if (pad_part != nullptr) {
-      for (int64_t j = 0; j < d; ++j) {
-        pad_part[d + j] += dk[j];
-        pad_part[2 * d + j] += dv[j];
-      }
+  // grad_k, grad_v (the prefetch steps over the pair, as planned); a padded token's into pad_part
+  T* grad_k = g.grad_qkv + p.C + h * d;
+  scatter_token_rows(grad_k, 3 * p.C, win.row.data(), x.dk.data(), d, N, d,
+                     static_cast<const T*>(nullptr), T(1), g.stream, &x.ahead);
+  scatter_token_rows(grad_k + p.C, 3 * p.C, win.row.data(), x.dv.data(), d, N, d,
+                     static_cast<const T*>(nullptr), T(1), g.stream,
+                     static_cast<cpu::SpreadPrefetch*>(nullptr));
+  for (int64_t t = 0; t < N && pad_part != nullptr; ++t) {
+    if (win.row[t] >= 0) continue;
+    for (int64_t j = 0; j < d; ++j) {
+      pad_part[d + j] += x.dk[t * d + j];
+      pad_part[2 * d + j] += x.dv[t * d + j];
     }
   }
 }
