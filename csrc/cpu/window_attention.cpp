@@ -207,14 +207,15 @@ __attribute__((always_inline)) inline void softmax_grad_body(T* dp, int64_t lddp
 // of more than one key block (over 256 tokens; their K and V are gathered a
 // block at a time) keep the thread's mode.
 //
-// The gathers (gather_rows) check their values as they copy them.
+// The gathers check the values as they copy them (gather_token_rows).
 constexpr double kTameBound = 1099511627776.0;  // 2^40
 
-// The rows of a gather (gather_token_rows): dst[r, j] = mult * src_r[j] for j < d, rows ld apart,
-// where src_r = base + rows[r] * stride, or `fill` (d values; zeros when null)
-// for rows[r] < 0. `ahead` steps at the rows that are prefetch points. Returns
-// whether every value written is within +-kTameBound (false for NaN and inf).
-// mult = 1 copies the bits (no multiply, which DAZ would flush).
+// The rows of a gather (gather_token_rows): dst[r, j] = mult * src_r[j] for
+// j < d, rows ld apart, where src_r = base + rows[r] * stride, or `fill` (d
+// values; zeros when null) for rows[r] < 0 (a padded token). `ahead` steps at
+// the rows that are prefetch points. Returns whether every value written is
+// within +-kTameBound (false for NaN and inf). mult = 1 copies the bits (no
+// multiply, which DAZ would flush).
 template <typename T>
 __attribute__((always_inline)) inline bool gather_rows_body(T* dst, int64_t ld, const T* base,
                                                             int64_t stride, const int64_t* rows,
@@ -484,16 +485,6 @@ void add_heads(Prefetch& pf, const Problem<T>& p, const WindowTokens<T>& win,
       }
     }
   }
-}
-
-// The d channels of part `part` (0 q, 1 k, 2 v) of head h of token t: its row
-// of qkv, pad_qkv's slice for a padded token, or nullptr (zeros).
-template <typename T>
-const T* token_channels(const Problem<T>& p, const WindowTokens<T>& win, int64_t t, int part,
-                        int64_t h) {
-  const int64_t offset = part * p.C + h * p.d;
-  if (win.row[t] >= 0) return p.qkv + win.row[t] * 3 * p.C + offset;
-  return p.pad != nullptr ? p.pad + offset : nullptr;
 }
 
 // dst[r, j] = mult * part's channel j of token t0 + r (pad_qkv's, or zeros,
