@@ -26,8 +26,7 @@ from fastctx.cli import main
 from fastctx.data import DatasetError, PascalVOCDataset, load_label
 from fastctx.engine import checkpoint as ckpt
 from fastctx.models import ResNetV1c
-from fastctx.nn import (ACM, APCHead, ConvModule, EncHead, EncModule, Encoding, FCNHead, ObjectAttentionBlock,
-                        OCRHead, SpatialGatherModule)
+from fastctx.nn import ACM, APCHead, ConvModule, EncHead, EncModule, Encoding, FCNHead
 from test_engine import tiny_overrides
 
 CONFIG = "apcnet_r18-d8_synthetic"
@@ -73,41 +72,12 @@ def test_module_constructors_refuse_bad_sizes(build, error, message):
         build()
 
 
-# The scale of OCR's gather (softmax temperature) is a positive finite real, as mmseg's code takes it.
-BAD_OCR_SCALES = [
-    (lambda: OCRHead(4, 0, in_channels=6, channels=8, num_classes=5), ValueError,
-     r"^OCRHead: scale must be a positive finite number \(the gather's softmax temperature, e\.g\. 1 or 0\.5.*got 0$"),
-    (lambda: OCRHead(4, float("inf"), in_channels=6, channels=8, num_classes=5), ValueError,
-     "OCRHead: scale must be a positive finite number.*got inf$"),
-    (lambda: ObjectAttentionBlock(8, 4, -1.0), ValueError,
-     "ObjectAttentionBlock: scale must be a positive finite number.*got -1.0$"),
-    (lambda: SpatialGatherModule(float("nan")), ValueError,
-     "SpatialGatherModule: scale must be a positive finite number.*got nan$"),
-    (lambda: SpatialGatherModule("0.5"), TypeError,
-     r"SpatialGatherModule: scale must be a positive finite number.*got '0.5' \(str\)$"),
-]
-
-
-@pytest.mark.parametrize("build, error, message", BAD_OCR_SCALES, ids=[m for _, _, m in BAD_OCR_SCALES])
-def test_ocr_scale_must_be_a_positive_finite_number(build, error, message):
-    with pytest.raises(error, match=message):
-        build()
-
-
-def test_ocr_modules_take_the_float_scales_mmseg_runs():
-    """1.0 and 0.5 used to be refused ("scale must be a positive int"); mmseg runs them (no query pooling)."""
-    for scale in (1.0, 0.5, 1):
-        head = OCRHead(4, scale, in_channels=6, channels=8, num_classes=5)
-        assert head.scale == head.spatial_gather_module.scale == head.object_context_block.scale == scale
-        assert head.object_context_block.query_downsample is None
-        assert head.eval()([torch.randn(1, 6, 5, 7)], torch.randn(1, 2, 5, 7)).shape == (1, 5, 5, 7)
-
-
 @pytest.mark.parametrize("build, inputs, who", [
     (lambda: EncHead([7], 5, 3), lambda x: [x], "EncHead"),
     (lambda: EncModule(7, 4), lambda x: x, "EncModule"),
     (lambda: APCHead(7, 5, 3), lambda x: [x], "APCHead"),
-], ids=["EncHead", "EncModule", "APCHead"])
+    (lambda: FCNHead(in_channels=7, channels=5, num_classes=3), lambda x: [x], "FCNHead"),
+], ids=["EncHead", "EncModule", "APCHead", "FCNHead"])
 def test_integer_features_get_the_floating_point_message(build, inputs, who):
     with pytest.raises(TypeError) as info:
         build()(inputs(torch.randint(0, 9, (2, 7, 13, 29))))

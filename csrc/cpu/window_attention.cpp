@@ -530,13 +530,11 @@ constexpr int64_t kMaxDotKeys = 2;
 template <typename T>
 void products_with_keys(const Problem<T>& p, const T* a, const T* bt, const T* b, int64_t nq,
                         int64_t nk, T* out) {
-  const int64_t tail = nk % 16, vectors = nk - tail;
-  if (tail > kMaxDotKeys) {
-    tile_gemm<T>(nq, p.d, padded_keys(p, nk), a, p.d, 1, bt, p.ldk, out, p.ldk, false);
-    return;
-  }
+  const int64_t tail = nk % 16;
+  const bool dots = tail > 0 && tail <= kMaxDotKeys;
+  const int64_t vectors = dots ? nk - tail : padded_keys(p, nk);
   tile_gemm<T>(nq, p.d, vectors, a, p.d, 1, bt, p.ldk, out, p.ldk, false);
-  row_dots(out + vectors, p.ldk, a, p.d, b + vectors * p.d, p.d, nq, tail, p.d);
+  if (dots) row_dots(out + vectors, p.ldk, a, p.d, b + vectors * p.d, p.d, nq, tail, p.d);
 }
 
 // S [nq x nk] = (Qs K^T + bias) + mask for queries q0.. and keys k0.. of head h,

@@ -75,9 +75,7 @@ def _check_features(x, in_channels: int, module: nn.Module, who: str) -> None:
         raise TypeError(f"{who} expects a tensor [B, {in_channels}, H, W], got {type(x).__name__}")
     if x.dim() != 4 or x.shape[1] != in_channels:
         raise ValueError(f"{who} expects input of shape [B, {in_channels}, H, W], got {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise TypeError(f"{who} expects a floating-point input, got {x.dtype}")
-    check_input_dtype(x, module, who)
+    check_input_dtype(x, module, who)  # floating-point, and the parameters' dtype
 
 
 def _cat(tensors: Sequence[torch.Tensor], dim: int) -> torch.Tensor:

@@ -93,8 +93,6 @@ class FCNHead(DecodeHead):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"FCNHead expects a feature of shape [B, {self.in_channels}, H, W] "
                              f"(in_index {self.in_index}), got {shape}")
-        if not x.is_floating_point():
-            raise TypeError(f"FCNHead expects a floating-point feature, got {x.dtype}")
         check_input_dtype(x, self, "FCNHead")
         return x
 
