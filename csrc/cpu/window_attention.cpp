@@ -275,6 +275,45 @@ __attribute__((always_inline)) inline void row_dots_body(T* out, int64_t ldo, co
   }
 }
 
+// The softmax pieces on a block's last few score columns (the keys past its
+// whole vectors, computed as dot products: see kMaxDotKeys), down the
+// columns, so that a vector holds one column of L rows instead of one row's
+// column or two and 14 or 15 padded lanes. Lane by lane the same arithmetic
+// as row_max and exp_rows (cpu/class_tiles.h).
+// m[r] = max(m[r], s[r, c]) for c < cols, ignoring NaN.
+template <typename T>
+__attribute__((always_inline)) inline void max_short_columns_body(const T* s, int64_t lds,
+                                                                  int64_t rows, int64_t cols,
+                                                                  T* m) {
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) {
+      const T v = s[r * lds + c];
+      if (v > m[r]) m[r] = v;
+    }
+  }
+}
+
+// s[r, c] = exp(s[r, c] - shift[r]) for c < cols; rowsum[r] += s[r, c] in
+// column order when given.
+template <typename T>
+__attribute__((always_inline)) inline void exp_short_columns_body(T* s, int64_t lds, int64_t rows,
+                                                                  int64_t cols, const T* shift,
+                                                                  T* rowsum) {
+  using W = cpu::softmax_detail::V<T>;
+  constexpr int64_t L = W::kL;
+  for (int64_t c = 0; c < cols; ++c) {
+    for (int64_t r0 = 0; r0 < rows; r0 += L) {
+      const int64_t cnt = std::min<int64_t>(L, rows - r0);
+      typename W::vt e = {};
+      for (int64_t i = 0; i < cnt; ++i) e[i] = s[(r0 + i) * lds + c];
+      e -= W::load(shift + r0, cnt);
+      cpu::softmax_detail::exp_inplace<T>(e);
+      for (int64_t i = 0; i < cnt; ++i) s[(r0 + i) * lds + c] = e[i];
+      if (rowsum != nullptr) W::store(rowsum + r0, W::load(rowsum + r0, cnt) + e, cnt);
+    }
+  }
+}
+
 // The rows of a store (scatter_token_rows): base[rows[r] * stride + j] =
 // f_r * src[r, j] for j < d, src's rows ld apart, f_r = row_scale[r] (when
 // given) or scale; rows[r] < 0 (a padded token) is skipped. Non-temporal when
@@ -323,6 +362,14 @@ __attribute__((always_inline)) inline void scatter_rows_body(T* base, int64_t st
   FASTCTX_SIMD_CLONES void row_dots(T* out, int64_t ldo, const T* a, int64_t lda, const T* b,    \
                                     int64_t ldb, int64_t rows, int64_t cols, int64_t d) {        \
     row_dots_body(out, ldo, a, lda, b, ldb, rows, cols, d);                                      \
+  }                                                                                              \
+  FASTCTX_SIMD_CLONES void max_short_columns(const T* s, int64_t lds, int64_t rows,           \
+                                             int64_t cols, T* m) {                               \
+    max_short_columns_body(s, lds, rows, cols, m);                                               \
+  }                                                                                              \
+  FASTCTX_SIMD_CLONES void exp_short_columns(T* s, int64_t lds, int64_t rows, int64_t cols,      \
+                                             const T* shift, T* rowsum) {                        \
+    exp_short_columns_body(s, lds, rows, cols, shift, rowsum);                                   \
   }                                                                                              \
   FASTCTX_SIMD_CLONES void add_strip_rows(T* s, int64_t lds, const T* strip,                    \
                                           const int64_t* offset, int64_t rows, int64_t n) {      \
@@ -508,33 +555,59 @@ bool gather_cols(T* dst, int64_t ld, const Problem<T>& p, const WindowTokens<T>&
   return tame;
 }
 
-// Score columns computed per key block: nk rounded up to whole vectors of the
-// widest ISA (16 fp32), within the buffers' row stride. The columns past nk
-// are set to -inf, so the softmax passes run on whole vectors and give them
-// weight exactly 0; products over keys still stop at nk.
-template <typename T>
-int64_t padded_keys(const Problem<T>& p, int64_t nk) {
-  return std::min(round_up(nk, 16), p.ldk);
-}
-
-// Keys past a block's whole vectors computed as dot products of rows when at
-// most this many: a padded vector's 16 lanes of FMAs would compute mostly
-// padding (7x7 windows: 49 keys, 48 in vectors and 1 by dots; Swin-T stage 1
-// forward, AVX-512 EPYC: the scores' product took 27% of a unit).
+// Keys past a block's whole vectors (of the widest ISA: 16 fp32) are computed
+// as dot products of rows, and go through the softmax down the columns, when
+// at most this many: a padded vector's 16 lanes would compute mostly padding,
+// in the products and in every softmax pass (7x7 windows: 49 keys, 48 in
+// vectors and 1 by dots; Swin-T stage 1, AVX-512 EPYC: the scores' product
+// took 27% of a forward unit, the exponentials of the 4th vector 4%).
 constexpr int64_t kMaxDotKeys = 2;
 
+// How a key block's nk score columns are computed: `vectors` columns as whole
+// vectors by rows, then `dots` (<= kMaxDotKeys) columns by dot products and
+// down the columns. Without dots, `vectors` is nk rounded up to whole vectors
+// within the buffers' row stride, and the columns past nk are set to -inf
+// (scores), so the softmax passes give them weight exactly 0; products over
+// keys still stop at nk.
+struct KeyColumns {
+  int64_t vectors, dots;
+};
+
+template <typename T>
+KeyColumns key_columns(const Problem<T>& p, int64_t nk) {
+  const int64_t tail = nk % 16;
+  if (tail > 0 && tail <= kMaxDotKeys) return {nk - tail, tail};
+  return {std::min(round_up(nk, 16), p.ldk), 0};
+}
+
 // out [nq x nk] = a [nq x d] b^T for the block's nk keys, b their rows [nk x d]
-// and bt their transpose [d x ldk]: whole vectors of keys by tile_gemm, then a
-// tail of at most kMaxDotKeys keys by row_dots, or else the tail padded to a
-// whole vector (its columns past nk hold whatever bt holds there).
+// and bt their transpose [d x ldk] (see KeyColumns; padded columns hold
+// whatever bt holds there).
 template <typename T>
 void products_with_keys(const Problem<T>& p, const T* a, const T* bt, const T* b, int64_t nq,
                         int64_t nk, T* out) {
-  const int64_t tail = nk % 16;
-  const bool dots = tail > 0 && tail <= kMaxDotKeys;
-  const int64_t vectors = dots ? nk - tail : padded_keys(p, nk);
-  tile_gemm<T>(nq, p.d, vectors, a, p.d, 1, bt, p.ldk, out, p.ldk, false);
-  if (dots) row_dots(out + vectors, p.ldk, a, p.d, b + vectors * p.d, p.d, nq, tail, p.d);
+  const KeyColumns cols = key_columns(p, nk);
+  tile_gemm<T>(nq, p.d, cols.vectors, a, p.d, 1, bt, p.ldk, out, p.ldk, false);
+  if (cols.dots > 0) {
+    row_dots(out + cols.vectors, p.ldk, a, p.d, b + cols.vectors * p.d, p.d, nq, cols.dots, p.d);
+  }
+}
+
+// m[r] = max(m[r], s[r, c]) over the block's nk columns, ignoring NaN.
+template <typename T>
+void block_row_max(const Problem<T>& p, const T* s, int64_t nq, int64_t nk, T* m) {
+  const KeyColumns cols = key_columns(p, nk);
+  cpu::row_max(s, p.ldk, nq, cols.vectors, T(1), m);
+  if (cols.dots > 0) max_short_columns(s + cols.vectors, p.ldk, nq, cols.dots, m);
+}
+
+// s[r, c] = exp(s[r, c] - shift[r]) over the block's nk columns (and its
+// padded ones, to 0); rowsum[r] += their sum when given.
+template <typename T>
+void block_exp(const Problem<T>& p, T* s, int64_t nq, int64_t nk, const T* shift, T* rowsum) {
+  const KeyColumns cols = key_columns(p, nk);
+  cpu::exp_rows(s, p.ldk, s, p.ldk, nq, cols.vectors, T(1), shift, rowsum);
+  if (cols.dots > 0) exp_short_columns(s + cols.vectors, p.ldk, nq, cols.dots, shift, rowsum);
 }
 
 // S [nq x nk] = (Qs K^T + bias) + mask for queries q0.. and keys k0.. of head h,
@@ -542,8 +615,7 @@ void products_with_keys(const Problem<T>& p, const T* a, const T* bt, const T* b
 template <typename T>
 void scores(const Problem<T>& p, const WindowTokens<T>& win, int64_t h, const T* qs, const T* kt,
             const T* k, int64_t q0, int64_t nq, int64_t k0, int64_t nk, T* s) {
-  // Columns past nk become -inf below.
-  const int64_t nkp = padded_keys(p, nk);
+  const int64_t nkp = key_columns(p, nk).vectors;  // past nk: padding, -inf below
   products_with_keys(p, qs, kt, k, nq, nk, s);
   if (p.strips != nullptr) {
     add_strip_rows(s, p.ldk, p.strips + h * p.strip_layout.size + k0, p.strip_offset + q0, nq, nk);
@@ -578,15 +650,14 @@ struct OnlineSoftmax {
   // one; o [nq x d] (+)= exp(s - shift) v after rescaling o to the new shift.
   void step(const Problem<T>& p, T* s, int64_t nq, int64_t nk, bool first, const T* v, T* o) {
     if (first) std::fill(m.begin(), m.begin() + nq, -std::numeric_limits<T>::infinity());
-    const int64_t nkp = padded_keys(p, nk);  // s's -inf padding (see scores)
-    cpu::row_max(s, p.ldk, nq, nkp, T(1), m.data());
+    block_row_max(p, s, nq, nk, m.data());
     for (int64_t r = 0; r < nq; ++r) {
       const T next = softmax_shift(m[r]);
       factor[r] = first ? T(0) : softmax_merge_factor(shift[r], l[r], next);
       shift[r] = next;
       block_sum[r] = 0;
     }
-    cpu::exp_rows(s, p.ldk, s, p.ldk, nq, nkp, T(1), shift.data(), block_sum.data());
+    block_exp(p, s, nq, nk, shift.data(), block_sum.data());
     for (int64_t r = 0; r < nq; ++r) l[r] = first ? block_sum[r] : l[r] * factor[r] + block_sum[r];
     if (o == nullptr) return;
     if (!first) scale_rows(o, p.d, factor.data(), nq, p.d);
@@ -893,9 +964,7 @@ void window_backward(const Problem<T>& p, const WindowTokens<T>& win, int64_t h,
         const int64_t nk = std::min(bk, N - k0);
         gather_keys(k0, nk);
         scores(p, win, h, x.qs.data(), x.kt.data(), x.k.data(), q0, nq, k0, nk, x.s.data());
-        const int64_t nkp = padded_keys(p, nk);  // whole vectors; columns past nk are not read
-        cpu::exp_rows(x.s.data(), ldk, x.s.data(), ldk, nq, nkp, T(1), x.lse.data(),
-                      static_cast<T*>(nullptr));
+        block_exp(p, x.s.data(), nq, nk, x.lse.data(), static_cast<T*>(nullptr));
         products_with_keys(p, x.dout.data(), x.vt.data(), x.v.data(), nq, nk, x.dp.data());
         cpu::softmax_grad_rows(x.dp.data(), ldk, x.s.data(), ldk, x.dp.data(), ldk, x.D.data(), nq,
                                nk, T(1));

@@ -225,6 +225,19 @@ def test_cpu_one_window_covering_the_grid(size, channels, heads):
                   [qkv], torch.float32)
 
 
+@pytest.mark.parametrize("window", [(7, 7), (3, 6)])
+def test_cpu_dot_product_keys_hold_the_row_maximum(window):
+    """The keys past a block's whole vectors (49 = 48 + 1, 18 = 16 + 2: dot products, softmax down the
+    columns) carry logits of about 120, so exp overflows float32 unless the row maximum includes them."""
+    require("cpu")
+    heads, channels = 1, 16
+    qkv, table, pad = window_inputs(2, *window, channels, heads, window, dtype=torch.float32)
+    qkv[..., :channels] = 1.0  # every q
+    qkv[:, -1, -1, channels:2 * channels] = 30.0  # k of each window's last token: logit 16 * 30 / 4
+    check_fwd_bwd("cpu", lambda q, t, p: ops.window_attention(q, heads, window, t, 0, None, p),
+                  lambda q, t, p: reference(q, heads, window, t, 0, None, p), [qkv, table, pad], torch.float32)
+
+
 def test_cpu_empty_batch():
     require("cpu")
     qkv, table, pad = window_inputs(0, 5, 6, 8, 2, (2, 4), dtype=torch.float32)
