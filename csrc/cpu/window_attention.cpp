@@ -560,7 +560,8 @@ bool gather_cols(T* dst, int64_t ld, const Problem<T>& p, const WindowTokens<T>&
 // at most this many: a padded vector's 16 lanes would compute mostly padding,
 // in the products and in every softmax pass (7x7 windows: 49 keys, 48 in
 // vectors and 1 by dots; Swin-T stage 1, AVX-512 EPYC: the scores' product
-// took 27% of a forward unit, the exponentials of the 4th vector 4%).
+// took 27% of a forward unit, and the softmax down the columns made the
+// forward 2.7% faster).
 constexpr int64_t kMaxDotKeys = 2;
 
 // How a key block's nk score columns are computed: `vectors` columns as whole
