@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <iterator>
 #include <random>
 #include <vector>
 
@@ -59,14 +60,14 @@ int main() {
       {128, 256, 64, false, "128 x 256 x 64"},
   };
   std::printf("%-50s %s\n", "tile_gemm, fp32, one thread (R x K x n)", "GFLOP/s (2 rounds)");
-  double rates[2][sizeof(cases) / sizeof(cases[0])];
+  double rates[2][std::size(cases)];
   for (int round = 0; round < 2; ++round) {
-    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); ++i) {
+    for (size_t i = 0; i < std::size(cases); ++i) {
       const Case& c = cases[i];
       rates[round][i] = rate(c.R, c.K, c.n, c.transposed);
     }
   }
-  for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); ++i) {
+  for (size_t i = 0; i < std::size(cases); ++i) {
     std::printf("%-50s %6.1f %6.1f\n", cases[i].what, rates[0][i], rates[1][i]);
   }
   return 0;

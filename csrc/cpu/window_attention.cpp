@@ -275,26 +275,12 @@ __attribute__((always_inline)) inline void row_dots_body(T* out, int64_t ldo, co
   }
 }
 
-// The softmax pieces on a block's last few score columns (the keys past its
+// The exponentials of a block's last few score columns (the keys past its
 // whole vectors, computed as dot products: see kMaxDotKeys), down the
 // columns, so that a vector holds one column of L rows instead of one row's
-// column or two and 14 or 15 padded lanes. Lane by lane the same arithmetic
-// as row_max and exp_rows (cpu/class_tiles.h).
-// m[r] = max(m[r], s[r, c]) for c < cols, ignoring NaN.
-template <typename T>
-__attribute__((always_inline)) inline void max_short_columns_body(const T* s, int64_t lds,
-                                                                  int64_t rows, int64_t cols,
-                                                                  T* m) {
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t c = 0; c < cols; ++c) {
-      const T v = s[r * lds + c];
-      if (v > m[r]) m[r] = v;
-    }
-  }
-}
-
-// s[r, c] = exp(s[r, c] - shift[r]) for c < cols; rowsum[r] += s[r, c] in
-// column order when given.
+// column or two and 14 or 15 padded lanes; lane by lane the arithmetic of
+// exp_rows (cpu/class_tiles.h): s[r, c] = exp(s[r, c] - shift[r]) for
+// c < cols; rowsum[r] += s[r, c] in column order when given.
 template <typename T>
 __attribute__((always_inline)) inline void exp_short_columns_body(T* s, int64_t lds, int64_t rows,
                                                                   int64_t cols, const T* shift,
@@ -362,10 +348,6 @@ __attribute__((always_inline)) inline void scatter_rows_body(T* base, int64_t st
   FASTCTX_SIMD_CLONES void row_dots(T* out, int64_t ldo, const T* a, int64_t lda, const T* b,    \
                                     int64_t ldb, int64_t rows, int64_t cols, int64_t d) {        \
     row_dots_body(out, ldo, a, lda, b, ldb, rows, cols, d);                                      \
-  }                                                                                              \
-  FASTCTX_SIMD_CLONES void max_short_columns(const T* s, int64_t lds, int64_t rows,           \
-                                             int64_t cols, T* m) {                               \
-    max_short_columns_body(s, lds, rows, cols, m);                                               \
   }                                                                                              \
   FASTCTX_SIMD_CLONES void exp_short_columns(T* s, int64_t lds, int64_t rows, int64_t cols,      \
                                              const T* shift, T* rowsum) {                        \
@@ -594,12 +576,17 @@ void products_with_keys(const Problem<T>& p, const T* a, const T* bt, const T* b
   }
 }
 
-// m[r] = max(m[r], s[r, c]) over the block's nk columns, ignoring NaN.
+// m[r] = max(m[r], s[r, c]) over the block's nk columns, ignoring NaN (as
+// row_max: a NaN never compares greater); the dot columns one scalar a row.
 template <typename T>
 void block_row_max(const Problem<T>& p, const T* s, int64_t nq, int64_t nk, T* m) {
   const KeyColumns cols = key_columns(p, nk);
   cpu::row_max(s, p.ldk, nq, cols.vectors, T(1), m);
-  if (cols.dots > 0) max_short_columns(s + cols.vectors, p.ldk, nq, cols.dots, m);
+  for (int64_t r = 0; r < nq; ++r) {
+    for (int64_t c = cols.vectors; c < cols.vectors + cols.dots; ++c) {
+      if (s[r * p.ldk + c] > m[r]) m[r] = s[r * p.ldk + c];
+    }
+  }
 }
 
 // s[r, c] = exp(s[r, c] - shift[r]) over the block's nk columns (and its
