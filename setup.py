@@ -127,7 +127,7 @@ def _extensions():
     cxx_flags = ["-O3", "-fdiagnostics-color=always"]
     exts = [
         CppExtension(
-            "fastctx._C", ["csrc/fastctx.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp")),
+            "fastctx._C", ["csrc/fastctx.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/autograd/*.cpp")),
             include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags + ["-fopenmp"]}, extra_link_args=["-fopenmp"],
         )

@@ -6,7 +6,10 @@
 //
 // These are raw kernels ("<op>_fwd" / "<op>_bwd"): no autograd, no fake kernel.
 // The public, differentiable ops ("fastctx::<op>") are defined in
-// fastctx/ops/*.py and call these from their implementation. Shapes and the
+// fastctx/ops/*.py and call these from their implementation. One exception,
+// window_attention_autograd, pairs two raw kernels in a C++ autograd node
+// (csrc/autograd/) for the eager calls of one op whose Python layers cost
+// as much as its smallest shapes' kernels. Shapes and the
 // exact contract of every kernel are documented in docs/kernels.md.
 #include <Python.h>
 #include <torch/library.h>
@@ -70,6 +73,11 @@ TORCH_LIBRARY(fastctx, m) {
   m.def(
       "window_attention_bwd(Tensor grad, Tensor qkv, Tensor? bias_table, Tensor? pad_qkv, int heads,"
       " int[] window, int[] shift, float scale) -> (Tensor, Tensor, Tensor)");
+  // window_attention_fwd with window_attention_bwd as its derivative, in a C++ autograd node
+  // (csrc/autograd/window_attention.cpp): the eager route of fastctx.ops.window_attention.
+  m.def(
+      "window_attention_autograd(Tensor qkv, Tensor? bias_table, Tensor? pad_qkv, int heads, int[] window,"
+      " int[] shift, float scale) -> Tensor");
   // IIWA's window tokens: mean of each Wh x Ww window of x [B, Hp, Wp, C] (channels last), + pos
   // [Hg, Wg, C] if given -> [B, Hg, Wg, C]. Backward: grad_x = grad / (Wh*Ww) over each window;
   // grad_pos = sum over the batch when pos_grad, else an empty tensor.

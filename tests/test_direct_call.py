@@ -15,7 +15,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastctx import ops
-from fastctx.ops._dispatch import CUSTOM_OPS
+from fastctx.ops._dispatch import CUSTOM_OPS, dispatcher_calls
 from conftest import require_backend
 from op_testing import op_cases
 
@@ -129,3 +129,93 @@ def test_profiles_show_the_op():
             call()
         shapes = [e.input_shapes for e in prof.events() if e.name == "fastctx::pyramid_pool"]
         assert len(shapes) == 1 and shapes[0][0] == [2, 3, 7, 5], shapes
+
+
+# ----------------------------------------------------------------------------- window_attention's C++ node
+
+_WINDOW_NODE = "torch::autograd::CppNode<fastctx::WindowAttentionFunction>"
+
+
+def _window_call(with_table: bool, with_pad: bool):
+    """ops.window_attention on a 7x9 map of 6x4 windows with shift (3, 2): padding, shift mask, two heads."""
+    return lambda qkv, table, pad: ops.window_attention(qkv, 2, (6, 4), table if with_table else None, (3, 2),
+                                                        None, pad if with_pad else None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("with_table,with_pad", [(True, True), (True, False), (False, True), (False, False)])
+def test_window_attention_runs_its_cpp_node_with_the_custom_ops_bits(dtype, with_table, with_pad):
+    """A plain eager window_attention runs window_attention_autograd (the raw kernels under a C++ node); its
+    outputs, gradients and second-order gradients are the custom op's, bit for bit."""
+    require_backend("cpu", dtype=dtype)
+    gen = torch.Generator().manual_seed(1)
+    args = [torch.randn(s, generator=gen, dtype=dtype) for s in ((2, 7, 9, 24), (77, 2), (24,))]
+    call = _window_call(with_table, with_pad)
+    direct, *direct_values = _first_and_second_order(lambda *a: call(*a[:3]), args, None)
+    with dispatcher_calls():
+        dispatched, *dispatched_values = _first_and_second_order(lambda *a: call(*a[:3]), args, None)
+    assert direct.grad_fn.name() == _WINDOW_NODE
+    assert dispatched.grad_fn.name() != _WINDOW_NODE
+    present = [True, with_table, with_pad]
+    for what, got, want in zip(("outputs", "gradients", "second-order gradients"), direct_values, dispatched_values,
+                               strict=True):
+        assert len(got) == len(want), what
+        for i, (a, b) in enumerate(zip(got, want)):
+            if what != "outputs" and not present[i]:  # an unused input has no gradient on either path
+                assert a is None and b is None, f"{what} {i}"
+                continue
+            assert a is not None and b is not None, f"{what} {i}: a path gives None"
+            assert torch.equal(a, b), f"{what} {i}: the C++ node and the custom op differ"
+
+
+def test_window_attention_cpp_node_without_grad_and_per_input():
+    """No graph under no_grad or inference_mode (below autograd the op runs the forward kernel alone); with one
+    input requiring grad, that input's gradient is the custom op's."""
+    require_backend("cpu")
+    gen = torch.Generator().manual_seed(2)
+    qkv, table, pad = (torch.randn(s, generator=gen) for s in ((1, 7, 9, 24), (77, 2), (24,)))
+    call = _window_call(True, True)
+    want = call(qkv, table, pad)
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            out = call(qkv.requires_grad_(), table, pad)
+        assert out.grad_fn is None and not out.requires_grad
+        assert torch.equal(out, want)
+        qkv.requires_grad_(False)
+    grad = torch.randn(want.shape, generator=gen)
+    for i in range(3):
+        leaves = [t.detach().clone().requires_grad_(j == i) for j, t in enumerate((qkv, table, pad))]
+        out = call(*leaves)
+        assert out.grad_fn.name() == _WINDOW_NODE
+        (got,) = torch.autograd.grad(out, leaves[i], grad)
+        with dispatcher_calls():
+            (expected,) = torch.autograd.grad(call(*leaves), leaves[i], grad)
+        assert torch.equal(got, expected), i
+
+
+def test_window_attention_mixed_dtypes_take_the_custom_op():
+    """A table or pad_qkv of another dtype than qkv is cast by the custom op's path (the C++ node takes one
+    dtype): the result equals the call with the cast done by hand."""
+    require_backend("cpu")
+    gen = torch.Generator().manual_seed(3)
+    qkv, table, pad = (torch.randn(s, generator=gen) for s in ((1, 7, 9, 24), (77, 2), (24,)))
+    call = _window_call(True, True)
+    out = call(qkv.requires_grad_(), table.double(), pad.double())
+    assert out.dtype == torch.float32 and out.grad_fn.name() != _WINDOW_NODE
+    assert torch.equal(out, call(qkv, table, pad))
+
+
+def test_window_attention_cpp_node_schema():
+    """opcheck of window_attention_autograd where it applies: its schema and its autograd registration. It has
+    no fake kernel: traced calls (compile, export, fake tensors) run the custom op fastctx::window_attention,
+    which opcheck tests in full (tests/test_opcheck.py)."""
+    require_backend("cpu")
+    gen = torch.Generator().manual_seed(4)
+    qkv, table, pad = (torch.randn(s, generator=gen, dtype=torch.float64, requires_grad=True)
+                       for s in ((1, 7, 9, 24), (77, 2), (24,)))
+    torch.library.opcheck(torch.ops.fastctx.window_attention_autograd.default,
+                          (qkv, table, pad, 2, [6, 4], [3, 2], 0.25),
+                          test_utils=("test_schema", "test_autograd_registration"))
+    assert torch.autograd.gradcheck(
+        lambda q, t, p: torch.ops.fastctx.window_attention_autograd(q, t, p, 2, [6, 4], [3, 2], 0.25),
+        (qkv, table, pad))

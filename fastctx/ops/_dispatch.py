@@ -193,11 +193,15 @@ class FusedOp:
         the wrapper runs the eager maths itself. A forced backend is checked
         here so that one that cannot run raises at the call site.
         """
+        return self.wrapper_choice(device, dtype, facts)[0]
+
+    def wrapper_choice(self, device: torch.device, dtype: torch.dtype, facts: Facts) -> tuple[str, str]:
+        """(`wrapper_backend`'s answer, the backend the call runs on now)."""
         forced = _backend.current_override()
         backend = self._resolution(forced, device, dtype, facts)
-        if forced is not None:
-            return backend
-        return AUTO if backend != "reference" else "reference"
+        if forced is not None or backend == "reference":
+            return backend, backend
+        return AUTO, backend
 
     def resolve(self, backend: str, device: torch.device, dtype: torch.dtype, facts: Facts) -> str:
         """Inside a custom op: the concrete backend for its `backend` argument."""
@@ -273,7 +277,8 @@ _direct_calls = True  # False inside `dispatcher_calls()`
 
 @contextlib.contextmanager
 def dispatcher_calls():
-    """Every op call inside the block goes through the dispatcher: A/B measurements of the direct path."""
+    """Every op call inside the block goes through the dispatcher (and window_attention's through its custom op):
+    A/B measurements of the direct paths."""
     global _direct_calls
     previous, _direct_calls = _direct_calls, False
     try:
@@ -282,7 +287,7 @@ def dispatcher_calls():
         _direct_calls = previous
 
 
-def _direct_call(args) -> bool:
+def direct_call(args) -> bool:
     """Whether an eager call may run an op's implementation without the dispatcher.
 
     Only plain tensors on CPU/CUDA, outside torch.compile, torch.jit tracing, the profiler, torch
@@ -313,7 +318,7 @@ class CustomOp:
     """A `torch.library.custom_op` whose plain eager calls skip the custom-op machinery.
 
     The op (schema, fake kernel, autograd formula) is what torch.compile, torch.export, opcheck and
-    tensor subclasses see. A plain eager call (see `_direct_call`) runs the same implementation
+    tensor subclasses see. A plain eager call (see `direct_call`) runs the same implementation
     directly, under a `torch.autograd.Function` with the same setup_context and backward when an
     input requires grad. Same kernels, same bits, same gradients, but without the Python layers
     `custom_op` adds to every call, which cost about 0.1 ms per forward + backward: as much as a
@@ -344,7 +349,7 @@ class CustomOp:
                               {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
     def __call__(self, *args):
-        if not _direct_call(args):
+        if not direct_call(args):
             return self.op(*args)
         if self._function is not None and torch.is_grad_enabled() and any(
                 type(arg) in _PLAIN_TENSORS and arg.requires_grad for arg in args):
@@ -364,6 +369,8 @@ def amp_dtype(x: torch.Tensor) -> torch.dtype | None:
 
     Like autocast itself, float64 data is left alone (None).
     """
+    if not torch._C._is_any_autocast_enabled():  # one call answers the common case (tens of us less, cold)
+        return None
     if x.device.type not in _AUTOCAST_DEVICES or x.dtype == torch.float64:
         return None
     if not torch.is_autocast_enabled(x.device.type):
@@ -429,5 +436,5 @@ def reference_second_order(fn: Callable, grad: torch.Tensor, tensors: Sequence[t
 
 
 __all__ = ["AUTO", "CUSTOM_OPS", "CustomOp", "FusedOp", "OPS", "Support", "acc_dtype", "amp_dtype", "compute_dtype",
-           "custom_op", "dispatcher_calls", "reference_backward", "reference_forward", "reference_second_order",
+           "custom_op", "direct_call", "dispatcher_calls", "reference_backward", "reference_forward", "reference_second_order",
            "register"]
