@@ -1,5 +1,8 @@
 """The ops' direct eager path against the same call through the dispatcher (fastctx.ops._dispatch.CustomOp).
 
+window_attention's direct path on the cpu and cuda backends is its C++ autograd node
+(csrc/autograd/window_attention.cpp).
+
     python bench/direct_call.py [--reps 300] [--threads 1]
 
 Forward + backward of small calls, where the Python layer is a large share of the time: each call once
