@@ -436,5 +436,5 @@ def reference_second_order(fn: Callable, grad: torch.Tensor, tensors: Sequence[t
 
 
 __all__ = ["AUTO", "CUSTOM_OPS", "CustomOp", "FusedOp", "OPS", "Support", "acc_dtype", "amp_dtype", "compute_dtype",
-           "custom_op", "direct_call", "dispatcher_calls", "reference_backward", "reference_forward", "reference_second_order",
-           "register"]
+           "custom_op", "direct_call", "dispatcher_calls", "reference_backward", "reference_forward",
+           "reference_second_order", "register"]
