@@ -34,35 +34,36 @@ OptionalTensor contiguous_or_none(const OptionalTensor& t) {
   return t ? OptionalTensor(t->contiguous()) : std::nullopt;
 }
 
+// The ops' C++ signatures: the forward kernel; the backward kernel; the
+// differentiable backward op, which also takes the backend to run on.
+using Forward = at::Tensor(const at::Tensor&, const OptionalTensor&, const OptionalTensor&, int64_t,
+                           c10::IntArrayRef, c10::IntArrayRef, double);
+using Backward = Gradients(const at::Tensor&, const at::Tensor&, const OptionalTensor&,
+                           const OptionalTensor&, int64_t, c10::IntArrayRef, c10::IntArrayRef,
+                           double);
+using DifferentiableBackward =
+    Gradients(const at::Tensor&, const at::Tensor&, const OptionalTensor&, const OptionalTensor&,
+              int64_t, c10::IntArrayRef, c10::IntArrayRef, double, c10::string_view);
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
 const auto& forward_kernel() {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("fastctx::window_attention_fwd", "")
-          .typed<at::Tensor(const at::Tensor&, const OptionalTensor&, const OptionalTensor&,
-                            int64_t, c10::IntArrayRef, c10::IntArrayRef, double)>();
+  static const auto op = find_op<Forward>("fastctx::window_attention_fwd");
   return op;
 }
 
 const auto& backward_kernel() {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("fastctx::window_attention_bwd", "")
-          .typed<Gradients(const at::Tensor&, const at::Tensor&, const OptionalTensor&,
-                           const OptionalTensor&, int64_t, c10::IntArrayRef, c10::IntArrayRef,
-                           double)>();
+  static const auto op = find_op<Backward>("fastctx::window_attention_bwd");
   return op;
 }
 
-// The differentiable backward op (Python, fastctx/ops/window_attention.py):
-// looked up on first use, as it is registered when fastctx.ops is imported,
-// after this library.
+// Defined in Python (fastctx/ops/window_attention.py) and registered when
+// fastctx.ops is imported, after this library: looked up on first use.
 const auto& differentiable_backward() {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("fastctx::window_attention_backward", "")
-          .typed<Gradients(const at::Tensor&, const at::Tensor&, const OptionalTensor&,
-                           const OptionalTensor&, int64_t, c10::IntArrayRef, c10::IntArrayRef,
-                           double, c10::string_view)>();
+  static const auto op = find_op<DifferentiableBackward>("fastctx::window_attention_backward");
   return op;
 }
 
