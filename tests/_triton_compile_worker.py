@@ -6,22 +6,60 @@ Runs without TRITON_INTERPRET (the jit decorator reads it at import, and the
 test session runs with it set), writes one cubin per spec to DIR and prints
 one JSON line per spec: name, arch, cubin path, dynamic shared memory (bytes),
 num_warps, or the compile error.
+
+`start` launches it from the test session (tests/conftest.py starts one per
+arch as soon as the compile tests are collected, so that compiling runs
+beside the other tests; tests/test_triton_compile.py collects the results).
 """
 import argparse
 import json
 import os
+import subprocess
 import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
 
-os.environ["TRITON_INTERPRET"] = "0"
+ARCHS = (80, 90)
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
-from fastctx.kernels import _launch  # noqa: E402
+@dataclass
+class Worker:
+    """A running compile worker: its process, output directory, and its stdout (specs.jsonl) and
+    stderr (stderr.txt) files there."""
+
+    process: subprocess.Popen
+    out: Path
+    stdout: IO
+    stderr: IO
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.stdout.close()
+        self.stderr.close()
+
+
+def start(arch: int, out: Path) -> Worker:
+    """Starts compiling every spec for `arch` into `out`, at the lowest CPU priority: the worker is
+    single-threaded and minutes long on a cold Triton cache, and it takes only the CPU time the
+    tests running beside it leave idle."""
+    stdout, stderr = open(out / "specs.jsonl", "w"), open(out / "stderr.txt", "w")  # files: no pipe to fill
+    process = subprocess.Popen([sys.executable, __file__, "--arch", str(arch), "--out", str(out / "cubin")],
+                               stdout=stdout, stderr=stderr, env=dict(os.environ, TRITON_INTERPRET="0"),
+                               preexec_fn=lambda: os.nice(19))
+    return Worker(process, out, stdout, stderr)
 
 
 def main() -> int:
+    os.environ["TRITON_INTERPRET"] = "0"  # before triton's import: the jit decorator reads it
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from fastctx.kernels import _launch
+
     parser = argparse.ArgumentParser()
     parser.add_argument("--arch", type=int, required=True)
     parser.add_argument("--out", required=True)

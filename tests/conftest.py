@@ -3,7 +3,8 @@
 Triton kernels run on CPU tensors through the interpreter: TRITON_INTERPRET
 must be set before triton is first imported (the jit decorator reads it), so it
 is set here, before any fastctx import. The Triton compile tests run their
-compiler in a subprocess without it.
+compiler in subprocesses without it, started with the session's first test
+(`triton_compile_workers`) so that compiling overlaps the other tests.
 """
 import os
 
@@ -12,6 +13,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import _triton_compile_worker  # noqa: E402
 from fastctx import _backend  # noqa: E402
 
 # Without FASTCTX_NO_EXT=1 the C++ extension is part of the build under test:
@@ -38,3 +40,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def triton_compile_workers(request, tmp_path_factory):
+    """arch -> the running compile worker (tests/_triton_compile_worker.py) of every arch whose compile
+    test this session collected, started at the session's first test: compiling every Triton config
+    takes minutes of one core per arch, and the niced workers take it from what the other tests leave
+    idle instead of after them. test_triton_compile.py waits for them."""
+    archs = sorted({item.callspec.params["arch"] for item in request.session.items
+                    if getattr(item, "originalname", None) == "test_triton_kernels_compile_without_spills"})
+    workers = {arch: _triton_compile_worker.start(arch, tmp_path_factory.mktemp(f"sm{arch}")) for arch in archs}
+    yield workers
+    for worker in workers.values():
+        worker.stop()

@@ -7,9 +7,10 @@ from the compile metadata. Any spill (a stack frame or local memory with
 local-memory loads/stores in the SASS), or shared memory above the arch limit,
 fails. The figures go to <tmp>/triton_resources_sm<arch>.csv and are printed.
 
-The compiler runs in a subprocess (tests/_triton_compile_worker.py) because
-this session runs with TRITON_INTERPRET=1, which the jit decorator reads at
-import time.
+The compiler runs in subprocesses (tests/_triton_compile_worker.py, one per
+arch) because this session runs with TRITON_INTERPRET=1, which the jit
+decorator reads at import time; tests/conftest.py starts them with the
+session's first test, so that they compile while the other tests run.
 """
 import csv
 import importlib.util
@@ -21,13 +22,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from _triton_compile_worker import ARCHS
 
 # Locate triton without importing it here: this process may run the interpreter.
 _TRITON = importlib.util.find_spec("triton")
 if _TRITON is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
-WORKER = Path(__file__).with_name("_triton_compile_worker.py")
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # max shared memory per block
 CUOBJDUMP = Path(_TRITON.origin).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 _USAGE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
@@ -51,38 +52,19 @@ def _local_memory_instructions(cubin: str) -> int:
     return len(_LOCAL_ACCESS.findall(sass))
 
 
-ARCHS = (80, 90)
-
-
 @pytest.fixture(scope="module")
-def compile_workers(tmp_path_factory):
-    """One compile worker per arch, all started at once: each is single-threaded (a cold Triton cache makes
-    this minutes of compiling per arch), so they run side by side. arch -> (process, out dir, stdout, stderr)."""
+def compile_workers(triton_compile_workers):
+    """arch -> its compile worker, running since the session's first test (tests/conftest.py)."""
     if not CUOBJDUMP.exists():
         pytest.skip(f"cuobjdump not found at {CUOBJDUMP}")
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    workers = {}
-    for arch in ARCHS:
-        out = tmp_path_factory.mktemp(f"sm{arch}")
-        stdout, stderr = open(out / "specs.jsonl", "w"), open(out / "stderr.txt", "w")  # files: no pipe to fill
-        proc = subprocess.Popen([sys.executable, str(WORKER), "--arch", str(arch), "--out", str(out / "cubin")],
-                                stdout=stdout, stderr=stderr, env=env)
-        workers[arch] = (proc, out, stdout, stderr)
-    yield workers
-    for proc, _, stdout, stderr in workers.values():
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        stdout.close()
-        stderr.close()
+    return triton_compile_workers
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_triton_kernels_compile_without_spills(arch, compile_workers):
-    proc, tmp_path, stdout, stderr = compile_workers[arch]
-    returncode = proc.wait(timeout=3600)
-    stdout.flush()
-    stderr.flush()
+    worker = compile_workers[arch]
+    returncode = worker.process.wait(timeout=3600)
+    tmp_path = worker.out
     out, err = (tmp_path / "specs.jsonl").read_text(), (tmp_path / "stderr.txt").read_text()
     assert returncode == 0, f"compile worker failed:\n{out[-4000:]}\n{err[-4000:]}"
     records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
