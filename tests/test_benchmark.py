@@ -191,19 +191,50 @@ def test_cpu_timing_flushes_caches_before_every_timed_call(monkeypatch):
                       "prepare", "flush", "b", "prepare", "flush", "a"]
 
 
+def test_cpu_timing_with_warm_caches_never_flushes(monkeypatch):
+    events = []
+
+    class RecordingFlush:
+        def __call__(self):
+            events.append("flush")
+
+    monkeypatch.setattr(timing, "CpuCacheFlush", RecordingFlush)
+    timing.time_interleaved({n: (lambda n=n: events.append(n)) for n in "ab"}, reps=2, warmup=1, flush_caches=False)
+    assert events == ["a", "b", "a", "b", "b", "a"]
+
+
+def test_main_warm_caches_times_unflushed_into_its_own_csv(tmp_path, capsys, monkeypatch):
+    flushes = []
+    real = timing.time_interleaved
+
+    def recording(*args, flush_caches=True, **kwargs):
+        flushes.append(flush_caches)
+        return real(*args, flush_caches=flush_caches, **kwargs)
+
+    monkeypatch.setattr(bench, "time_interleaved", recording)
+    out = tmp_path / "results"
+    assert bench.main(["--shapes", "tiny", "--ops", "window_attention", "--providers", "eager,fastctx-cpu",
+                       "--mode", "fwd", "--reps", "1", "--out", str(out), "--warm-caches"]) == 0
+    assert flushes and not any(flushes)
+    assert "caches warm" in capsys.readouterr().out
+    (csv_path,) = out.glob("*.csv")
+    assert csv_path.name.startswith("cpu-") and csv_path.stem.endswith("-warm")  # flushed results stay apart
+    assert {r["provider"] for r in read_csv(csv_path)} == {"eager", "fastctx-cpu"}
+
+
 def test_op_benchmark_releases_gradients_untimed_between_providers(monkeypatch):
     # The providers share the leaves: no step may be timed freeing another's gradients.
     seen = []
     real = timing.time_interleaved
 
-    def checking(calls, reps, warmup, device, prepare=None):
+    def checking(calls, reps, warmup, device, prepare=None, flush_caches=True):
         def call(name):
             def run():
                 assert all(t.grad is None for t in seen[-1].__self__.leaves), f"{name} starts with gradients"
                 calls[name]()
             return run
         seen.append(prepare)
-        return real({name: call(name) for name in calls}, reps, warmup, device, prepare)
+        return real({name: call(name) for name in calls}, reps, warmup, device, prepare, flush_caches)
 
     monkeypatch.setattr(bench, "time_interleaved", checking)
     rows = bench.run(ops=["window_attention"], shapes="tiny", modes=["fwdbwd"], providers=["eager", "fastctx-cpu"],

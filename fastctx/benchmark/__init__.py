@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=1,
                         help="untimed rounds first, >= 1 (default: %(default)s)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--warm-caches", action="store_true",
+                        help="do not flush the caches before each timed call: each call finds what the call "
+                             "before it (another provider's, on the same inputs) left there, as a layer finds "
+                             "its input just written; results go to <out>/<device>-warm.csv")
     parser.add_argument("--compile-backend", default="inductor",
                         help="torch.compile backend of the compile provider (default: %(default)s)")
     return parser
@@ -135,7 +139,7 @@ def _resolve(args) -> dict:
                 memory=args.memory, flops=args.flops, models=models, model_size=args.model_size or shapes.model_size,
                 model_batch=args.model_batch, model_reps=args.model_reps,
                 out=args.out, plot=args.plot, autotune=args.autotune, reps=args.reps, warmup=args.warmup,
-                threads=args.threads, compile_backend=args.compile_backend)
+                threads=args.threads, compile_backend=args.compile_backend, warm_caches=args.warm_caches)
 
 
 def _log(message: str) -> None:
@@ -146,9 +150,11 @@ def run(ops: Sequence[str], shapes: str, modes: Sequence[str], providers: Sequen
         device: torch.device, dtype: torch.dtype = torch.float32, memory: bool = False, flops: bool = False,
         models: Sequence[str] = (), model_size: int = 512, model_batch: int | None = None, model_reps: int = 3,
         out: str | None = "bench/results", plot: bool = False, autotune: bool = False, reps: int = 10,
-        warmup: int = 1, threads: int | None = None, compile_backend: str = "inductor") -> list[dict]:
+        warmup: int = 1, threads: int | None = None, compile_backend: str = "inductor",
+        warm_caches: bool = False) -> list[dict]:
     """Benchmark `ops` at shape set `shapes` (and whole `models`), print the table, write
-    the CSV (and the plot) under `out`. Returns the rows."""
+    the CSV (and the plot) under `out`. Returns the rows. `warm_caches`: time without
+    flushing the caches before each call (fastctx.benchmark.timing)."""
     if plot and not out:
         raise ValueError("--plot needs an --out directory")
     if threads:
@@ -160,10 +166,11 @@ def run(ops: Sequence[str], shapes: str, modes: Sequence[str], providers: Sequen
     if flops:
         _log("matmul peak: timing a large square torch.mm")
         common["matmul_peak_gflops"] = matmul_peak_flops(device, dtype) / 1e9
+    flush_caches = not warm_caches
     rows, memory_jobs = _op_rows(ops, shape_set, modes, providers, device, dtype, reps, warmup, compile_backend,
-                                 common, flops)
+                                 common, flops, flush_caches)
     model_rows, model_jobs = _model_rows(models, shape_set, providers, device, model_size, model_batch, model_reps,
-                                         warmup, common)
+                                         warmup, common, flush_caches)
     rows += model_rows
     if memory:
         dtype_name = str(dtype).removeprefix("torch.")
@@ -174,13 +181,14 @@ def run(ops: Sequence[str], shapes: str, modes: Sequence[str], providers: Sequen
 
     add_ratios(rows)
     title = (f"fastctx bench: {shape_set.describe()}; {env['device']}, {str(dtype).removeprefix('torch.')}, "
-             f"{env['threads']} threads, torch {env['torch']}, triton {env['triton'] or 'none'}")
+             f"{env['threads']} threads, torch {env['torch']}, triton {env['triton'] or 'none'}; "
+             f"caches {'warm' if warm_caches else 'flushed before each call'}")
     print(format_table(rows, title))
     print(_footnotes(memory, device, peak_gbps, common.get("matmul_peak_gflops")))
     if autotune_lines:
         print("\nTriton autotuner choices:\n  " + "\n  ".join(autotune_lines))
     if out:
-        csv_path = Path(out) / f"{device_label(device)}.csv"
+        csv_path = Path(out) / f"{device_label(device)}{'-warm' if warm_caches else ''}.csv"
         written = write_csv(csv_path, rows)
         print(f"\nresults: {csv_path}")
         if plot:
@@ -188,7 +196,8 @@ def run(ops: Sequence[str], shapes: str, modes: Sequence[str], providers: Sequen
     return rows
 
 
-def _op_rows(ops, shape_set, modes, providers, device, dtype, reps, warmup, compile_backend, common, flops=False):
+def _op_rows(ops, shape_set, modes, providers, device, dtype, reps, warmup, compile_backend, common, flops=False,
+             flush_caches=True):
     """Timed rows of every (op, shape, mode, provider), with traffic and lower bound; and
     the memory jobs: (op, provider) -> the rows one child process measures."""
     rows, memory_jobs = [], {}
@@ -200,7 +209,7 @@ def _op_rows(ops, shape_set, modes, providers, device, dtype, reps, warmup, comp
         _log(f"[{number}/{len(cases)}] {op} {case.label} {mode}: {', '.join(names)}")
         inst = build_instance(op, case, mode, names, device, dtype, compile_backend=compile_backend)
         stats = time_interleaved({n: functools.partial(inst.step, n) for n in inst.providers}, reps, warmup, device,
-                                 prepare=inst.release_grads)
+                                 prepare=inst.release_grads, flush_caches=flush_caches)
         bound = inst.lower_bound_bytes()
         del inst
         for name, st in stats.items():
@@ -218,7 +227,7 @@ def _op_rows(ops, shape_set, modes, providers, device, dtype, reps, warmup, comp
     return rows, memory_jobs
 
 
-def _model_rows(models, shape_set, providers, device, size, batch, reps, warmup, common):
+def _model_rows(models, shape_set, providers, device, size, batch, reps, warmup, common, flush_caches=True):
     """Timed rows of each model's training iteration and inference, and their memory jobs."""
     rows, memory_jobs = [], {}
     for name in models:
@@ -227,7 +236,8 @@ def _model_rows(models, shape_set, providers, device, size, batch, reps, warmup,
             inst = build_model_instance(name, mode, names, device, size=size, batch=batch,
                                         num_classes=shape_set.num_classes)
             _log(f"[model] {name} {inst.shape} {mode}: {', '.join(names)}")
-            stats = time_interleaved({n: functools.partial(inst.step, n) for n in names}, reps, warmup, device)
+            stats = time_interleaved({n: functools.partial(inst.step, n) for n in names}, reps, warmup, device,
+                                     flush_caches=flush_caches)
             for provider, st in stats.items():
                 rows.append(dict(op=name, shape=inst.shape, mode=mode, provider=provider, dtype="float32",
                                  **_times(st), traffic_bytes=None, lower_bound_bytes=None, **common))

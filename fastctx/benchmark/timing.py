@@ -10,6 +10,9 @@ the size of the last-level cache: every call starts with caches holding clean, u
 lines, so none profits from data its predecessor left in cache or pays for writing back
 the lines its predecessor dirtied. CUDA: CUDA events around each call, with the L2 cache
 flushed before it (as ``triton.testing.do_bench`` does), for the same reason.
+``flush_caches=False`` (``fastctx bench --warm-caches``) skips the flush: each call finds
+what the call before it (another provider's, on the same inputs) left in cache, closer to
+a layer whose input the layer before it has just written, and dependent on who ran before.
 """
 from __future__ import annotations
 
@@ -46,12 +49,14 @@ class TimingStats:
 
 def time_interleaved(calls: dict[str, Callable[[], object]], reps: int, warmup: int = 1,
                      device: torch.device | str = "cpu",
-                     prepare: Callable[[], object] | None = None) -> dict[str, TimingStats]:
+                     prepare: Callable[[], object] | None = None,
+                     flush_caches: bool = True) -> dict[str, TimingStats]:
     """Median and quartiles of each call, timed round-robin `reps` times after `warmup` rounds.
 
     `prepare`, when given, runs untimed before every call: state the calls share (the
     gradients of common inputs) is reset there, so that no call is charged for freeing
-    what the one before it left.
+    what the one before it left. `flush_caches`: flush the caches before every call (see
+    the module's docstring).
     """
     if reps < 1:
         raise ValueError(f"reps must be >= 1, got {reps}")
@@ -65,9 +70,9 @@ def time_interleaved(calls: dict[str, Callable[[], object]], reps: int, warmup: 
             prepare()
             calls[name]()
     if device.type == "cuda":
-        samples = _cuda_rounds(calls, names, reps, device, prepare)
+        samples = _cuda_rounds(calls, names, reps, device, prepare, flush_caches)
     else:
-        samples = _cpu_rounds(calls, names, reps, prepare)
+        samples = _cpu_rounds(calls, names, reps, prepare, flush_caches)
     return {name: TimingStats.of(samples[name]) for name in names}
 
 
@@ -115,9 +120,9 @@ class CpuCacheFlush:
         self.buffer.sum()
 
 
-def _cpu_rounds(calls, names, reps, prepare) -> dict[str, list[float]]:
+def _cpu_rounds(calls, names, reps, prepare, flush_caches=True) -> dict[str, list[float]]:
     samples: dict[str, list[float]] = {name: [] for name in names}
-    flush = CpuCacheFlush()
+    flush = CpuCacheFlush() if flush_caches else (lambda: None)
     gc_was_enabled = gc.isenabled()
     try:
         for r in range(reps):
@@ -147,16 +152,17 @@ def require_cuda(what: str) -> None:
                            f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'})")
 
 
-def _cuda_rounds(calls, names, reps, device, prepare) -> dict[str, list[float]]:
+def _cuda_rounds(calls, names, reps, device, prepare, flush_caches=True) -> dict[str, list[float]]:
     require_cuda("CUDA-event timing")
-    flush = torch.empty(_L2_FLUSH_BYTES, dtype=torch.int8, device=device)
+    flush = torch.empty(_L2_FLUSH_BYTES, dtype=torch.int8, device=device) if flush_caches else None
     samples: dict[str, list[float]] = {name: [] for name in names}
     torch.cuda.synchronize(device)
     for r in range(reps):
         events = []
         for name in _round_order(names, r):
             prepare()
-            flush.zero_()
+            if flush is not None:
+                flush.zero_()
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
             start.record()
