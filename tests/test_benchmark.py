@@ -175,7 +175,9 @@ def test_timing_interleaves_rotates_and_takes_quartiles():
         timing.time_interleaved({"a": lambda: None}, reps=0)
 
 
-def test_cpu_timing_flushes_caches_before_every_timed_call(monkeypatch):
+@pytest.fixture
+def events(monkeypatch):
+    """What the timed calls record, with "flush" for each CPU cache flush."""
     events = []
 
     class RecordingFlush:
@@ -183,6 +185,10 @@ def test_cpu_timing_flushes_caches_before_every_timed_call(monkeypatch):
             events.append("flush")
 
     monkeypatch.setattr(timing, "CpuCacheFlush", RecordingFlush)
+    return events
+
+
+def test_cpu_timing_flushes_caches_before_every_timed_call(events):
     timing.time_interleaved({n: (lambda n=n: events.append(n)) for n in "ab"}, reps=2, warmup=1,
                             prepare=lambda: events.append("prepare"))
     # prepare before every call; warm-up round unflushed, then a flush before each timed call
@@ -191,14 +197,7 @@ def test_cpu_timing_flushes_caches_before_every_timed_call(monkeypatch):
                       "prepare", "flush", "b", "prepare", "flush", "a"]
 
 
-def test_cpu_timing_with_warm_caches_never_flushes(monkeypatch):
-    events = []
-
-    class RecordingFlush:
-        def __call__(self):
-            events.append("flush")
-
-    monkeypatch.setattr(timing, "CpuCacheFlush", RecordingFlush)
+def test_cpu_timing_with_warm_caches_never_flushes(events):
     timing.time_interleaved({n: (lambda n=n: events.append(n)) for n in "ab"}, reps=2, warmup=1, flush_caches=False)
     assert events == ["a", "b", "a", "b", "b", "a"]
 
