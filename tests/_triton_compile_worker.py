@@ -18,38 +18,34 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 ARCHS = (80, 90)
 
 
 @dataclass
 class Worker:
-    """A running compile worker: its process, output directory, and its stdout (specs.jsonl) and
-    stderr (stderr.txt) files there."""
+    """A running compile worker: its process, and its output directory, where it writes
+    specs.jsonl (its stdout) and stderr.txt."""
 
     process: subprocess.Popen
     out: Path
-    stdout: IO
-    stderr: IO
 
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
-        self.stdout.close()
-        self.stderr.close()
 
 
 def start(arch: int, out: Path) -> Worker:
     """Starts compiling every spec for `arch` into `out`, at the lowest CPU priority: the worker is
     single-threaded and minutes long on a cold Triton cache, and it takes only the CPU time the
     tests running beside it leave idle."""
-    stdout, stderr = open(out / "specs.jsonl", "w"), open(out / "stderr.txt", "w")  # files: no pipe to fill
-    process = subprocess.Popen([sys.executable, __file__, "--arch", str(arch), "--out", str(out / "cubin")],
-                               stdout=stdout, stderr=stderr, env=dict(os.environ, TRITON_INTERPRET="0"),
-                               preexec_fn=lambda: os.nice(19))
-    return Worker(process, out, stdout, stderr)
+    # files, not pipes: nothing to drain while it runs; the child keeps its own handles
+    with open(out / "specs.jsonl", "w") as stdout, open(out / "stderr.txt", "w") as stderr:
+        process = subprocess.Popen([sys.executable, __file__, "--arch", str(arch), "--out", str(out / "cubin")],
+                                   stdout=stdout, stderr=stderr, env=dict(os.environ, TRITON_INTERPRET="0"),
+                                   preexec_fn=lambda: os.nice(19))
+    return Worker(process, out)
 
 
 def main() -> int:

@@ -64,8 +64,7 @@ def compile_workers(triton_compile_workers):
 def test_triton_kernels_compile_without_spills(arch, compile_workers):
     worker = compile_workers[arch]
     returncode = worker.process.wait(timeout=3600)
-    tmp_path = worker.out
-    out, err = (tmp_path / "specs.jsonl").read_text(), (tmp_path / "stderr.txt").read_text()
+    out, err = (worker.out / "specs.jsonl").read_text(), (worker.out / "stderr.txt").read_text()
     assert returncode == 0, f"compile worker failed:\n{out[-4000:]}\n{err[-4000:]}"
     records = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert records, f"compile worker produced no specs:\n{err[-4000:]}"
@@ -89,7 +88,7 @@ def test_triton_kernels_compile_without_spills(arch, compile_workers):
         if shared > SHARED_LIMIT[arch]:
             problems.append(f"{rec['name']}: {shared} B shared memory > sm_{arch} limit {SHARED_LIMIT[arch]}")
 
-    report = tmp_path / f"triton_resources_sm{arch}.csv"
+    report = worker.out / f"triton_resources_sm{arch}.csv"
     with open(report, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["name", "arch", "regs", "stack", "local", "shared"])
         writer.writeheader()

@@ -120,7 +120,7 @@ class CpuCacheFlush:
         self.buffer.sum()
 
 
-def _cpu_rounds(calls, names, reps, prepare, flush_caches=True) -> dict[str, list[float]]:
+def _cpu_rounds(calls, names, reps, prepare, flush_caches) -> dict[str, list[float]]:
     samples: dict[str, list[float]] = {name: [] for name in names}
     flush = CpuCacheFlush() if flush_caches else (lambda: None)
     gc_was_enabled = gc.isenabled()
@@ -152,7 +152,7 @@ def require_cuda(what: str) -> None:
                            f"(torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'})")
 
 
-def _cuda_rounds(calls, names, reps, device, prepare, flush_caches=True) -> dict[str, list[float]]:
+def _cuda_rounds(calls, names, reps, device, prepare, flush_caches) -> dict[str, list[float]]:
     require_cuda("CUDA-event timing")
     flush = torch.empty(_L2_FLUSH_BYTES, dtype=torch.int8, device=device) if flush_caches else None
     samples: dict[str, list[float]] = {name: [] for name in names}
